@@ -1,0 +1,35 @@
+"""skimfx: capture a Hugging Face decoder as an FX graph, rewrite it to do less work, run it with a
+real KV cache.
+
+    import skimfx
+    model, tok = skimfx.load_model("smollm2-135m")
+    cm = skimfx.compile(model, tokenizer=tok)
+    out = cm.generate("The capital of France is", max_new_tokens=16)
+"""
+from __future__ import annotations
+
+import torch
+
+from .capture import UnsupportedModelError, capture
+from .models import EMBEDDED, load_model
+from .passes import PassError, PassManager, default_passes
+from .program import Program
+from .runtime import CompiledModel, Generation, KVCache, Stats
+
+__version__ = "0.1.0"
+
+
+def compile(model: torch.nn.Module, *, tokenizer=None, max_cache_len: int | None = None,
+            passes=None) -> CompiledModel:
+    """Capture ``model`` (a HF ``…ForCausalLM``), run the passes, return a ``CompiledModel``.
+
+    The model object and its weights are not modified; the compiled model reads the same weight
+    tensors. ``max_cache_len`` bounds prompt + generated tokens (default: the model's context).
+    """
+    program = capture(model)
+    program = PassManager(passes if passes is not None else default_passes())(program)
+    return CompiledModel(model, program, tokenizer=tokenizer, max_cache_len=max_cache_len)
+
+
+__all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",
+           "default_passes", "CompiledModel", "Generation", "Stats", "KVCache", "UnsupportedModelError"]

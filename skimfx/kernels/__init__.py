@@ -1,0 +1,10 @@
+"""Kernels: one op per module, each a Triton kernel, a validating wrapper and a torch reference.
+
+Dispatch is by device: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1`` for tests), the
+torch reference on CPU. Kernels know nothing of graphs, caches or the runtime.
+"""
+from ._triton import HAS_TRITON, use_triton
+from .attention import attention, attention_flops, attention_mask, attention_ref, attention_triton
+
+__all__ = ["HAS_TRITON", "use_triton", "attention", "attention_ref", "attention_triton", "attention_mask",
+           "attention_flops"]

@@ -1,0 +1,45 @@
+"""Graph passes: each is ``Program -> Program`` in a file of its own, named by a verb.
+
+``PassManager`` runs passes in order, lints the graph after each one, records each pass's rewrite
+count in ``program.history``, and names the pass that failed when one raises.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..program import Program
+from .lower_attention import lower_attention
+from .split_layers import split_layers
+
+PassFn = Callable[[Program], Program]
+
+
+class PassError(RuntimeError):
+    """A pass failed; the message names it."""
+
+
+class PassManager:
+    def __init__(self, passes: list[PassFn]):
+        self.passes = list(passes)
+
+    def __call__(self, program: Program) -> Program:
+        for p in self.passes:
+            name = getattr(p, "__name__", repr(p))
+            try:
+                program = p(program)
+                program.graph_module.graph.lint()
+                for stage in program.stages or ():
+                    stage.module.graph.lint()
+            except Exception as e:
+                if isinstance(e, PassError):
+                    raise
+                raise PassError(f"pass {name!r} failed: {type(e).__name__}: {e}") from e
+        return program
+
+
+def default_passes() -> list[PassFn]:
+    """The dense pipeline: attention reads/writes the KV cache, the graph is cut into stages."""
+    return [lower_attention, split_layers]
+
+
+__all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers"]

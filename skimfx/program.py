@@ -1,0 +1,158 @@
+"""The IR that passes write and the runtime reads.
+
+A ``Program`` starts as one ``torch.fx.GraphModule`` captured from a Hugging Face model (see
+``capture.py``). Passes rewrite it: ``lower_attention`` replaces every SDPA with a call to
+``cached_attention`` (below), ``split_layers`` cuts the graph into stages (prologue | layer 0 … L-1 |
+epilogue) and records the values that cross stage boundaries, with their token axis.
+
+The runtime executes the stages in order with an explicit ``ctx`` argument (KV cache, positions,
+stats). Nothing in this module runs a model or knows a cache: ``cached_attention`` only forwards to
+``ctx.attend``, which the runtime implements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+# ----------------------------------------------------------------------------------------------
+# The lowered attention op
+# ----------------------------------------------------------------------------------------------
+def cached_attention(ctx: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+    """Attention of the new tokens against layer ``layer``'s KV cache.
+
+    q: [B, Hq, T, D] (after RoPE / qk-norm), k, v: [B, Hkv, T, D] un-repeated (GQA), for the T new
+    tokens. ``ctx.attend`` appends k/v to the cache and returns [B, Hq, T, D]: causal attention over
+    everything the cache holds for each sequence, restricted to the last ``window`` positions when
+    the layer is a sliding-window layer, with ``softcap * tanh(s / softcap)`` applied to the scores
+    when ``softcap`` is set.
+    """
+    return ctx.attend(layer, q, k, v, scale=scale, window=window, softcap=softcap)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the passes and the runtime need to know about the captured model."""
+
+    arch: str                      # HF model_type, e.g. "llama", "gemma3_text"
+    num_layers: int
+    num_heads: int                 # query heads
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int             # the model's context length (max_position_embeddings)
+    sliding_window: tuple[int | None, ...]  # per layer; None = full attention
+    attn_softcap: float | None     # attention logit softcapping (config), None for most models
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def gqa_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """Settings of one lowered attention call, read off the graph."""
+
+    layer: int
+    scale: float
+    window: int | None
+    softcap: float | None
+
+
+@dataclass(frozen=True)
+class BoundaryValue:
+    """A value that crosses a stage boundary.
+
+    ``token_axis`` is the dimension that indexes tokens (found from the symbolic shape), or None
+    when the value has no token axis (a weight-derived constant, for instance). Pruning gathers
+    along it; early exit reroutes by name.
+    """
+
+    name: str
+    producer: str                  # stage name, or "input"
+    token_axis: int | None
+    shape: str                     # the symbolic shape, for printing
+    dtype: torch.dtype | None
+
+
+@dataclass
+class Stage:
+    """One executable piece of the Program: ``module(ctx, *inputs) -> tuple(outputs)``."""
+
+    name: str                      # "prologue", "layer.7", "epilogue"
+    kind: str                      # "prologue" | "layer" | "epilogue"
+    layer: int | None
+    module: fx.GraphModule
+    inputs: list[str]              # boundary value names, in placeholder order (after ctx)
+    outputs: list[str]
+
+
+@dataclass
+class Program:
+    """The captured model and everything passes have decided about it."""
+
+    graph_module: fx.GraphModule   # the whole graph (before split_layers; kept after it for show)
+    info: ModelInfo
+    input_names: tuple[str, ...] = ("input_ids", "position_ids")
+    token_symbol: Any = None       # sympy symbol of the token axis
+    batch_symbol: Any = None
+    attention: dict[int, LayerAttention] = field(default_factory=dict)
+    stages: list[Stage] | None = None
+    values: dict[str, BoundaryValue] = field(default_factory=dict)
+    history: list[tuple[str, int]] = field(default_factory=list)  # (pass name, rewrites)
+
+    @property
+    def lowered(self) -> bool:
+        return len(self.attention) == self.info.num_layers
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages or ():
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage named {name!r}")
+
+    @property
+    def layer_stages(self) -> list[Stage]:
+        return [s for s in self.stages or () if s.kind == "layer"]
+
+    def __str__(self) -> str:
+        i = self.info
+        lines = [
+            f"Program({i.arch}: {i.num_layers} layers, {i.num_heads} q / {i.num_kv_heads} kv heads, "
+            f"head dim {i.head_dim}, hidden {i.hidden_size}, vocab {i.vocab_size}, "
+            f"{i.dtype}, {i.device})",
+            "passes: " + (", ".join(f"{n} ({c} rewrites)" for n, c in self.history) or "none"),
+        ]
+        if self.stages is None:
+            n_nodes = sum(1 for n in self.graph_module.graph.nodes if n.op == "call_function")
+            lines.append(f"one graph, {n_nodes} ops (not split into stages)")
+        else:
+            for s in self.stages:
+                n_ops = sum(1 for n in s.module.graph.nodes if n.op == "call_function")
+                head = f"  {s.name:<10} {n_ops:>4} ops"
+                if s.layer is not None and s.layer in self.attention:
+                    a = self.attention[s.layer]
+                    win = f"window {a.window}" if a.window else "full"
+                    cap = f", softcap {a.softcap}" if a.softcap else ""
+                    head += f"   attention: scale {a.scale:g}, {win}{cap}"
+                lines.append(head)
+                lines.append("      in:  " + ", ".join(self._fmt_value(v) for v in s.inputs))
+                lines.append("      out: " + ", ".join(self._fmt_value(v) for v in s.outputs))
+        return "\n".join(lines)
+
+    def _fmt_value(self, name: str) -> str:
+        v = self.values.get(name)
+        if v is None:
+            return name
+        axis = f" tok@{v.token_axis}" if v.token_axis is not None else ""
+        return f"{name}{v.shape}{axis}"

@@ -1,0 +1,95 @@
+"""The KV cache: per layer, GQA k/v stored un-repeated, per-sequence lengths.
+
+Layout per layer: k, v ``[B, Hkv, capacity, D]``, preallocated (a decode step writes in place
+instead of concatenating). ``lengths[layer][b]`` is how many slots sequence b has filled in that
+layer. Layers may differ in capacity and length (token pruning keeps fewer tokens in later layers);
+``positions[b]`` is the next RoPE position of sequence b, which is not a slot count once layers
+hold fewer tokens than the sequence has seen.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class CacheFullError(ValueError):
+    """A write would go past a layer's capacity."""
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
+                 capacity: int | list[int], dtype: torch.dtype, device: torch.device | str):
+        caps = [capacity] * num_layers if isinstance(capacity, int) else list(capacity)
+        if len(caps) != num_layers:
+            raise ValueError(f"capacity needs one entry per layer ({num_layers}), got {len(caps)}")
+        self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.k = [torch.zeros(batch, num_kv_heads, c, head_dim, dtype=dtype, device=device) for c in caps]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        # host copies of the lengths: shapes and loop bounds are decided on the host without a sync
+        self._lengths = [[0] * batch for _ in caps]
+        self._lengths_dev: list[torch.Tensor | None] = [None] * num_layers
+        self.positions = [0] * batch
+
+    @classmethod
+    def for_program(cls, program, batch: int, capacity: int | list[int]) -> "KVCache":
+        i = program.info
+        return cls(i.num_layers, batch, i.num_kv_heads, i.head_dim, capacity, i.dtype, i.device)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    def capacity(self, layer: int) -> int:
+        return self.k[layer].shape[2]
+
+    def lengths(self, layer: int) -> list[int]:
+        return self._lengths[layer]
+
+    def lengths_tensor(self, layer: int) -> torch.Tensor:
+        t = self._lengths_dev[layer]
+        if t is None:
+            t = torch.tensor(self._lengths[layer], dtype=torch.long, device=self.device)
+            self._lengths_dev[layer] = t
+        return t
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Write k/v of T new tokens ([B, Hkv, T, D]) at each sequence's current length."""
+        T = k_new.shape[2]
+        starts = self._lengths[layer]
+        cap = self.capacity(layer)
+        if max(starts) + T > cap:
+            raise CacheFullError(
+                f"layer {layer}: writing {T} tokens after {max(starts)} cached ones exceeds the cache "
+                f"capacity of {cap} tokens; use a shorter prompt, fewer new tokens, or a larger max_cache_len")
+        k, v = self.k[layer], self.v[layer]
+        if min(starts) == max(starts):
+            s = starts[0]
+            k[:, :, s:s + T] = k_new
+            v[:, :, s:s + T] = v_new
+        else:
+            idx = (self.lengths_tensor(layer)[:, None] + torch.arange(T, device=self.device))
+            idx = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            k.scatter_(2, idx, k_new.to(k.dtype))
+            v.scatter_(2, idx, v_new.to(v.dtype))
+
+    def advance(self, layer: int, counts: list[int]) -> None:
+        """Mark ``counts[b]`` more slots of sequence b as filled in ``layer``."""
+        self._lengths[layer] = [a + c for a, c in zip(self._lengths[layer], counts)]
+        self._lengths_dev[layer] = None
+
+    def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
+
+    def nbytes(self) -> int:
+        """Physical bytes held by the k/v buffers (allocated capacity, not just filled slots)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def used_bytes(self) -> int:
+        """Bytes of the filled slots."""
+        per_tok = self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size() * 2
+        return sum(sum(ls) for ls in self._lengths) * per_tok
+
+    def __repr__(self) -> str:
+        caps = sorted({self.capacity(i) for i in range(self.num_layers)})
+        return (f"KVCache({self.num_layers} layers, batch {self.batch}, {self.num_kv_heads} kv heads x "
+                f"{self.head_dim}, capacity {caps}, {self.nbytes() / 2**20:.1f} MiB)")

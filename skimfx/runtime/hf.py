@@ -1,0 +1,164 @@
+"""The compiled model users hold: HF-shaped ``__call__`` and a ``generate`` that takes prompts.
+
+It keeps a reference to the user's model (its weights are the graph's weights) and never changes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..program import Program
+from .cache import KVCache
+from .engine import Generation, extend, generate, pad_right
+from .sampling import SamplingConfig
+
+
+@dataclass
+class CausalLMOutput:
+    """What HF's forward returns, for the fields skimfx computes."""
+
+    logits: torch.Tensor
+
+    def __getitem__(self, i):
+        return (self.logits,)[i]
+
+
+class CompiledModel:
+    """``skimfx.compile(model)`` returns this.
+
+    - ``cm(input_ids, attention_mask=None)`` -> ``.logits [B, T, V]``, like the HF model.
+    - ``cm.generate(prompts, max_new_tokens=…)`` -> ``Generation`` (new tokens, finish reasons, stats).
+    """
+
+    def __init__(self, model: torch.nn.Module, program: Program, tokenizer=None,
+                 max_cache_len: int | None = None):
+        self.model = model
+        self.program = program
+        self.tokenizer = tokenizer
+        self.max_cache_len = max_cache_len or program.info.max_positions
+
+    @property
+    def info(self):
+        return self.program.info
+
+    @property
+    def device(self) -> torch.device:
+        return self.program.info.device
+
+    # ---- input checks -------------------------------------------------------------------------
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if ids.device != self.device:
+            raise ValueError(
+                f"input_ids are on {ids.device} but the model is on {self.device}; "
+                f"move them with input_ids.to('{self.device}')")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.info.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.info.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+
+    def _prompts(self, inputs, attention_mask=None) -> list[list[int]]:
+        """Normalise a tensor [B, T] (+ mask), a token list, a list of token lists, or text."""
+        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: skimfx.compile(model, tokenizer=tok)")
+            texts = [inputs] if isinstance(inputs, str) else list(inputs)
+            prompts = [self.tokenizer(t).input_ids for t in texts]
+        elif isinstance(inputs, torch.Tensor):
+            ids = inputs if inputs.dim() == 2 else inputs[None]
+            if ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, T] or [T], got shape {tuple(inputs.shape)}")
+            self._check_ids(ids)
+            if attention_mask is None:
+                prompts = ids.tolist()
+            else:
+                prompts = _unpad(ids, attention_mask)
+        elif isinstance(inputs, (list, tuple)):
+            prompts = [list(inputs)] if not inputs or isinstance(inputs[0], int) else [list(p) for p in inputs]
+        else:
+            raise TypeError(f"prompts must be a tensor, a list of token ids, or text; got {type(inputs).__name__}")
+        if not prompts:
+            raise ValueError("no prompts given")
+        for b, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {b} is empty: give at least one token (e.g. the BOS token)")
+            if min(p) < 0 or max(p) >= self.info.vocab_size:
+                raise ValueError(f"prompt {b}: token ids must be in [0, {self.info.vocab_size})")
+            if len(p) > self.max_cache_len:
+                raise ValueError(
+                    f"prompt {b} has {len(p)} tokens but the cache holds at most {self.max_cache_len} "
+                    "(the model's context); shorten the prompt or compile with a larger max_cache_len")
+        return prompts
+
+    # ---- HF-style forward ---------------------------------------------------------------------
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> CausalLMOutput:
+        """Logits for every position, [B, T, V] (padding positions, if any, get zeros)."""
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        prompts = self._prompts(ids, attention_mask)
+        lens = [len(p) for p in prompts]
+        cache = KVCache.for_program(self.program, len(prompts), max(lens))
+        with torch.inference_mode():
+            logits = extend(self.program, cache, pad_right(prompts, self.device), lens, all_logits=True)
+        if attention_mask is None:
+            return CausalLMOutput(logits=logits)
+        full = logits.new_zeros(ids.shape[0], ids.shape[1], logits.shape[-1])
+        for b, row in enumerate(attention_mask.bool()):
+            full[b, row.nonzero().squeeze(-1)] = logits[b, :lens[b]]
+        return CausalLMOutput(logits=full)
+
+    forward = __call__
+
+    # ---- generation ---------------------------------------------------------------------------
+    def stop_tokens(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(src, "eos_token_id", None)
+            if eos is not None:
+                ids.update([eos] if isinstance(eos, int) else eos)
+        return ids
+
+    def generate(self, prompts=None, max_new_tokens: int = 32, *, input_ids=None, attention_mask=None,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, do_sample: bool | None = None,
+                 stop_tokens: Sequence[int] | None = None, eos_token_id=None,
+                 callback: Callable[[int, int], None] | None = None) -> Generation:
+        """Generate for one prompt or a batch (token lists of any lengths, a [B, T] tensor with an
+        optional attention mask, or text when a tokenizer was given).
+
+        Greedy by default; ``temperature > 0`` (or ``do_sample=True``) samples with ``top_k`` /
+        ``top_p``, seeded by ``seed``. Stops at the model's EOS tokens unless ``stop_tokens`` is
+        given (``[]`` for none). ``callback(batch_index, token_id)`` streams tokens.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        inputs = input_ids if input_ids is not None else prompts
+        if inputs is None:
+            raise ValueError("generate needs prompts (token ids, a tensor, or text)")
+        batch = self._prompts(inputs, attention_mask)
+        if do_sample and temperature == 0.0:
+            temperature = 1.0
+        if do_sample is False:
+            temperature = 0.0
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if stop_tokens is None:
+            stop_tokens = ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id) \
+                if eos_token_id is not None else self.stop_tokens()
+        return generate(self.program, batch, max_new_tokens, sampling, set(stop_tokens),
+                        max_cache_len=self.max_cache_len, callback=callback)
+
+    def __repr__(self) -> str:
+        return f"CompiledModel(\n{self.program}\n)"
+
+
+def _unpad(ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    if attention_mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(ids.shape)}")
+    out = []
+    for row, m in zip(ids.tolist(), attention_mask.bool().tolist()):
+        kept = [t for t, keep in zip(row, m) if keep]
+        first = m.index(True) if True in m else 0
+        if kept and not all(m[first:first + len(kept)]):
+            raise ValueError("attention_mask must mark one contiguous run of tokens per row (left or right padding)")
+        out.append(kept)
+    return out
