@@ -49,6 +49,15 @@ def layer_of(node: fx.Node) -> int | None:
     return int(found[-1]) if found else None
 
 
+def _causal_lm_classes() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([v] if isinstance(v, str) else v)
+    return names
+
+
 def check_supported(model: torch.nn.Module) -> None:
     """Raise ``UnsupportedModelError`` with the reason when ``model`` cannot be captured."""
     config = getattr(model, "config", None)
@@ -60,10 +69,11 @@ def check_supported(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(
             f"{name} ({config.model_type}) is an encoder-decoder model; skimfx compiles decoder-only "
             "causal LMs (…ForCausalLM)")
-    if not name.endswith("ForCausalLM"):
+    if name not in _causal_lm_classes():
+        kind = "an encoder-only model" if not getattr(config, "is_decoder", False) else "not a causal LM"
         raise UnsupportedModelError(
-            f"{name} ({config.model_type}) has no causal LM head; skimfx compiles decoder-only causal LMs "
-            "(load the model with AutoModelForCausalLM)")
+            f"{name} ({config.model_type}) is {kind} without a causal LM head; skimfx compiles decoder-only "
+            "causal LMs (load one with AutoModelForCausalLM)")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for attr in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
         if getattr(text, attr, None) is None:

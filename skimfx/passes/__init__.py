@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..capture import UnsupportedModelError
 from ..program import Program
 from .lower_attention import lower_attention
 from .split_layers import split_layers
@@ -30,9 +31,11 @@ class PassManager:
                 program.graph_module.graph.lint()
                 for stage in program.stages or ():
                     stage.module.graph.lint()
+            except PassError:
+                raise
+            except UnsupportedModelError as e:  # keep the type users catch, name the pass
+                raise type(e)(f"pass {name!r}: {e}") from e
             except Exception as e:
-                if isinstance(e, PassError):
-                    raise
                 raise PassError(f"pass {name!r} failed: {type(e).__name__}: {e}") from e
         return program
 

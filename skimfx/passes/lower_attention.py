@@ -32,6 +32,11 @@ class LoweringError(UnsupportedModelError):
     """An attention pattern could not be proven."""
 
 
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else "?"
+
+
 def _sdpa_args(node: fx.Node) -> dict:
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
     args = dict(zip(names, node.args))
@@ -135,8 +140,9 @@ def lower_attention(program: Program) -> Program:
     for node in sdpas:
         layer = layer_of(node)
         if layer is None:
-            raise LoweringError(f"an SDPA call ({node.name}) is outside every decoder layer "
-                                "(no 'layers.N' in its module stack)")
+            raise LoweringError(
+                f"{info.arch}: pattern not found: the SDPA call {node.name} is in module "
+                f"{_module_path(node)!r}, which has no 'layers.N' decoder-layer path")
         if layer in attention:
             raise LoweringError(f"layer {layer} has more than one SDPA call")
         a = _sdpa_args(node)

@@ -1,0 +1,42 @@
+"""Shared fixtures. Triton kernels run under the interpreter on CPU (set before triton is imported)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import skimfx
+
+    return skimfx.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_compiled(smollm2):
+    import skimfx
+
+    model, tok = smollm2
+    return skimfx.compile(model, tokenizer=tok)
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    import skimfx
+
+    return skimfx.load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_compiled(gemma3):
+    import skimfx
+
+    model, tok = gemma3
+    return skimfx.compile(model, tokenizer=tok)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
