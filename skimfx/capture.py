@@ -179,6 +179,7 @@ def _clean(gm: fx.GraphModule) -> None:
             g.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
+    _drop_identity_casts(g)
     out = next(n for n in g.nodes if n.op == "output")
     result = out.args[0]
     while isinstance(result, (tuple, list)):
@@ -189,3 +190,23 @@ def _clean(gm: fx.GraphModule) -> None:
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()
+
+
+_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device,
+          torch.ops.aten.type_as.default, torch.ops.aten.alias.default}
+
+
+def _drop_identity_casts(g: fx.Graph) -> int:
+    """Remove casts whose output has its input's dtype, device and shape (``x.to(float32)`` on an
+    fp32 model): they return their input unchanged, and each costs a dispatch per token."""
+    n_removed = 0
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in _CASTS or not isinstance(node.args[0], fx.Node):
+            continue
+        src, out = node.args[0].meta.get("val"), node.meta.get("val")
+        if (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype == out.dtype
+                and src.device == out.device and src.shape == out.shape):
+            node.replace_all_uses_with(node.args[0])
+            g.erase_node(node)
+            n_removed += 1
+    return n_removed

@@ -101,6 +101,14 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, d
             shutil.rmtree(cached)
         tmp.rename(cached)
         del model
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(cached)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-second load needs no progress bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(cached)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model, tok

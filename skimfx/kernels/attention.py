@@ -59,12 +59,24 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: to
         p = torch.softmax(s_.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
         out = torch.einsum("bkgts,bksd->bkgtd", p, vf).reshape(B, Hq, Tq, D)
         return out.to(out_dtype)
+    gqa = Hq != Hkv
+    if Tq == 1:
+        # decode: every sequence reads keys [lo, kv_len); with no padding and no window cut, that is
+        # all S keys and no mask is needed. Otherwise the GQA group's queries become the query axis
+        # of one SDPA per kv head, so the [B, 1, 1, S] mask broadcasts without repeating k/v.
+        if (window is None or window >= S) and bool((kv_len == S).all()):
+            out = F.scaled_dot_product_attention(qf, kf, vf, scale=scale, enable_gqa=gqa)
+        else:
+            mask = attention_mask(1, S, q_start, kv_len, window)
+            qg = qf.view(B, Hkv, Hq // Hkv, D)
+            out = F.scaled_dot_product_attention(qg, kf, vf, attn_mask=mask, scale=scale).view(B, Hq, 1, D)
+        return out.to(out_dtype)
     plain = (window is None and S == Tq and bool((q_start == 0).all()) and bool((kv_len == Tq).all()))
     if plain:
-        out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
+        out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         mask = attention_mask(Tq, S, q_start, kv_len, window)
-        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.to(out_dtype)
 
 

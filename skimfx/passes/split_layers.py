@@ -77,6 +77,31 @@ def _assign_stages(graph: fx.Graph, num_layers: int) -> dict[fx.Node, str]:
     return where
 
 
+def _flat_weights(module: fx.GraphModule) -> fx.GraphModule:
+    """Bind each weight the stage reads as a direct attribute (``model_layers_3_mlp_up_proj_weight``)
+    instead of a nested module path: the same tensor objects, but one attribute lookup per weight per
+    call instead of one per path component, which is measurable in a 1-token decode step."""
+    for node in module.graph.nodes:
+        if node.op != "get_attr" or "." not in node.target:
+            continue
+        tensor = module.get_parameter(node.target) if _is_param(module, node.target) else module.get_buffer(node.target)
+        flat = node.target.removeprefix("m.").replace(".", "_")
+        if isinstance(tensor, torch.nn.Parameter):
+            module.register_parameter(flat, tensor)
+        else:
+            module.register_buffer(flat, tensor)
+        node.target = flat
+    for child in list(module._modules):
+        delattr(module, child)
+    module.recompile()
+    return module
+
+
+def _is_param(module: torch.nn.Module, target: str) -> bool:
+    owner, _, name = target.rpartition(".")
+    return name in module.get_submodule(owner)._parameters
+
+
 def split_layers(program: Program) -> Program:
     gm = program.graph_module
     g = gm.graph
@@ -163,7 +188,7 @@ def split_layers(program: Program) -> Program:
         sg.output(tuple(env[o] for o in outs))
         sg.eliminate_dead_code()
         sg.lint()
-        module = fx.GraphModule(gm, sg, class_name=s.replace(".", "_"))
+        module = _flat_weights(fx.GraphModule(gm, sg, class_name=s.replace(".", "_")))
         layer = int(s.split(".")[1]) if s.startswith("layer.") else None
         kind = "layer" if layer is not None else s
         stages.append(Stage(name=s, kind=kind, layer=layer, module=module, inputs=inputs,

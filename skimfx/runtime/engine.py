@@ -29,15 +29,19 @@ class Ctx:
     def __init__(self, cache: KVCache, n_valid: list[int]):
         self.cache = cache
         self.n_valid = n_valid
+        self._bounds: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(self, layer: int, q, k, v, *, scale: float, window: int | None, softcap: float | None):
         cache = self.cache
         T = q.shape[2]
-        q_start = cache.lengths_tensor(layer)
-        upto = max(cache.lengths(layer)) + T
+        starts = tuple(cache.lengths(layer))
+        bounds = self._bounds.get(starts)
+        if bounds is None:  # layers with the same lengths (all of them, when dense) share these
+            q_start = torch.tensor(starts, dtype=torch.long, device=q.device)
+            bounds = self._bounds[starts] = (q_start, q_start + T)
         cache.write(layer, k, v)
-        keys, values = cache.view(layer, upto)
-        out = attention(q, keys, values, q_start, q_start + T, scale, window, softcap)
+        keys, values = cache.view(layer, max(starts) + T)
+        out = attention(q, keys, values, bounds[0], bounds[1], scale, window, softcap)
         cache.advance(layer, self.n_valid)
         return out
 
