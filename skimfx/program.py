@@ -34,6 +34,16 @@ def cached_attention(ctx: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: 
     return ctx.attend(layer, q, k, v, scale=scale, window=window, softcap=softcap)
 
 
+def select_tokens(ctx: Any, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """Token selection after layer ``layer`` (inserted by ``prune_tokens``).
+
+    q: [B, Hq, T, D], the layer's attention queries; the keys are in ``ctx``'s cache. Returns the
+    kept token indices [B, K] (sorted); the runtime gathers every token-axis value that later stages
+    read with them. During decode (one token) the runtime skips selection stages.
+    """
+    return ctx.select(layer, q)
+
+
 # ----------------------------------------------------------------------------------------------
 # Metadata
 # ----------------------------------------------------------------------------------------------
@@ -85,12 +95,38 @@ class BoundaryValue:
     dtype: torch.dtype | None
 
 
+@dataclass(frozen=True)
+class Selection:
+    """One prefill token-selection point (GemFilter / PromptDistill).
+
+    After layer ``layer``, score the prompt tokens with the last ``window`` queries of that layer
+    (``softmax``, head aggregation ``heads``, pooling ``pool`` of ``pool_kernel``; ``scale`` None =
+    the layer's attention scale, else this factor on q·k), keep the ``keep`` best (always the last ``keep_last``), sorted.
+    ``mode``: "rerun" (GemFilter: run the whole model again on the kept token ids with fresh
+    positions) or "continue" (PromptDistill: later layers see only the kept tokens, original
+    positions). ``truncate_earlier_kv`` compacts the KV of layers <= ``layer`` to the kept tokens.
+    """
+
+    layer: int
+    keep: int
+    mode: str = "continue"
+    window: int = 1
+    softmax: bool = False
+    heads: str = "mean"
+    pool: str | None = "avg"
+    pool_kernel: int = 5
+    scale: float | None = None
+    keep_last: int = 8
+    truncate_earlier_kv: bool = False
+    method: str = ""
+
+
 @dataclass
 class Stage:
     """One executable piece of the Program: ``module(ctx, *inputs) -> tuple(outputs)``."""
 
     name: str                      # "prologue", "layer.7", "epilogue"
-    kind: str                      # "prologue" | "layer" | "epilogue"
+    kind: str                      # "prologue" | "layer" | "select" | "epilogue"
     layer: int | None
     module: fx.GraphModule
     inputs: list[str]              # boundary value names, in placeholder order (after ctx)
@@ -110,6 +146,7 @@ class Program:
     stages: list[Stage] | None = None
     values: dict[str, BoundaryValue] = field(default_factory=dict)
     history: list[tuple[str, int]] = field(default_factory=list)  # (pass name, rewrites)
+    selections: dict[int, Selection] = field(default_factory=dict)  # by layer, from prune_tokens
 
     @property
     def lowered(self) -> bool:
@@ -140,7 +177,12 @@ class Program:
             for s in self.stages:
                 n_ops = sum(1 for n in s.module.graph.nodes if n.op == "call_function")
                 head = f"  {s.name:<10} {n_ops:>4} ops"
-                if s.layer is not None and s.layer in self.attention:
+                if s.kind == "select":
+                    sel = self.selections[s.layer]
+                    head += (f"   {sel.method or sel.mode}: keep {sel.keep} (last {sel.keep_last} always), "
+                             f"{sel.window} quer{'y' if sel.window == 1 else 'ies'}, heads {sel.heads}, "
+                             f"pool {sel.pool or 'none'}" + (", truncate earlier KV" if sel.truncate_earlier_kv else ""))
+                elif s.layer is not None and s.layer in self.attention:
                     a = self.attention[s.layer]
                     win = f"window {a.window}" if a.window else "full"
                     cap = f", softcap {a.softcap}" if a.softcap else ""

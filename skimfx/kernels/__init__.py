@@ -5,6 +5,7 @@ torch reference on CPU. Kernels know nothing of graphs, caches or the runtime.
 """
 from ._triton import HAS_TRITON, use_triton
 from .attention import attention, attention_flops, attention_mask, attention_ref, attention_triton
+from .token_scores import token_scores, token_scores_ref, token_scores_triton, topk_tokens
 
 __all__ = ["HAS_TRITON", "use_triton", "attention", "attention_ref", "attention_triton", "attention_mask",
-           "attention_flops"]
+           "attention_flops", "token_scores", "token_scores_ref", "token_scores_triton", "topk_tokens"]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..capture import UnsupportedModelError
 from ..program import Program
 from .lower_attention import lower_attention
+from .prune_tokens import prune_tokens
 from .split_layers import split_layers
 
 PassFn = Callable[[Program], Program]
@@ -33,7 +33,7 @@ class PassManager:
                     stage.module.graph.lint()
             except PassError:
                 raise
-            except UnsupportedModelError as e:  # keep the type users catch, name the pass
+            except ValueError as e:  # bad model or recipe: keep the type users catch, name the pass
                 raise type(e)(f"pass {name!r}: {e}") from e
             except Exception as e:
                 raise PassError(f"pass {name!r} failed: {type(e).__name__}: {e}") from e
@@ -45,4 +45,4 @@ def default_passes() -> list[PassFn]:
     return [lower_attention, split_layers]
 
 
-__all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers"]
+__all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers", "prune_tokens"]

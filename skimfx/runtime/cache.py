@@ -77,6 +77,31 @@ class KVCache:
         self._lengths[layer] = [a + c for a, c in zip(self._lengths[layer], counts)]
         self._lengths_dev[layer] = None
 
+    def compact(self, layer: int, index: torch.Tensor, kept: list[int]) -> None:
+        """Keep only the slots ``index [B, K]`` of each sequence (K = max kept; shorter rows pad with a
+        repeated index), in that order, and shrink the layer's buffers to K plus the same headroom
+        for new tokens as before: the memory is released, not just masked."""
+        B, K = index.shape
+        filled = max(self._lengths[layer])
+        headroom = self.capacity(layer) - filled
+        idx = index[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
+        for buf in (self.k, self.v):
+            new = torch.zeros(B, self.num_kv_heads, K + headroom, self.head_dim, dtype=self.dtype, device=self.device)
+            new[:, :, :K] = torch.gather(buf[layer][:, :, :filled], 2, idx)
+            buf[layer] = new
+        self._lengths[layer] = list(kept)
+        self._lengths_dev[layer] = None
+
+    def reset(self, headroom: int, tokens: int) -> None:
+        """Empty the cache and reallocate every layer to ``tokens + headroom`` slots."""
+        for buf in (self.k, self.v):
+            for layer in range(self.num_layers):
+                buf[layer] = torch.zeros(self.batch, self.num_kv_heads, tokens + headroom, self.head_dim,
+                                         dtype=self.dtype, device=self.device)
+        self._lengths = [[0] * self.batch for _ in range(self.num_layers)]
+        self._lengths_dev = [None] * self.num_layers
+        self.positions = [0] * self.batch
+
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
 

@@ -11,25 +11,52 @@ next write overwrites them), and each sequence's logits are read at its own last
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..kernels import attention
+from ..kernels import attention, token_scores, topk_tokens
 from ..program import Program
 from .cache import KVCache
 from .sampling import SamplingConfig, sample
 
 
 class Ctx:
-    """Per-call state the lowered graph sees: the cache and how many of the T new tokens of each
-    sequence are real (the rest is right padding)."""
+    """Per-call state the lowered graph sees: the cache, how many of the T new tokens of each
+    sequence are real (the rest is right padding), and whether selection stages run (a prefill
+    of a fresh prompt) or are skipped (decode, or a full-logits forward)."""
 
-    def __init__(self, cache: KVCache, n_valid: list[int]):
+    def __init__(self, cache: KVCache, n_valid: list[int], program: Program | None = None, prune: bool = False):
         self.cache = cache
         self.n_valid = n_valid
+        self.program = program
+        self.prune = prune
+        self.kept: list[int] | None = None
+        self.selected: dict[int, list[list[int]]] = {}   # layer -> kept token indices per sequence
         self._bounds: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Score this prefill's tokens with the last queries of ``layer`` and pick the kept ones.
+
+        q: [B, Hq, T, D]. The prompt started at slot 0 of every cache, so cache slot j of layer
+        ``layer`` is token j of the current token axis. Returns index [B, K]; ``self.kept`` holds
+        the kept count per sequence.
+        """
+        sel = self.program.selections[layer]
+        lengths = self.cache.lengths(layer)
+        dev = q.device
+        w = max(1, min(sel.window, min(self.n_valid)))
+        starts = torch.tensor([n - w for n in self.n_valid], device=dev)
+        q_win = gather_tokens(q, 2, starts[:, None] + torch.arange(w, device=dev)[None])
+        keys, _ = self.cache.view(layer, max(lengths))
+        kv_len = torch.tensor(lengths, device=dev)
+        scale = sel.scale if sel.scale is not None else self.program.attention[layer].scale
+        scores = token_scores(q_win, keys, kv_len - w, kv_len, scale, softmax=sel.softmax, heads=sel.heads,
+                              pool=sel.pool, pool_kernel=sel.pool_kernel)
+        index, self.kept = topk_tokens(scores, sel.keep, self.n_valid, sel.keep_last)
+        return index
 
     def attend(self, layer: int, q, k, v, *, scale: float, window: int | None, softcap: float | None):
         cache = self.cache
@@ -60,44 +87,94 @@ def gather_tokens(x: torch.Tensor, axis: int | None, index: torch.Tensor) -> tor
     return torch.gather(x, axis, index.view(view).expand(shape))
 
 
+@dataclass
+class Rerun:
+    """A GemFilter selection: run the whole model again on these token indices [B, K]."""
+
+    index: torch.Tensor
+    kept: list[int]
+
+
 def forward(program: Program, ctx: Ctx, input_ids: torch.Tensor, position_ids: torch.Tensor,
-            logits_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Run all stages; returns logits [B, T, V], or [B, K, V] at ``logits_index [B, K]``."""
+            last_only: bool = False) -> torch.Tensor | Rerun:
+    """Run all stages; returns logits [B, T, V], or [B, V] at each sequence's last real token.
+
+    A selection stage (``ctx.prune``) gathers every token-axis value that a later stage reads, so
+    later layers run on the kept tokens; a GemFilter selection returns ``Rerun`` instead.
+    """
     if program.stages is None:
         raise ValueError("the Program is not split into stages; run the split_layers pass")
     env = {"input_ids": input_ids, "position_ids": position_ids}
-    for st in program.stages:
+    stages = program.stages
+    for i, st in enumerate(stages):
         args = [env[n] for n in st.inputs]
-        if st.kind == "epilogue" and logits_index is not None:
-            # only the rows whose logits are wanted go through the final norm and LM head
-            args = [gather_tokens(a, program.values[n].token_axis, logits_index) for a, n in zip(args, st.inputs)]
+        if st.kind == "select":
+            sel = program.selections[st.layer]
+            if not ctx.prune:
+                continue
+            if max(ctx.n_valid) <= sel.keep:
+                warnings.warn(f"{sel.method or 'selection'} at layer {sel.layer}: keep={sel.keep} >= prompt length "
+                              f"{max(ctx.n_valid)}, so no tokens are pruned", stacklevel=3)
+                continue
+            (index,) = st.module(ctx, *args)
+            ctx.selected[sel.layer] = [row[:k] for row, k in zip(index.tolist(), ctx.kept)]
+            if sel.mode == "rerun":
+                return Rerun(index, ctx.kept)
+            later = {n for s in stages[i + 1:] for n in s.inputs}
+            for name in later & env.keys():
+                env[name] = gather_tokens(env[name], program.values[name].token_axis, index)
+            if sel.truncate_earlier_kv:
+                for layer in range(sel.layer + 1):
+                    ctx.cache.compact(layer, index, ctx.kept)
+            ctx.n_valid = ctx.kept
+            continue
+        if st.kind == "epilogue" and last_only:
+            # only each sequence's last real token goes through the final norm and LM head
+            last = torch.tensor(ctx.n_valid, device=input_ids.device)[:, None] - 1
+            args = [gather_tokens(a, program.values[n].token_axis, last) for a, n in zip(args, st.inputs)]
         outs = st.module(ctx, *args)
         env.update(zip(st.outputs, outs))
-    return env[program.stages[-1].outputs[0]]
+    out = env[stages[-1].outputs[0]]
+    return out[:, 0] if last_only else out
 
 
 def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: list[int] | None = None,
-           all_logits: bool = False) -> torch.Tensor:
+           all_logits: bool = False, record: dict | None = None) -> torch.Tensor:
     """Feed T new tokens per sequence (``input_ids [B, T]``, right-padded to ``n_valid``).
 
     Returns the logits at each sequence's last real token, [B, V] (or [B, T, V] with
-    ``all_logits``). Positions continue from ``cache.positions``.
+    ``all_logits``). Positions continue from ``cache.positions``. Token selection (the Program's
+    ``select`` stages) runs when this is the first prefill of the cache and ``all_logits`` is off.
     """
     B, T = input_ids.shape
     n_valid = [T] * B if n_valid is None else list(n_valid)
     dev = input_ids.device
     position_ids = torch.tensor(cache.positions, device=dev)[:, None] + torch.arange(T, device=dev)[None]
-    ctx = Ctx(cache, n_valid)
-    index = None if all_logits else torch.tensor(n_valid, device=dev)[:, None] - 1
-    logits = forward(program, ctx, input_ids, position_ids, index)
+    prune = bool(program.selections) and not all_logits and T > 1 and not any(cache.positions)
+    ctx = Ctx(cache, n_valid, program, prune=prune)
+    out = forward(program, ctx, input_ids, position_ids, last_only=not all_logits)
+    if record is not None:
+        record.update(ctx.selected)
+    if isinstance(out, Rerun):
+        # GemFilter: the kept token ids become the prompt, with fresh contiguous positions
+        ids = torch.gather(input_ids, 1, out.index)
+        cache.reset(headroom=cache.capacity(0) - T, tokens=ids.shape[1])
+        K = ids.shape[1]
+        ctx = Ctx(cache, out.kept, program, prune=False)
+        positions = torch.arange(K, device=dev)[None].expand(B, -1)
+        out = forward(program, ctx, ids, positions, last_only=True)
+        cache.positions = list(ctx.n_valid)
+        return out
     cache.positions = [p + n for p, n in zip(cache.positions, n_valid)]
-    return logits if all_logits else logits[:, 0]
+    return out
 
 
-def prefill(program: Program, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
-    """Prefill a batch of prompts of any lengths; returns the next-token logits [B, V]."""
+def prefill(program: Program, cache: KVCache, prompts: list[list[int]], record: dict | None = None) -> torch.Tensor:
+    """Prefill a batch of prompts of any lengths; returns the next-token logits [B, V].
+
+    ``record``, when given, receives the kept token indices of each selection layer."""
     ids = pad_right(prompts, cache.device)
-    return extend(program, cache, ids, [len(p) for p in prompts])
+    return extend(program, cache, ids, [len(p) for p in prompts], record=record)
 
 
 def decode_step(program: Program, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -113,6 +190,22 @@ def pad_right(prompts: list[list[int]], device, pad_id: int = 0) -> torch.Tensor
     return ids.to(device)
 
 
+def plan_capacity(program: Program, prompt_len: int, max_new_tokens: int) -> list[int]:
+    """Slots to allocate per layer: the tokens each layer will see in prefill, plus the new tokens.
+
+    Layers after a PromptDistill selection only ever hold ``keep`` prompt tokens; for GemFilter the
+    first pass needs layers 0..r only (the re-run reallocates every layer to the kept tokens).
+    """
+    L = program.info.num_layers
+    tokens = [prompt_len] * L
+    for sel in sorted(program.selections.values(), key=lambda s: s.layer):
+        if prompt_len <= sel.keep:
+            continue
+        for layer in range(sel.layer + 1, L):
+            tokens[layer] = 0 if sel.mode == "rerun" else min(tokens[layer], sel.keep)
+    return [t + max_new_tokens for t in tokens]
+
+
 @dataclass
 class Stats:
     """Measurements of one call. Decode throughput counts the tokens of sequences still running."""
@@ -123,6 +216,9 @@ class Stats:
     decode_tokens: int = 0
     kv_bytes: int = 0                   # physical bytes of the KV cache
     kv_used_bytes: int = 0              # bytes of the filled slots
+    kv_prefill_bytes: int = 0           # physical bytes of the KV cache right after prefill
+    layer_tokens: list[int] = field(default_factory=list)  # prompt tokens each layer holds after prefill
+    selected: dict[int, list[list[int]]] = field(default_factory=dict)  # selection layer -> kept indices
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -168,7 +264,7 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
             f"the longest prompt has {max(lens)} tokens and max_new_tokens={max_new_tokens}: "
             f"{capacity} > max_cache_len={max_cache_len}; shorten the prompt or ask for fewer tokens")
     device = info.device
-    cache = KVCache.for_program(program, len(prompts), capacity)
+    cache = KVCache.for_program(program, len(prompts), plan_capacity(program, max(lens), max_new_tokens))
     gen = torch.Generator(device=device)
     if sampling.seed is not None:
         gen.manual_seed(sampling.seed)
@@ -195,10 +291,12 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
     with torch.inference_mode():
         _sync(device)
         t0 = time.perf_counter()
-        logits = prefill(program, cache, prompts)
+        logits = prefill(program, cache, prompts, record=stats.selected)
         tok = sample(logits, sampling, gen)
         take(tok)
         stats.ttft_s = time.perf_counter() - t0
+        stats.kv_prefill_bytes = cache.nbytes()
+        stats.layer_tokens = [max(cache.lengths(i)) for i in range(cache.num_layers)]
         t1 = time.perf_counter()
         while not all(done):
             logits = decode_step(program, cache, tok)
