@@ -147,6 +147,9 @@ def test_lint_runs_after_each_pass():
     (lambda: tf.T5ForConditionalGeneration(tf.T5Config(num_layers=1, d_model=32, num_heads=2, d_ff=32,
                                                        vocab_size=50)), "encoder-decoder"),
     (lambda: torch.nn.Linear(2, 2), "Hugging Face model object"),
+    (lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                                  num_key_value_heads=1, head_dim=16, intermediate_size=32,
+                                                  vocab_size=50)), "no SDPA implementation"),
     (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0,
                                               eos_token_id=0)), "pattern not found"),
 ])

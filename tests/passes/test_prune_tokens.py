@@ -162,3 +162,20 @@ def test_invalid_recipe_parameters(make, match):
 def test_recipe_that_does_not_fit_the_model(llama, recipe, match):
     with pytest.raises(ValueError, match=match):
         skimfx.compile(llama, recipe)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "gemma3"])
+def test_recipes_on_every_random_config(arch):
+    model = tiny_model(arch)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (70, 52)]
+    gf = skimfx.compile(model, GemFilter(layer=1, keep=30)).generate(prompts, max_new_tokens=6, stop_tokens=[])
+    for b, p in enumerate(prompts):
+        kept = gf.stats.selected[1][b]
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([[p[i] for i in kept]]), max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False, pad_token_id=0)
+        assert gf.tokens[b] == ref[0, 30:].tolist()
+    pd = skimfx.compile(model, PromptDistill(layers=1, keep=20)).generate(prompts, max_new_tokens=30, stop_tokens=[])
+    assert [len(t) for t in pd.tokens] == [30, 30]
+    L = model.config.num_hidden_layers
+    assert pd.stats.layer_tokens == [70, 70] + [20] * (L - 2)
