@@ -181,6 +181,7 @@ def main():
             ax.scatter(r["ttft_s"], r["passkey_acc"], color="black" if r["recipe"] == "dense" else None)
             ax.annotate(r["recipe"].replace("PromptDistill", "PD").replace("GemFilter", "GF"),
                         (r["ttft_s"], r["passkey_acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(f"TTFT for the batch of {len(prompts)} passkey prompts (s)")
         ax.set_ylabel("passkey accuracy")
         ax.set_title("SmolLM2-135M: passkey accuracy vs prefill time")

@@ -7,6 +7,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def _compile(pair):
+    import skimfx
+
+    model, tok = pair
+    return skimfx.compile(model, tokenizer=tok)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     import skimfx
@@ -16,10 +23,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_compiled(smollm2):
-    import skimfx
-
-    model, tok = smollm2
-    return skimfx.compile(model, tokenizer=tok)
+    return _compile(smollm2)
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +35,7 @@ def gemma3():
 
 @pytest.fixture(scope="session")
 def gemma3_compiled(gemma3):
-    import skimfx
-
-    model, tok = gemma3
-    return skimfx.compile(model, tokenizer=tok)
+    return _compile(gemma3)
 
 
 @pytest.fixture(autouse=True)

@@ -94,6 +94,24 @@ if HAS_TRITON:
         return SOFTCAP * tl.where(x >= 0, t, -t)
 
     @triton.jit
+    def _scores_log2(q, kt, sm_scale_log2e, SOFTCAP: tl.constexpr, SCALE: tl.constexpr):
+        # scores in log2 units (the kernels use exp2), soft-capped when the model does
+        s = tl.dot(q, kt, out_dtype=tl.float32)
+        if SOFTCAP > 0:
+            return _softcap(s * SCALE, SOFTCAP) * 1.4426950408889634
+        return s * sm_scale_log2e
+
+    @triton.jit
+    def _online_softmax_step(s, m_i, l_i):
+        # one key block of the online softmax: new running max and sum, the block's unnormalised
+        # probabilities, and the factor that rescales what was accumulated so far
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
+
+    @triton.jit
     def _attn_prefill_kernel(
         Q, K, V, O, QSTART, KVLEN,
         stride_qb, stride_qh, stride_qt, stride_qd,
@@ -135,20 +153,11 @@ if HAS_TRITON:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                          mask=(offs_n[None, :] < kv_len) & d_ok[:, None], other=0.0)
-            s = tl.dot(q, kt, out_dtype=tl.float32)
-            if SOFTCAP > 0:
-                s = _softcap(s * SCALE, SOFTCAP) * 1.4426950408889634
-            else:
-                s = s * sm_scale_log2e
+            s = _scores_log2(q, kt, sm_scale_log2e, SOFTCAP, SCALE)
             ok = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] < kv_len)
             if WINDOW > 0:
                 ok = ok & (offs_n[None, :] > pos[:, None] - WINDOW)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            m_new, l_i, p, alpha = _online_softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
             vt = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                          mask=(offs_n[:, None] < kv_len) & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, out_dtype=tl.float32)
@@ -196,17 +205,8 @@ if HAS_TRITON:
             n_ok = offs_n < hi
             kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            s = tl.dot(q, kt, out_dtype=tl.float32)
-            if SOFTCAP > 0:
-                s = _softcap(s * SCALE, SOFTCAP) * 1.4426950408889634
-            else:
-                s = s * sm_scale_log2e
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            s = _scores_log2(q, kt, sm_scale_log2e, SOFTCAP, SCALE)
+            m_new, l_i, p, alpha = _online_softmax_step(tl.where(n_ok[None, :], s, float("-inf")), m_i, l_i)
             vt = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, out_dtype=tl.float32)
