@@ -14,28 +14,31 @@ from .capture import UnsupportedModelError, capture
 from .models import EMBEDDED, load_model
 from .passes import PassError, PassManager, default_passes
 from .program import Program
-from .recipes import RECIPES, Dense, GemFilter, PromptDistill, Recipe, RecipeError
+from .recipes import RECIPES, Dense, GemFilter, PromptDistill, Recipe, RecipeError, parse_recipe, recipe_label
 from .runtime import CompiledModel, Generation, KVCache, Stats
 
 __version__ = "0.1.0"
 
 
-def compile(model: torch.nn.Module, recipe: Recipe | None = None, *, tokenizer=None,
+def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None = None, *, tokenizer=None,
             max_cache_len: int | None = None, passes=None) -> CompiledModel:
     """Capture ``model`` (a HF ``…ForCausalLM``), run the passes, return a ``CompiledModel``.
 
-    ``recipe`` (e.g. ``PromptDistill(layers=8, keep=256)``) adds the passes that skip work; None is
-    dense. ``passes`` replaces the whole pass list (advanced). The model object and its weights are
+    ``recipe`` (e.g. ``PromptDistill(layers=8, keep=256)``, a list of recipes, or a string such as
+    ``"promptdistill:layers=8,keep=256"``) adds the passes that skip work; None is dense. ``passes`` replaces the whole pass list (advanced). The model object and its weights are
     not modified; the compiled model reads the same weight tensors. ``max_cache_len`` bounds prompt
     + generated tokens (default: the model's context).
     """
     program = capture(model)
     if passes is None:
-        passes = default_passes() + (recipe.passes(program.info) if recipe is not None else [])
+        recipes = parse_recipe(recipe) if isinstance(recipe, str) else \
+            [] if recipe is None else [recipe] if isinstance(recipe, Recipe) else list(recipe)
+        passes = default_passes() + [p for r in recipes for p in r.passes(program.info)]
     program = PassManager(passes)(program)
     return CompiledModel(model, program, tokenizer=tokenizer, max_cache_len=max_cache_len)
 
 
 __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",
            "default_passes", "CompiledModel", "Generation", "Stats", "KVCache", "UnsupportedModelError",
-           "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill"]
+           "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "parse_recipe",
+           "recipe_label"]

@@ -1,8 +1,9 @@
-"""Command line: ``skimfx demo | generate | show``.
+"""Command line: ``skimfx demo | generate | eval | show``.
 
-    skimfx demo                                    # SmolLM2-135M: skimfx vs HF on one prompt
-    skimfx generate --model smollm2-135m --prompt "Why is the sky blue?"
-    skimfx show --model gemma3-270m                # the Program before and after the passes
+    skimfx demo                                    # SmolLM2-135M: dense vs the recipes on one long prompt
+    skimfx generate --model smollm2-135m --prompt "Why is the sky blue?" --recipe promptdistill:layers=14,keep=256
+    skimfx eval --task passkey --recipe promptdistill:layers=14,keep=250 --recipe gemfilter:layer=14,keep=250
+    skimfx show --model gemma3-270m --recipe gemfilter:layer=6,keep=128
 """
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ import argparse
 import sys
 import time
 
-DEMO_PROMPT = "Explain in three sentences what a KV cache is in a transformer and why it speeds up generation."
+DEMO_RECIPES = ("promptdistill:layers=14,keep={q}", "promptdistill:layers=8,keep={q}",
+                "gemfilter:layer=14,keep={q}")
 
 
-def _load(name: str):
+def _load(name: str, recipe: str | None = None):
     import skimfx
 
+    recipes = skimfx.parse_recipe(recipe or "")      # a bad recipe fails before any loading
     t = time.perf_counter()
     model, tok = skimfx.load_model(name)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    cm = skimfx.compile(model, tokenizer=tok)
+    cm = skimfx.compile(model, recipes, tokenizer=tok)
     return model, tok, cm, load_s, time.perf_counter() - t
 
 
@@ -37,7 +40,7 @@ def _encode(tok, prompt: str, chat: bool | None) -> list[int]:
 def cmd_generate(args) -> None:
     if not args.prompt.strip():
         raise ValueError("--prompt is empty: give the text to continue or answer")
-    _, tok, cm, load_s, compile_s = _load(args.model)
+    _, tok, cm, load_s, compile_s = _load(args.model, args.recipe)
     ids = _encode(tok, args.prompt, args.chat)
     pieces: list[int] = []
 
@@ -59,38 +62,70 @@ def cmd_show(args) -> None:
     import skimfx
     from skimfx.passes import PassManager, default_passes
 
+    recipes = skimfx.parse_recipe(args.recipe or "")
     model, _ = skimfx.load_model(args.model)
     program = skimfx.capture(model)
     print("== captured ==")
     print(program)
-    program = PassManager(default_passes())(program)
+    program = PassManager(default_passes() + [p for r in recipes for p in r.passes(program.info)])(program)
     print("\n== after passes ==")
     print(program)
 
 
-def cmd_demo(args) -> None:
-    import torch
+def _table(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
 
-    model, tok, cm, load_s, compile_s = _load(args.model)
-    ids = _encode(tok, args.prompt, None)
-    print(f"model {args.model}: load {load_s:.1f} s, compile {compile_s:.1f} s, prompt {len(ids)} tokens\n")
-    g = cm.generate(ids, max_new_tokens=args.max_new_tokens)
-    with torch.inference_mode():
-        t = time.perf_counter()
-        hf = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False)
-        hf_s = time.perf_counter() - t
-    hf_tokens = hf[0, len(ids):].tolist()
-    agree = sum(a == b for a, b in zip(g.tokens[0], hf_tokens)) / max(1, len(hf_tokens))
-    print("answer:", tok.decode(g.tokens[0], skip_special_tokens=True).strip(), "\n")
-    s = g.stats
-    total = s.ttft_s + s.decode_s
-    rows = [("run", "TTFT ms", "decode tok/s", "KV MiB", "total s", "agreement with HF"),
-            ("HF dense", "", "", "", f"{hf_s:.2f}", "-"),
-            ("skimfx dense", f"{s.ttft_s * 1e3:.0f}", f"{s.decode_tokens_per_s:.1f}", f"{s.kv_bytes / 2**20:.1f}",
-             f"{total:.2f}", f"{agree:.0%}")]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+def cmd_demo(args) -> None:
+    from tqdm import tqdm
+
+    import skimfx
+    from skimfx.eval import passkey_correct, passkey_prompts
+
+    for r in args.recipe or []:
+        skimfx.parse_recipe(r)                   # a bad recipe fails before any loading
+    model, tok = skimfx.load_model(args.model)
+    prompt = passkey_prompts(tok, args.prompt_tokens, depths=(0.5,), keys_per_depth=1, seed=args.seed)[0]
+    quarter = len(prompt.ids) // 4
+    recipes = ["dense"] + (args.recipe or [r.format(q=quarter) for r in DEMO_RECIPES])
+    print(f"model {args.model}; prompt: {len(prompt.ids)} tokens of filler with a pass key ({prompt.key}) hidden "
+          f"in the middle, then 'What is the pass key?'\n")
+    rows = [("recipe", "answer", "correct", "TTFT ms", "decode tok/s", "KV MiB", "agreement")]
+    dense_tokens = None
+    for r in tqdm(recipes, desc="recipes", unit="recipe", file=sys.stderr):
+        cm = skimfx.compile(model, r, tokenizer=tok)
+        g = cm.generate(prompt.ids, max_new_tokens=args.max_new_tokens)
+        toks = g.tokens[0]
+        if dense_tokens is None:
+            dense_tokens = toks
+        n = max(len(toks), len(dense_tokens))
+        agree = sum(a == b for a, b in zip(toks, dense_tokens)) / n
+        answer = tok.decode(toks, skip_special_tokens=True).strip().replace("\n", " ")
+        s = g.stats
+        rows.append((r, answer[:40], "yes" if passkey_correct(tok, prompt, toks) else "no", f"{s.ttft_s * 1e3:.0f}",
+                     f"{s.decode_tokens_per_s:.1f}", f"{s.kv_bytes / 2**20:.1f}", f"{agree:.0%}"))
+    print(_table(rows))
+
+
+def cmd_eval(args) -> None:
+    import skimfx
+    from skimfx.eval import TASKS, evaluate
+
+    if args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}; valid tasks: {', '.join(TASKS)}")
+    for r in args.recipe or []:
+        skimfx.parse_recipe(r)
+    model, tok = skimfx.load_model(args.model)
+    rows = evaluate(model, tok, args.recipe or [], args.task, length=args.length, n_prompts=args.prompts,
+                    out_dir=args.out)
+    metric = "accuracy" if args.task == "passkey" else "top1"
+    table = [("recipe", metric) + (("KL",) if args.task == "agreement" else ()) + ("TTFT s", "KV MiB")]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        table.append((r["recipe"], f"{r[metric]:.3f}") + ((f"{r['kl']:.3f}",) if args.task == "agreement" else ())
+                     + (f"{r['ttft_s']:.2f}", f"{r['kv_prefill_mib']:.1f}"))
+    print(_table(table))
+    print(f"\nwrote {args.out}/eval_{args.task}.md, .json and .png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     from .models import EMBEDDED
 
-    d = sub.add_parser("demo", help="run skimfx and HF on the embedded model and compare")
+    d = sub.add_parser("demo", help="dense and the recipes on one long prompt: answer, TTFT, tok/s, KV, agreement")
     d.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
-    d.add_argument("--prompt", default=DEMO_PROMPT)
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--prompt-tokens", type=int, default=1000)
+    d.add_argument("--max-new-tokens", type=int, default=16)
+    d.add_argument("--recipe", action="append", help="recipe string (repeatable); default: a few at 25%% kept")
+    d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
 
     g = sub.add_parser("generate", help="generate text with a compiled embedded model")
@@ -112,13 +149,24 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--recipe", default=None, help="e.g. promptdistill:layers=14,keep=256 (default: dense)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the chat template (default: when the tokenizer has one)")
     g.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("show", help="print the Program before and after the passes")
     s.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
+    s.add_argument("--recipe", default=None)
     s.set_defaults(fn=cmd_show)
+
+    e = sub.add_parser("eval", help="score dense and recipes on a task; table + plot")
+    e.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
+    e.add_argument("--task", required=True, help="passkey | agreement")
+    e.add_argument("--recipe", action="append", help="recipe string (repeatable); dense is always included")
+    e.add_argument("--length", type=int, default=1000, help="prompt tokens")
+    e.add_argument("--prompts", type=int, default=10)
+    e.add_argument("--out", default="skimfx-eval")
+    e.set_defaults(fn=cmd_eval)
 
     args = ap.parse_args(argv)
     try:

@@ -53,3 +53,38 @@ def test_cli_bad_input_is_one_line_error(capsys):
     assert main(["generate", "--model", "smollm2-135m", "--prompt", "", "--no-chat"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("skimfx: error:") and "empty" in err[0]
+
+
+@pytest.mark.slow
+def test_cli_demo_prints_one_row_per_recipe(capsys):
+    assert main(["demo", "--prompt-tokens", "300", "--max-new-tokens", "6",
+                 "--recipe", "promptdistill:layers=14,keep=75"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("recipe "):].splitlines()
+    assert table[1].startswith("dense") and table[2].startswith("promptdistill:layers=14,keep=75")
+    assert "yes" in table[1]                    # dense finds the pass key at 300 tokens
+
+
+@pytest.mark.slow
+def test_cli_eval_writes_table_and_plot(tmp_path, capsys):
+    assert main(["eval", "--task", "passkey", "--length", "300", "--prompts", "5",
+                 "--recipe", "gemfilter:layer=14,keep=75", "--out", str(tmp_path)]) == 0
+    import json
+
+    rows = json.loads((tmp_path / "eval_passkey.json").read_text())
+    assert [r["recipe"] for r in rows] == ["dense", "gemfilter:layer=14,keep=75"]
+    assert rows[0]["accuracy"] >= 0.8            # dense SmolLM2 retrieves reliably at this length
+    assert (tmp_path / "eval_passkey.md").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "--task", "nope"], "unknown task 'nope'; valid tasks: passkey, agreement"),
+    (["generate", "--prompt", "hi", "--recipe", "promptdistill:layers=1"], "missing parameter"),
+    (["demo", "--recipe", "h2o:heavy=3"], "unknown recipe 'h2o'"),
+])
+def test_cli_bad_arguments_are_one_line_errors(argv, match, capsys):
+    import re
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0])
