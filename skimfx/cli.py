@@ -111,6 +111,7 @@ def cmd_demo(args) -> None:
 def cmd_eval(args) -> None:
     import skimfx
     from skimfx.eval import TASKS, evaluate
+    from skimfx.eval.run import METRIC
 
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; valid tasks: {', '.join(TASKS)}")
@@ -119,7 +120,7 @@ def cmd_eval(args) -> None:
     model, tok = skimfx.load_model(args.model)
     rows = evaluate(model, tok, args.recipe or [], args.task, length=args.length, n_prompts=args.prompts,
                     out_dir=args.out)
-    metric = "accuracy" if args.task == "passkey" else "top1"
+    metric = METRIC.get(args.task, "accuracy")
     table = [("recipe", metric) + (("KL",) if args.task == "agreement" else ()) + ("TTFT s", "KV MiB")]
     for r in rows:
         table.append((r["recipe"], f"{r[metric]:.3f}") + ((f"{r['kl']:.3f}",) if args.task == "agreement" else ())
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     e = sub.add_parser("eval", help="score dense and recipes on a task; table + plot")
     e.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
-    e.add_argument("--task", required=True, help="passkey | agreement")
+    e.add_argument("--task", required=True, help="passkey | multikey | vartrack | cwe | perplexity | agreement")
     e.add_argument("--recipe", action="append", help="recipe string (repeatable); dense is always included")
     e.add_argument("--length", type=int, default=1000, help="prompt tokens")
     e.add_argument("--prompts", type=int, default=10)

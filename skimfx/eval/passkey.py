@@ -24,12 +24,13 @@ class PasskeyPrompt:
         return any(all(i in kept for i in range(a, b)) for a, b in self.key_spans)
 
 
-def _chat(tok, text: str) -> list[int]:
+def _chat(tok, text: str, answer_prefix: str = "The pass key is") -> list[int]:
+    """The user turn (chat template when the tokenizer has one) followed by the start of the answer."""
     if tok.chat_template:
         out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
         ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-        return ids + tok("The pass key is", add_special_tokens=False).input_ids
-    return tok(text + "\nAnswer: The pass key is").input_ids
+        return ids + tok(answer_prefix, add_special_tokens=False).input_ids
+    return tok(text + "\nAnswer: " + answer_prefix).input_ids
 
 
 def passkey_prompts(tok, target_tokens: int, depths=(0.0, 0.25, 0.5, 0.75, 1.0), keys_per_depth: int = 2,

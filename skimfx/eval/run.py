@@ -9,8 +9,11 @@ from tqdm import tqdm
 
 from .agreement import agreement
 from .passkey import passkey_correct, passkey_prompts
+from .perplexity import perplexity
+from .synthetic import SYNTHETIC, score
 
-TASKS = ("passkey", "agreement")
+TASKS = ("passkey", *SYNTHETIC, "perplexity", "agreement")
+METRIC = {"perplexity": "perplexity", "agreement": "top1"}   # the rest: accuracy
 
 
 def evaluate(model, tok, recipes: list[str], task: str, length: int = 1000, n_prompts: int = 10,
@@ -24,19 +27,28 @@ def evaluate(model, tok, recipes: list[str], task: str, length: int = 1000, n_pr
     for r in recipes:
         rec = skimfx.parse_recipe(r)        # validate every string before any work
         parsed[skimfx.recipe_label(rec)] = rec
-    depths = tuple(i / 4 for i in range(5))
-    prompts = passkey_prompts(tok, length, depths=depths, keys_per_depth=max(1, n_prompts // len(depths)), seed=seed)
-    ids = [p.ids for p in prompts]
+    if task in SYNTHETIC:
+        examples = SYNTHETIC[task](tok, length, n=n_prompts, seed=seed)
+        ids = [e.ids for e in examples]
+    else:
+        depths = tuple(i / 4 for i in range(5))
+        prompts = passkey_prompts(tok, length, depths=depths, keys_per_depth=max(1, n_prompts // len(depths)),
+                                  seed=seed)
+        ids = [p.ids for p in prompts]
     dense = None
     rows = []
     for name, rec in tqdm(parsed.items(), desc=f"eval {task}", unit="recipe"):
         cm = skimfx.compile(model, rec, tokenizer=tok)
         dense = dense or cm
-        g = cm.generate(ids, max_new_tokens=16)
+        g = cm.generate(ids, max_new_tokens=24)
         row = {"recipe": name, "prompt_tokens": round(sum(map(len, ids)) / len(ids)), "ttft_s": g.stats.ttft_s,
                "kv_prefill_mib": g.stats.kv_prefill_bytes / 2**20}
         if task == "passkey":
             row["accuracy"] = sum(passkey_correct(tok, p, t) for p, t in zip(prompts, g.tokens)) / len(prompts)
+        elif task in SYNTHETIC:
+            row["accuracy"] = sum(score(tok, e, t) for e, t in zip(examples, g.tokens)) / len(examples)
+        elif task == "perplexity":
+            row["perplexity"] = perplexity(cm.program, tok, context_tokens=length)
         else:
             row.update(agreement(dense.program, cm.program, ids, n_tokens=16))
         rows.append(row)
@@ -47,7 +59,7 @@ def evaluate(model, tok, recipes: list[str], task: str, length: int = 1000, n_pr
 
 def write_report(rows: list[dict], task: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    metric = "accuracy" if task == "passkey" else "top1"
+    metric = METRIC.get(task, "accuracy")
     cols = ["recipe", "prompt_tokens", metric] + (["kl"] if task == "agreement" else []) + ["ttft_s", "kv_prefill_mib"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -78,7 +78,7 @@ def test_cli_eval_writes_table_and_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["eval", "--task", "nope"], "unknown task 'nope'; valid tasks: passkey, agreement"),
+    (["eval", "--task", "nope"], "unknown task .nope.; valid tasks: passkey, multikey, vartrack, cwe, perplexity, agreement"),
     (["generate", "--prompt", "hi", "--recipe", "promptdistill:layers=1"], "missing parameter"),
     (["demo", "--recipe", "h2o:heavy=3"], "unknown recipe 'h2o'"),
 ])
