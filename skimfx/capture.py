@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 
 import torch
 import torch.fx as fx
@@ -124,14 +125,46 @@ def _export_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+# One export per model object: compiling the same model with several recipes re-uses it (export is
+# most of compile's time). Keyed weakly by the model, and checked against the identity of its
+# parameters and its attention implementation, so a model whose modules were replaced is re-exported.
+_EXPORTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: torch.nn.Module, example_tokens: int) -> tuple:
+    return (tuple(id(p) for p in model.parameters()), getattr(model.config, "_attn_implementation", None),
+            example_tokens)
+
+
 def capture(model: torch.nn.Module, example_tokens: int = 16) -> Program:
     """Export ``model`` with dynamic batch and token axes; return the un-lowered ``Program``.
 
     The graph's inputs are ``ctx`` (unused until ``lower_attention``), ``input_ids [B, T]`` and
-    ``position_ids [B, T]``; its output is the logits ``[B, T, V]``.
+    ``position_ids [B, T]``; its output is the logits ``[B, T, V]``. Each call returns a fresh graph
+    (passes may rewrite it); the export itself is done once per model object.
     """
     check_supported(model)
     info = model_info(model)
+    key = _fingerprint(model, example_tokens)
+    cached = _EXPORTS.get(model)
+    if cached is not None and cached[0] == key:
+        ep = cached[1]
+    else:
+        ep = _export(model, info, example_tokens)
+        _EXPORTS[model] = (key, ep)
+    gm = ep.module()  # a new module each call; its parameters are the model's own tensors (no copy)
+    _clean(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    token_sym = _sym(placeholders[0].meta["val"].shape[1])
+    batch_sym = _sym(placeholders[0].meta["val"].shape[0])
+    with gm.graph.inserting_before(placeholders[0]):
+        ctx = gm.graph.placeholder("ctx")
+        ctx.meta["val"] = None
+    gm.recompile()
+    return Program(graph_module=gm, info=info, token_symbol=token_sym, batch_symbol=batch_sym)
+
+
+def _export(model: torch.nn.Module, info: ModelInfo, example_tokens: int):
     device = info.device
     ids = torch.zeros(2, example_tokens, dtype=torch.long, device=device)
     pos = torch.arange(example_tokens, device=device).expand(2, -1).contiguous()
@@ -148,16 +181,7 @@ def capture(model: torch.nn.Module, example_tokens: int = 16) -> Program:
             raise UnsupportedModelError(
                 f"{type(model).__name__}: torch.export could not capture the model with dynamic batch and "
                 f"token axes: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    gm = ep.module()  # parameters are the model's own tensors (no copy)
-    _clean(gm)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    token_sym = _sym(placeholders[0].meta["val"].shape[1])
-    batch_sym = _sym(placeholders[0].meta["val"].shape[0])
-    with gm.graph.inserting_before(placeholders[0]):
-        ctx = gm.graph.placeholder("ctx")
-        ctx.meta["val"] = None
-    gm.recompile()
-    return Program(graph_module=gm, info=info, token_symbol=token_sym, batch_symbol=batch_sym)
+    return ep
 
 
 def _sym(size):

@@ -156,3 +156,22 @@ def test_lint_runs_after_each_pass():
 def test_unsupported_models_get_clear_errors(make, match):
     with pytest.raises(UnsupportedModelError, match=match):
         skimfx.compile(make())
+
+
+def test_second_compile_reuses_the_export_but_not_the_graph():
+    import importlib
+
+    cap = importlib.import_module("skimfx.capture")   # the module (skimfx.capture is also the function)
+    model = tiny_model("llama")
+    a = skimfx.compile(model, "promptdistill:layers=0,keep=8")
+    ep = cap._EXPORTS[model][1]
+    b = skimfx.compile(model)
+    assert cap._EXPORTS[model][1] is ep                       # exported once
+    assert [s.kind for s in a.program.stages].count("select") == 1
+    assert [s.kind for s in b.program.stages].count("select") == 0   # a's pass did not touch b's graph
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    c = skimfx.compile(model)                                 # a replaced module: exported again
+    assert cap._EXPORTS[model][1] is not ep
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert (c(ids).logits - model(ids).logits).abs().max() <= 1e-4
