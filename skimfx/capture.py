@@ -156,12 +156,11 @@ def capture(model: torch.nn.Module, example_tokens: int = 16) -> Program:
     _clean(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     token_sym = _sym(placeholders[0].meta["val"].shape[1])
-    batch_sym = _sym(placeholders[0].meta["val"].shape[0])
     with gm.graph.inserting_before(placeholders[0]):
         ctx = gm.graph.placeholder("ctx")
         ctx.meta["val"] = None
     gm.recompile()
-    return Program(graph_module=gm, info=info, token_symbol=token_sym, batch_symbol=batch_sym)
+    return Program(graph_module=gm, info=info, token_symbol=token_sym)
 
 
 def _export(model: torch.nn.Module, info: ModelInfo, example_tokens: int):

@@ -89,7 +89,6 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, d
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are dequantized already; drop the GGUF marker so they serialize as plain tensors.
-        model.config.quantization_config = None
         del model.config.quantization_config
         model.hf_quantizer = None
         tmp = cached.with_name(cached.name + ".tmp")

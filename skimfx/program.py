@@ -141,7 +141,6 @@ class Program:
     info: ModelInfo
     input_names: tuple[str, ...] = ("input_ids", "position_ids")
     token_symbol: Any = None       # sympy symbol of the token axis
-    batch_symbol: Any = None
     attention: dict[int, LayerAttention] = field(default_factory=dict)
     stages: list[Stage] | None = None
     values: dict[str, BoundaryValue] = field(default_factory=dict)
