@@ -14,7 +14,8 @@ from .capture import UnsupportedModelError, capture
 from .models import EMBEDDED, load_model
 from .passes import PassError, PassManager, default_passes
 from .program import Program
-from .recipes import RECIPES, Dense, GemFilter, PromptDistill, Recipe, RecipeError, parse_recipe, recipe_label
+from .recipes import (RECIPES, H2O, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError, SnapKV,
+                      StreamingLLM, parse_recipe, recipe_label)
 from .runtime import CompiledModel, Generation, KVCache, Stats
 
 __version__ = "0.1.0"
@@ -33,12 +34,15 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
     if passes is None:
         recipes = parse_recipe(recipe) if isinstance(recipe, str) else \
             [] if recipe is None else [recipe] if isinstance(recipe, Recipe) else list(recipe)
-        passes = default_passes() + [p for r in recipes for p in r.passes(program.info)]
+        # recipes read what lowering found (e.g. which layers are sliding-window layers)
+        program = PassManager(default_passes())(program)
+        passes = [p for r in recipes for p in r.passes(program.info)]
     program = PassManager(passes)(program)
     return CompiledModel(model, program, tokenizer=tokenizer, max_cache_len=max_cache_len)
 
 
 __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",
            "default_passes", "CompiledModel", "Generation", "Stats", "KVCache", "UnsupportedModelError",
-           "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "parse_recipe",
+           "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM",
+           "H2O", "Quest", "Delta", "parse_recipe",
            "recipe_label"]

@@ -121,6 +121,61 @@ class Selection:
     method: str = ""
 
 
+@dataclass(frozen=True)
+class CachePolicy:
+    """How one layer keeps and reads its KV cache (written by ``kv_policy``, executed by the runtime).
+
+    ``kind``:
+    - "evict": the cache physically shrinks to ``budget`` tokens per KV head after prefill (SnapKV,
+      StreamingLLM, H2O) and, with ``decode_evict``, stays there during decode by overwriting the
+      least valuable slot with each new token.
+    - "sparse": the full cache stays; each decode step reads only ``budget`` tokens of it (Quest
+      pages, DELTA's token set). Prefill is dense.
+
+    ``budget``: tokens (int) or a fraction of the prompt (float in (0, 1)). ``window``: SnapKV's
+    observation window (its queries score the prompt; its tokens are always kept). ``pool_kernel``:
+    avg-pool of the scores. ``sinks`` / ``recent``: the first / most recent tokens always kept or read.
+    ``page_size``: Quest's page. ``role``: DELTA's "select" (full attention, re-selects the token set)
+    or "reuse" (reads the set chosen by the last "select" layer below it).
+    """
+
+    method: str
+    kind: str
+    budget: int | float
+    window: int = 0
+    pool_kernel: int = 1
+    sinks: int = 0
+    recent: int = 0
+    decode_evict: bool = False
+    page_size: int = 16
+    role: str = ""
+
+    def tokens(self, prompt_len: int) -> int:
+        """The budget in tokens for a prompt (or cache) of ``prompt_len`` tokens."""
+        if isinstance(self.budget, float):
+            return max(1, int(round(self.budget * prompt_len)))
+        return self.budget
+
+    def describe(self) -> str:
+        b = f"{self.budget:.0%}" if isinstance(self.budget, float) else str(self.budget)
+        parts = [f"{self.method}: {'keep' if self.kind == 'evict' else 'read'} {b}"]
+        if self.window:
+            parts.append(f"window {self.window}")
+        if self.pool_kernel > 1:
+            parts.append(f"pool {self.pool_kernel}")
+        if self.sinks:
+            parts.append(f"{self.sinks} sinks")
+        if self.recent:
+            parts.append(f"recent {self.recent}")
+        if self.decode_evict:
+            parts.append("evicts during decode")
+        if self.method == "quest":
+            parts.append(f"pages of {self.page_size}")
+        if self.role:
+            parts.append(self.role)
+        return ", ".join(parts)
+
+
 @dataclass
 class Stage:
     """One executable piece of the Program: ``module(ctx, *inputs) -> tuple(outputs)``."""
@@ -146,6 +201,7 @@ class Program:
     values: dict[str, BoundaryValue] = field(default_factory=dict)
     history: list[tuple[str, int]] = field(default_factory=list)  # (pass name, rewrites)
     selections: dict[int, Selection] = field(default_factory=dict)  # by layer, from prune_tokens
+    policies: dict[int, CachePolicy] = field(default_factory=dict)  # by layer, from kv_policy (absent = full)
 
     @property
     def lowered(self) -> bool:
@@ -186,6 +242,8 @@ class Program:
                     win = f"window {a.window}" if a.window else "full"
                     cap = f", softcap {a.softcap}" if a.softcap else ""
                     head += f"   attention: scale {a.scale:g}, {win}{cap}"
+                    if s.layer in self.policies:
+                        head += f"; KV {self.policies[s.layer].describe()}"
                 lines.append(head)
                 lines.append("      in:  " + ", ".join(self._fmt_value(v) for v in s.inputs))
                 lines.append("      out: " + ", ".join(self._fmt_value(v) for v in s.outputs))

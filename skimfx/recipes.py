@@ -10,8 +10,9 @@ import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from .passes.kv_policy import kv_policy
 from .passes.prune_tokens import prune_tokens
-from .program import ModelInfo, Selection
+from .program import CachePolicy, ModelInfo, Selection
 
 
 class RecipeError(ValueError):
@@ -119,7 +120,234 @@ class PromptDistill(Recipe):
         return [_named(prune_tokens, "prune_tokens", selections=self.selections())]
 
 
-RECIPES: dict[str, type] = {cls.name: cls for cls in (Dense, GemFilter, PromptDistill)}
+# ----------------------------------------------------------------------------------------------
+# KV cache policies
+# ----------------------------------------------------------------------------------------------
+def _amount_ok(name: str, value, allow_zero: bool = False) -> None:
+    """A token count (int) or a fraction of the prompt (float in (0, 1))."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{name} must be a token count (int) or a fraction of the prompt (float in (0, 1)), "
+                          f"got {value!r}")
+    if isinstance(value, float) and not 0.0 < value < 1.0:
+        raise RecipeError(f"{name} as a fraction must be in (0, 1), got {value}")
+    if isinstance(value, int) and (value < 0 or (value == 0 and not allow_zero)):
+        raise RecipeError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _layers_ok(layers) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    layers = (layers,) if isinstance(layers, int) else tuple(layers)
+    if not layers or any(not isinstance(l, int) or l < 0 for l in layers):
+        raise RecipeError(f"layers must be layer indices >= 0, got {list(layers)}")
+    return layers
+
+
+def _policy_layers(info: ModelInfo, layers: tuple[int, ...] | None, skip: int = 0) -> list[int]:
+    """The layers a policy applies to: the given ones, or every full-attention layer from ``skip`` on
+    (sliding-window layers already read a bounded window)."""
+    if layers is not None:
+        return list(layers)
+    return [l for l in range(skip, info.num_layers) if info.sliding_window[l] is None]
+
+
+def pyramid_budgets(budget: int | float, n: int, floor: int | float, beta: int = 20) -> list:
+    """PyramidKV (Cai et al., 2024) per-layer budgets: an arithmetic ramp from the lowest layer (largest)
+    to the highest (smallest) whose mean is ``budget``; ``floor`` (the always-kept tokens) is added to
+    every layer and the top layer keeps ``(budget - floor) / beta`` more."""
+    if n == 1:
+        return [budget]
+    free = budget - floor
+    lo = free / beta
+    hi = 2 * free - lo
+    out = [floor + hi - i * (hi - lo) / (n - 1) for i in range(n)]
+    return [max(1, int(round(b))) for b in out] if isinstance(budget, int) else [min(0.999, b) for b in out]
+
+
+@dataclass(frozen=True)
+class _KVRecipe(Recipe):
+    """Shared by the cache-policy recipes: which layers, and PyramidKV budgets."""
+
+    def _policies(self, info: ModelInfo, make, floor, skip: int = 0) -> dict[int, CachePolicy]:
+        layers = _policy_layers(info, getattr(self, "layers", None), skip)
+        budgets = (pyramid_budgets(self.budget_total, len(layers), floor) if getattr(self, "pyramid", False)
+                   else [self.budget_total] * len(layers))
+        return {l: make(b) for l, b in zip(layers, budgets)}
+
+    def passes(self, info: ModelInfo) -> list:
+        return [_named(kv_policy, "kv_policy", policies=self.policies(info))]
+
+
+@dataclass(frozen=True)
+class SnapKV(_KVRecipe):
+    """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation"): after
+    prefill, each KV head keeps the ``budget`` prompt tokens that the last ``window`` queries attend to
+    most (softmax attention summed over the window, mean over the GQA group, avg-pool ``pool_kernel``),
+    the window itself always. ``pyramid``: PyramidKV per-layer budgets with the same total."""
+
+    budget: int | float
+    window: int = 32
+    pool_kernel: int = 5
+    pyramid: bool = False
+    layers: tuple[int, ...] | int | None = None
+    name = "snapkv"
+
+    def __post_init__(self):
+        _amount_ok("budget", self.budget)
+        _positive("window", self.window)
+        if isinstance(self.budget, int) and self.window >= self.budget:
+            raise RecipeError(f"window ({self.window}) must be smaller than budget ({self.budget})")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise RecipeError(f"pool_kernel must be odd and >= 1, got {self.pool_kernel}")
+        object.__setattr__(self, "layers", _layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        floor = self.window if isinstance(self.budget, int) else 0.0
+        return self._policies(info, lambda b: CachePolicy("snapkv", "evict", b, window=self.window,
+                                                          pool_kernel=self.pool_kernel), floor)
+
+
+@dataclass(frozen=True)
+class StreamingLLM(_KVRecipe):
+    """StreamingLLM (Xiao et al., 2024, "Efficient Streaming Language Models with Attention Sinks"): keep
+    the first ``sinks`` tokens and the ``recent`` newest; during decode the oldest non-sink token is
+    evicted for each new one, so the cache stays at sinks + recent."""
+
+    recent: int | float
+    sinks: int = 4
+    pyramid: bool = False
+    layers: tuple[int, ...] | int | None = None
+    name = "streamingllm"
+
+    def __post_init__(self):
+        _amount_ok("recent", self.recent)
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise RecipeError(f"sinks must be an integer >= 0, got {self.sinks!r}")
+        object.__setattr__(self, "layers", _layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.recent + self.sinks if isinstance(self.recent, int) else self.recent
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        floor = self.sinks if isinstance(self.recent, int) else 0.0
+        return self._policies(info, lambda b: CachePolicy("streamingllm", "evict", b, sinks=self.sinks,
+                                                          decode_evict=True), floor)
+
+
+@dataclass(frozen=True)
+class H2O(_KVRecipe):
+    """H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle"): every key's attention received from all
+    queries so far is accumulated; each KV head keeps the ``heavy`` highest-scoring tokens plus the
+    ``recent`` newest, after prefill and at every decode step (the lowest non-recent token is evicted
+    for each new one)."""
+
+    heavy: int | float
+    recent: int | float
+    pyramid: bool = False
+    layers: tuple[int, ...] | int | None = None
+    name = "h2o"
+
+    def __post_init__(self):
+        _amount_ok("heavy", self.heavy)
+        _amount_ok("recent", self.recent)
+        if type(self.heavy) is not type(self.recent):
+            raise RecipeError(f"heavy and recent must both be token counts or both fractions, got "
+                              f"{self.heavy!r} and {self.recent!r}")
+        if isinstance(self.heavy, float) and self.heavy + self.recent >= 1.0:
+            raise RecipeError(f"heavy + recent must be a fraction below 1, got {self.heavy + self.recent}")
+        object.__setattr__(self, "layers", _layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.heavy + self.recent
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        return self._policies(info, lambda b: CachePolicy("h2o", "evict", b, recent=self.recent, decode_evict=True),
+                              self.recent)
+
+
+@dataclass(frozen=True)
+class Quest(_KVRecipe):
+    """Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference"):
+    the full cache stays; per page of ``page_size`` keys the channel-wise min/max is kept up to date,
+    and each decode step reads the top pages by the bound Σ_i max(q_i·min_i, q_i·max_i), about
+    ``token_budget`` tokens (the newest page always). The first ``dense_layers`` layers read everything."""
+
+    token_budget: int | float
+    page_size: int = 16
+    dense_layers: int = 2
+    name = "quest"
+
+    def __post_init__(self):
+        _amount_ok("token_budget", self.token_budget)
+        _positive("page_size", self.page_size)
+        if isinstance(self.token_budget, int) and self.token_budget < self.page_size:
+            raise RecipeError(f"token_budget ({self.token_budget}) must be at least one page ({self.page_size})")
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise RecipeError(f"dense_layers must be an integer >= 0, got {self.dense_layers!r}")
+
+    @property
+    def budget_total(self):
+        return self.token_budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        if self.dense_layers >= info.num_layers:
+            raise RecipeError(f"dense_layers={self.dense_layers} leaves no layer of this {info.num_layers}-layer "
+                              "model to read sparsely")
+        return self._policies(info, lambda b: CachePolicy("quest", "sparse", b, page_size=self.page_size),
+                              0, skip=self.dense_layers)
+
+
+@dataclass(frozen=True)
+class Delta(_KVRecipe):
+    """DELTA (dynamic layer-aware token attention): layers below ``full_layers`` attend densely; each
+    layer in ``selection_layers`` attends densely and re-selects the ``budget`` tokens with the highest
+    attention from the new query summed over all heads; the layers above it (until the next selection
+    layer) read only that set plus the ``recent`` newest tokens. The full cache stays. Default
+    selection layers: ``full_layers`` and the middle layer."""
+
+    budget: int | float
+    full_layers: int = 3
+    selection_layers: tuple[int, ...] | int | None = None
+    recent: int = 32
+    name = "delta"
+
+    def __post_init__(self):
+        _amount_ok("budget", self.budget)
+        if not isinstance(self.full_layers, int) or self.full_layers < 0:
+            raise RecipeError(f"full_layers must be an integer >= 0, got {self.full_layers!r}")
+        _positive("recent", self.recent)
+        sl = _layers_ok(self.selection_layers)
+        if sl is not None:
+            if list(sl) != sorted(set(sl)):
+                raise RecipeError(f"selection_layers must be strictly increasing, got {list(sl)}")
+            if sl[0] < self.full_layers:
+                raise RecipeError(f"selection layers must be >= full_layers ({self.full_layers}), got {list(sl)}")
+        object.__setattr__(self, "selection_layers", sl)
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        L = info.num_layers
+        sel = self.selection_layers or (self.full_layers, max(self.full_layers, L // 2))
+        sel = tuple(sorted(set(sel)))
+        if sel[-1] >= L - 1:
+            raise RecipeError(f"selection layer {sel[-1]} leaves no layer above it to read the selection "
+                              f"(valid: {self.full_layers}..{L - 2} for this {L}-layer model)")
+        out = {}
+        for layer in range(sel[0], L):
+            if info.sliding_window[layer] is not None:
+                continue
+            role = "select" if layer in sel else "reuse"
+            out[layer] = CachePolicy("delta", "sparse", self.budget, recent=self.recent, role=role)
+        return out
+
+
+RECIPES: dict[str, type] = {cls.name: cls for cls in (Dense, GemFilter, PromptDistill, SnapKV, StreamingLLM, H2O,
+                                                      Quest, Delta)}
 
 
 
@@ -176,6 +404,10 @@ def parse_recipe(text: str) -> list[Recipe]:
     if len(pruning) > 1:
         raise RecipeError("one prefill pruning recipe at a time (gemfilter or promptdistill); "
                           "PromptDistill takes several selection layers itself")
+    policy = [r for r in out if isinstance(r, _KVRecipe)]
+    if len(policy) > 1:
+        raise RecipeError("one KV cache policy recipe at a time (" + ", ".join(r.name for r in policy) + " given); "
+                          "restrict one to some layers with layers=... and compose in Python if needed")
     return out
 
 
@@ -198,4 +430,5 @@ def recipe_label(recipes: list[Recipe]) -> str:
     return "+".join(parts)
 
 
-__all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "RECIPES", "parse_recipe", "recipe_label"]
+__all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM", "H2O", "Quest",
+           "Delta", "RECIPES", "parse_recipe", "recipe_label", "pyramid_budgets"]

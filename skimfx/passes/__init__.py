@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..program import Program
+from .kv_policy import PolicyError, kv_policy
 from .lower_attention import lower_attention
 from .prune_tokens import prune_tokens
 from .split_layers import split_layers
@@ -45,4 +46,5 @@ def default_passes() -> list[PassFn]:
     return [lower_attention, split_layers]
 
 
-__all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers", "prune_tokens"]
+__all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers", "prune_tokens", "kv_policy",
+           "PolicyError"]

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from ..program import BoundaryValue, Program, Selection, Stage, cached_attention, select_tokens
+from .kv_policy import check_policies
 from .split_layers import _shape_str, _token_axis
 
 
@@ -85,5 +86,6 @@ def prune_tokens(program: Program, selections: list[Selection]) -> Program:
         program.stages.insert(pos, Stage(name=f"select.{sel.layer}", kind="select", layer=sel.layer, module=module,
                                          inputs=[name], outputs=[index_name]))
         program.selections[sel.layer] = sel
+    check_policies(program)
     program.history.append(("prune_tokens", len(selections)))
     return program

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import gather_kv
+
 
 class CacheFullError(ValueError):
     """A write would go past a layer's capacity."""
@@ -29,6 +31,8 @@ class KVCache:
         self._lengths = [[0] * batch for _ in caps]
         self._lengths_dev: list[torch.Tensor | None] = [None] * num_layers
         self.positions = [0] * batch
+        # per-layer state of a cache policy (H2O scores, slot ages, Quest page min/max): name -> tensor
+        self.meta: list[dict[str, torch.Tensor]] = [{} for _ in caps]
 
     @classmethod
     def for_program(cls, program, batch: int, capacity: int | list[int]) -> "KVCache":
@@ -77,20 +81,33 @@ class KVCache:
         self._lengths[layer] = [a + c for a, c in zip(self._lengths[layer], counts)]
         self._lengths_dev[layer] = None
 
-    def compact(self, layer: int, index: torch.Tensor, kept: list[int]) -> None:
-        """Keep only the slots ``index [B, K]`` of each sequence (K = max kept; shorter rows pad with a
-        repeated index), in that order, and shrink the layer's buffers to K plus the same headroom
-        for new tokens as before: the memory is released, not just masked."""
-        B, K = index.shape
+    def compact(self, layer: int, index: torch.Tensor, kept: list[int], headroom: int | None = None) -> None:
+        """Keep only the slots ``index`` of each sequence, in that order: ``[B, K]`` (the same slots
+        for every KV head) or ``[B, Hkv, K]`` (per KV head, as SnapKV and H2O choose). K = max kept;
+        shorter rows pad with any valid slot. The layer's buffers shrink to K plus ``headroom`` new
+        slots (default: the same headroom as before): the memory is released, not just masked."""
+        K = index.shape[-1]
         filled = max(self._lengths[layer])
-        headroom = self.capacity(layer) - filled
-        idx = index[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
+        if headroom is None:
+            headroom = self.capacity(layer) - filled
         for buf in (self.k, self.v):
-            new = torch.zeros(B, self.num_kv_heads, K + headroom, self.head_dim, dtype=self.dtype, device=self.device)
-            new[:, :, :K] = torch.gather(buf[layer][:, :, :filled], 2, idx)
+            kept_kv = gather_kv(buf[layer][:, :, :filled], index)
+            new = torch.zeros(self.batch, self.num_kv_heads, K + headroom, self.head_dim, dtype=self.dtype,
+                              device=self.device)
+            new[:, :, :K] = kept_kv
             buf[layer] = new
         self._lengths[layer] = list(kept)
         self._lengths_dev[layer] = None
+
+    def write_slots(self, layer: int, slots: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Write one new token per sequence (k/v [B, Hkv, 1, D]) into the given slot of each KV head
+        (``slots [B, Hkv]``): a slot below the length overwrites an evicted token. Lengths are not
+        changed (the caller advances the sequences that appended)."""
+        if int(slots.max()) >= self.capacity(layer):
+            raise CacheFullError(f"layer {layer}: slot {int(slots.max())} is past the capacity {self.capacity(layer)}")
+        idx = slots[:, :, None, None].expand(-1, -1, 1, self.head_dim)
+        self.k[layer].scatter_(2, idx, k_new.to(self.dtype))
+        self.v[layer].scatter_(2, idx, v_new.to(self.dtype))
 
     def reset(self, headroom: int, tokens: int) -> None:
         """Empty the cache and reallocate every layer to ``tokens + headroom`` slots."""
@@ -101,13 +118,16 @@ class KVCache:
         self._lengths = [[0] * self.batch for _ in range(self.num_layers)]
         self._lengths_dev = [None] * self.num_layers
         self.positions = [0] * self.batch
+        self.meta = [{} for _ in range(self.num_layers)]
 
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
 
     def nbytes(self) -> int:
-        """Physical bytes held by the k/v buffers (allocated capacity, not just filled slots)."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Physical bytes held by the k/v buffers (allocated capacity, not just filled slots) and the
+        policies' per-layer state."""
+        state = [t for m in self.meta for t in m.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + state)
 
     def used_bytes(self) -> int:
         """Bytes of the filled slots."""

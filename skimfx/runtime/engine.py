@@ -17,8 +17,9 @@ from typing import Callable
 
 import torch
 
-from ..kernels import attention, token_scores, topk_tokens
+from ..kernels import attention, sparse_attention, token_scores, topk_tokens
 from ..program import Program
+from . import policies as P
 from .cache import KVCache
 from .sampling import SamplingConfig, sample
 
@@ -33,9 +34,17 @@ class Ctx:
         self.n_valid = n_valid
         self.program = program
         self.prune = prune
+        # GemFilter's first pass is thrown away (the re-run rebuilds the cache): evicting would be wasted
+        self.skip_eviction = prune and program is not None and any(
+            sel.mode == "rerun" for sel in program.selections.values())
         self.kept: list[int] | None = None
         self.selected: dict[int, list[list[int]]] = {}   # layer -> kept token indices per sequence
         self._bounds: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.policies = program.policies if program is not None else {}
+        # single-token steps: layer -> [keys read, keys cached] summed over sequences (attended fraction)
+        self.reads: dict[int, list[int]] = {}
+        self.delta_set: torch.Tensor | None = None       # DELTA: slots chosen by the last "select" layer
+        self.kv_kept: dict[int, list[list[list[int]]]] = {}  # evicting layer -> [b][kv head] kept prompt slots
 
     def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Score this prefill's tokens with the last queries of ``layer`` and pick the kept ones.
@@ -59,8 +68,11 @@ class Ctx:
         return index
 
     def attend(self, layer: int, q, k, v, *, scale: float, window: int | None, softcap: float | None):
-        cache = self.cache
+        pol = self.policies.get(layer)
         T = q.shape[2]
+        if pol is not None and T == 1 and (pol.kind == "sparse" or pol.decode_evict):
+            return self._attend_policy(pol, layer, q, k, v, scale, softcap)
+        cache = self.cache
         starts = tuple(cache.lengths(layer))
         bounds = self._bounds.get(starts)
         if bounds is None:  # layers with the same lengths (all of them, when dense) share these
@@ -70,7 +82,55 @@ class Ctx:
         keys, values = cache.view(layer, max(starts) + T)
         out = attention(q, keys, values, bounds[0], bounds[1], scale, window, softcap)
         cache.advance(layer, self.n_valid)
+        if T == 1:
+            self._count(layer, cache.lengths(layer))
+        if pol is not None and T > 1 and not any(starts):   # the prompt is in: shrink or index it
+            if pol.kind == "evict" and not self.skip_eviction:
+                index = P.evict_after_prefill(pol, cache, layer, q, scale)
+                if index is not None:
+                    self.kv_kept[layer] = [[row[:n] for row in heads] for heads, n in
+                                           zip(index.tolist(), cache.lengths(layer))]
+            elif pol.method == "quest":
+                P.quest_update_pages(pol, cache, layer, list(starts))
+        elif pol is not None and pol.method == "quest":
+            P.quest_update_pages(pol, cache, layer, list(starts))
         return out
+
+    def _count(self, layer: int, read: list[int], cached: list[int] | None = None) -> None:
+        r = self.reads.setdefault(layer, [0, 0])
+        r[0] += sum(read)
+        r[1] += sum(cached if cached is not None else read)
+
+    def _attend_policy(self, pol, layer: int, q, k, v, scale: float, softcap: float | None):
+        """A single-token step of an evicting-in-decode or sparse-read layer."""
+        cache = self.cache
+        if pol.kind == "evict":
+            out = P.evict_decode(pol, cache, layer, q, k, v, scale, softcap, self.n_valid)
+            self._count(layer, cache.lengths(layer))
+            return out
+        old = list(cache.lengths(layer))
+        cache.write(layer, k, v)
+        cache.advance(layer, self.n_valid)
+        lengths = cache.lengths(layer)
+        kv_len = cache.lengths_tensor(layer)
+        keys, values = cache.view(layer, max(lengths))
+        budget = pol.tokens(max(lengths))
+        if pol.method == "quest":
+            P.quest_update_pages(pol, cache, layer, old)
+            if max(lengths) > budget:
+                index = P.quest_index(pol, cache, layer, q, budget)
+                self._count(layer, [min(m, index.shape[-1]) for m in lengths], lengths)
+                return sparse_attention(q[:, :, 0], keys, values, index, kv_len, scale, softcap)[:, :, None]
+        elif pol.role == "select":
+            self.delta_set = None
+            if max(lengths) > budget + pol.recent:
+                self.delta_set = P.delta_index(pol, q, keys, kv_len, scale, budget)
+        elif self.delta_set is not None:
+            index = self.delta_set
+            self._count(layer, [min(m, index.shape[-1]) for m in lengths], lengths)
+            return sparse_attention(q[:, :, 0], keys, values, index, kv_len, scale, softcap)[:, :, None]
+        self._count(layer, lengths)
+        return attention(q, keys, values, kv_len - 1, kv_len, scale, None, softcap)
 
 
 def gather_tokens(x: torch.Tensor, axis: int | None, index: torch.Tensor) -> torch.Tensor:
@@ -139,12 +199,15 @@ def forward(program: Program, ctx: Ctx, input_ids: torch.Tensor, position_ids: t
 
 
 def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: list[int] | None = None,
-           all_logits: bool = False, record: dict | None = None) -> torch.Tensor:
+           all_logits: bool = False, record: dict | None = None, record_kv: dict | None = None,
+           reads: dict | None = None) -> torch.Tensor:
     """Feed T new tokens per sequence (``input_ids [B, T]``, right-padded to ``n_valid``).
 
     Returns the logits at each sequence's last real token, [B, V] (or [B, T, V] with
     ``all_logits``). Positions continue from ``cache.positions``. Token selection (the Program's
     ``select`` stages) runs when this is the first prefill of the cache and ``all_logits`` is off.
+    ``record`` receives the kept token indices of each selection layer, ``record_kv`` the prompt
+    slots each evicting layer kept, ``reads`` per layer [keys read, keys cached] of single-token steps.
     """
     B, T = input_ids.shape
     n_valid = [T] * B if n_valid is None else list(n_valid)
@@ -155,6 +218,13 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
     out = forward(program, ctx, input_ids, position_ids, last_only=not all_logits)
     if record is not None:
         record.update(ctx.selected)
+    if record_kv is not None:
+        record_kv.update(ctx.kv_kept)
+    if reads is not None:
+        for layer, (r, c) in ctx.reads.items():
+            acc = reads.setdefault(layer, [0, 0])
+            acc[0] += r
+            acc[1] += c
     if isinstance(out, Rerun):
         # GemFilter: the kept token ids become the prompt, with fresh contiguous positions
         ids = torch.gather(input_ids, 1, out.index)
@@ -164,22 +234,26 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
         positions = torch.arange(K, device=dev)[None].expand(B, -1)
         out = forward(program, ctx, ids, positions, last_only=True)
         cache.positions = list(ctx.n_valid)
+        if record_kv is not None:
+            record_kv.update(ctx.kv_kept)
         return out
     cache.positions = [p + n for p, n in zip(cache.positions, n_valid)]
     return out
 
 
-def prefill(program: Program, cache: KVCache, prompts: list[list[int]], record: dict | None = None) -> torch.Tensor:
+def prefill(program: Program, cache: KVCache, prompts: list[list[int]], record: dict | None = None,
+            record_kv: dict | None = None) -> torch.Tensor:
     """Prefill a batch of prompts of any lengths; returns the next-token logits [B, V].
 
-    ``record``, when given, receives the kept token indices of each selection layer."""
+    ``record`` / ``record_kv``, when given, receive the kept token indices of each selection layer /
+    the kept prompt slots of each evicting layer."""
     ids = pad_right(prompts, cache.device)
-    return extend(program, cache, ids, [len(p) for p in prompts], record=record)
+    return extend(program, cache, ids, [len(p) for p in prompts], record=record, record_kv=record_kv)
 
 
-def decode_step(program: Program, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+def decode_step(program: Program, cache: KVCache, tokens: torch.Tensor, reads: dict | None = None) -> torch.Tensor:
     """One token per sequence (``tokens [B]``); returns the next-token logits [B, V]."""
-    return extend(program, cache, tokens[:, None])
+    return extend(program, cache, tokens[:, None], reads=reads)
 
 
 def pad_right(prompts: list[list[int]], device, pad_id: int = 0) -> torch.Tensor:
@@ -219,6 +293,18 @@ class Stats:
     kv_prefill_bytes: int = 0           # physical bytes of the KV cache right after prefill
     layer_tokens: list[int] = field(default_factory=list)  # prompt tokens each layer holds after prefill
     selected: dict[int, list[list[int]]] = field(default_factory=dict)  # selection layer -> kept indices
+    kv_kept: dict[int, list[list[list[int]]]] = field(default_factory=dict)  # evicting layer -> [b][head] slots
+    reads: dict[int, list[int]] = field(default_factory=dict)  # layer -> [keys read, keys cached] in decode
+
+    @property
+    def attended_fraction(self) -> float:
+        """Keys read / keys cached over all layers and decode steps (1.0 when dense)."""
+        r = sum(v[0] for v in self.reads.values())
+        c = sum(v[1] for v in self.reads.values())
+        return r / c if c else float("nan")
+
+    def layer_attended_fraction(self) -> dict[int, float]:
+        return {l: r / c for l, (r, c) in sorted(self.reads.items()) if c}
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -291,7 +377,7 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
     with torch.inference_mode():
         _sync(device)
         t0 = time.perf_counter()
-        logits = prefill(program, cache, prompts, record=stats.selected)
+        logits = prefill(program, cache, prompts, record=stats.selected, record_kv=stats.kv_kept)
         tok = sample(logits, sampling, gen)
         take(tok)
         stats.ttft_s = time.perf_counter() - t0
@@ -299,7 +385,7 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
         stats.layer_tokens = [max(cache.lengths(i)) for i in range(cache.num_layers)]
         t1 = time.perf_counter()
         while not all(done):
-            logits = decode_step(program, cache, tok)
+            logits = decode_step(program, cache, tok, reads=stats.reads)
             tok = sample(logits, sampling, gen)
             stats.decode_tokens += take(tok)
         _sync(device)

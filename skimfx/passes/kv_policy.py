@@ -1,0 +1,67 @@
+"""kv_policy: give layers a KV cache policy (evict: SnapKV, StreamingLLM, H2O; sparse read: Quest, DELTA).
+
+Why: at decode, every step reads the whole KV cache of every layer; at long context that read, not
+the weights, is what grows. Most of the cache receives almost no attention, so a layer can keep
+(evict) or read (sparse) a small budget of it.
+
+What it does: records ``program.policies[layer] = CachePolicy(...)`` for each given layer (one
+rewrite per layer). The layer graphs do not change: their lowered attention already calls
+``ctx.attend(layer, ...)``, and the runtime applies the layer's policy there (writes, compaction,
+page metadata, the sparse read). The pass checks what it can prove from the Program:
+- the layer exists and is lowered; sliding-window layers are refused (their window already bounds the
+  read, and window masking needs slot = position, which eviction breaks);
+- a DELTA "reuse" layer has its "select" layer below it, and no token-pruning stage between them
+  changes which tokens the two layers hold (the reuse layer reads the select layer's slot numbers).
+Requires ``lower_attention`` and ``split_layers``; can run before or after ``prune_tokens``.
+"""
+from __future__ import annotations
+
+from ..program import CachePolicy, Program
+
+KINDS = {"snapkv": "evict", "streamingllm": "evict", "h2o": "evict", "quest": "sparse", "delta": "sparse"}
+
+
+class PolicyError(ValueError):
+    """A cache policy does not fit the model or the other passes."""
+
+
+def check_policies(program: Program) -> None:
+    """The invariants between policies and token selections (called by kv_policy and prune_tokens)."""
+    pols = program.policies
+    for layer in sorted(pols):
+        pol = pols[layer]
+        if pol.role != "reuse":
+            continue
+        below = [l for l in pols if l < layer and pols[l].method == "delta" and pols[l].role == "select"]
+        if not below:
+            raise PolicyError(f"layer {layer}: a DELTA reuse layer needs a select layer below it")
+        sel_layer = max(below)
+        for r, sel in program.selections.items():
+            if sel.mode == "continue" and sel_layer <= r < layer and not sel.truncate_earlier_kv:
+                raise PolicyError(
+                    f"DELTA: token pruning after layer {r} lies between select layer {sel_layer} and reuse layer "
+                    f"{layer}, so they hold different tokens; put a select layer after layer {r} or use "
+                    "truncate_earlier_kv=true")
+
+
+def kv_policy(program: Program, policies: dict[int, CachePolicy]) -> Program:
+    if program.stages is None or not program.lowered:
+        raise PolicyError("kv_policy needs a lowered, split Program (run lower_attention and split_layers first)")
+    L = program.info.num_layers
+    if not policies:
+        raise PolicyError("no layers given a cache policy")
+    for layer, pol in sorted(policies.items()):
+        if not 0 <= layer < L:
+            raise PolicyError(f"layer {layer} is out of range: valid layers are 0..{L - 1}")
+        if KINDS.get(pol.method) != pol.kind:
+            raise PolicyError(f"layer {layer}: unknown policy {pol.method!r}/{pol.kind!r}; known: {KINDS}")
+        if program.attention[layer].window is not None:
+            raise PolicyError(f"layer {layer} is a sliding-window layer (window {program.attention[layer].window}); "
+                              "cache policies apply to full-attention layers only")
+        if layer in program.policies:
+            raise PolicyError(f"layer {layer} already has a cache policy ({program.policies[layer].method}); "
+                              "give each layer one policy")
+        program.policies[layer] = pol
+    check_policies(program)
+    program.history.append(("kv_policy", len(policies)))
+    return program

@@ -1,0 +1,254 @@
+"""What a layer's ``CachePolicy`` does inside ``Ctx.attend``: evict (SnapKV, StreamingLLM, H2O) or
+read sparsely (Quest, DELTA).
+
+Every function here gets the layer's new q/k/v and returns the attention output, exactly like the
+dense path, so a policy never changes the graph a layer runs, only what its attention keeps and reads.
+
+Slot bookkeeping. After an evicting policy compacts a layer, a cache slot no longer equals a token
+position, and after a decode-time eviction the newest token may sit in any slot. RoPE was applied
+before caching, so attention does not care where a token sits; what the policies need is each slot's
+*age* (the order in which the layer received it: ``meta["age"] [B, Hkv, cap]``), to keep sinks
+(age < sinks) and the recent window (age >= seen - recent). ``meta["seen"]`` counts the tokens a
+layer has ever received per sequence.
+
+Selection rules (per KV head unless noted; k/v stay un-repeated, a GQA group shares its KV head's
+choice):
+- SnapKV (Li et al., 2024): the last ``window`` prompt queries' softmax attention, summed over the
+  window, mean over the GQA group, avg-pooled (kernel ``pool_kernel``) over the prefix, top
+  (budget - window) of the prefix plus the window.
+- StreamingLLM (Xiao et al., 2023): the first ``sinks`` tokens and the most recent ones; during decode
+  the oldest non-sink token makes room for the new one.
+- H2O (Zhang et al., 2023): accumulated softmax attention each key has received from every query so far
+  (summed over the GQA group); keep the heavy hitters plus the ``recent`` newest tokens; during decode
+  the lowest-scoring non-recent token makes room for the new one, and every step's attention is added.
+- Quest (Tang et al., 2024): see ``kernels/kv_pages.py``; the top pages (the current page always) are read.
+- DELTA: a "select" layer attends to everything and picks the ``budget`` tokens with the highest
+  attention summed over all query heads (plus the ``recent`` newest); the "reuse" layers above it read
+  only that set, until the next "select" layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import attention, page_minmax, page_scores, sparse_attention, token_scores
+from ..program import CachePolicy
+
+
+def _amount(x: int | float, n: int) -> int:
+    return max(1, int(round(x * n))) if isinstance(x, float) else int(x)
+
+
+def keep_index(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per row the ``counts[b]`` highest-scoring slots, in slot order: ``scores [B, H, S]`` ->
+    index [B, H, max(counts)]; rows of shorter sequences are padded with their first kept slot."""
+    B, H, S = scores.shape
+    K = max(counts)
+    top = scores.topk(K, dim=-1).indices                                           # best first
+    rank = torch.arange(K, device=scores.device)
+    live = rank[None, None] < torch.tensor(counts, device=scores.device)[:, None, None]
+    top = torch.where(live, top, S).sort(dim=-1).values                              # padding sorts last
+    return torch.where(top == S, top[..., :1], top)
+
+
+# ----------------------------------------------------------------------------------------------
+# scores at the end of prefill
+# ----------------------------------------------------------------------------------------------
+def _group(x: torch.Tensor, hkv: int, how: str) -> torch.Tensor:
+    """[B, Hq, S] -> [B, Hkv, S] over each GQA group."""
+    B, Hq, S = x.shape
+    x = x.view(B, hkv, Hq // hkv, S)
+    return x.mean(2) if how == "mean" else x.sum(2)
+
+
+def _window_queries(q: torch.Tensor, n: list[int], w: int) -> torch.Tensor:
+    dev = q.device
+    idx = torch.tensor([m - w for m in n], device=dev)[:, None] + torch.arange(w, device=dev)[None]
+    return torch.gather(q, 2, idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+
+
+def snapkv_scores(pol: CachePolicy, q, keys, n: list[int], scale: float) -> torch.Tensor:
+    """[B, Hkv, S]: prefix scores; the observation window +inf (always kept), padding -inf."""
+    dev = q.device
+    w = max(1, min(pol.window, min(n) - 1))
+    kv_len = torch.tensor(n, device=dev)
+    s = token_scores(_window_queries(q, n, w), keys, kv_len - w, kv_len, scale, softmax=True, heads="none")
+    s = _group(s.masked_fill(s == float("-inf"), 0.0), keys.shape[1], "mean")        # [B, Hkv, S]
+    j = torch.arange(keys.shape[2], device=dev)[None, None]
+    prefix = j < (kv_len - w)[:, None, None]
+    s = s.masked_fill(~prefix, 0.0)
+    if pol.pool_kernel > 1:
+        B, H, S = s.shape
+        s = F.avg_pool1d(s.reshape(B * H, 1, S), pol.pool_kernel, 1, pol.pool_kernel // 2).view(B, H, S)
+    s = s.masked_fill(~prefix, float("inf"))
+    return s.masked_fill(j >= kv_len[:, None, None], float("-inf"))
+
+
+def attention_received(q, keys, n: list[int], scale: float, chunk: int = 256) -> torch.Tensor:
+    """H2O's accumulated attention: for every key, the softmax attention it receives from every
+    (causal) prompt query, summed over queries and over each GQA group -> [B, Hkv, S]. Computed in
+    query chunks (and per sequence when the batch is ragged) so no T x T matrix is held."""
+    B, Hq, T, D = q.shape
+    S = keys.shape[2]
+    out = torch.zeros(B, keys.shape[1], S, dtype=torch.float32, device=q.device)
+    rows = [slice(None)] if len(set(n)) == 1 else [slice(b, b + 1) for b in range(B)]
+    for r in rows:
+        m = n[0] if r == slice(None) else n[r.start]
+        kv_len = torch.full((q[r].shape[0],), m, device=q.device)
+        for c in range(0, m, chunk):
+            qc = q[r][:, :, c:min(m, c + chunk)]
+            s = token_scores(qc, keys[r], torch.full_like(kv_len, c), kv_len, scale, softmax=True, heads="none")
+            out[r] += _group(s.masked_fill(s == float("-inf"), 0.0), keys.shape[1], "sum")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# evicting policies
+# ----------------------------------------------------------------------------------------------
+def evict_after_prefill(pol: CachePolicy, cache, layer: int, q, scale: float) -> torch.Tensor | None:
+    """Shrink ``layer`` to its budget right after the prompt was written (and attended to); returns
+    the kept slots [B, Hkv, K] (None when the budget covers the prompt)."""
+    n = list(cache.lengths(layer))
+    dev = q.device
+    budget = [pol.tokens(m) for m in n]
+    meta = cache.meta[layer]
+    if pol.decode_evict:
+        meta["seen"] = torch.tensor(n, device=dev)
+        meta["budget"] = torch.tensor(budget, device=dev)
+        meta["recent"] = torch.tensor([min(_amount(pol.recent, m), b) for m, b in zip(n, budget)], device=dev)
+    keys, _ = cache.view(layer, max(n))
+    H, S = keys.shape[1], keys.shape[2]
+    j = torch.arange(S, device=dev)[None, None]
+    kv_len = torch.tensor(n, device=dev)[:, None, None]
+    kept = [min(b, m) for b, m in zip(budget, n)]
+    if pol.decode_evict:
+        meta["age"] = torch.arange(S, device=dev).expand(len(n), H, S).contiguous()
+    if pol.method == "h2o":          # decode-time eviction needs the scores even when nothing goes now
+        meta["score"] = attention_received(q, keys, n, scale)
+    if kept == n:
+        return None
+    if pol.method == "snapkv":
+        scores = snapkv_scores(pol, q, keys, n, scale)
+    elif pol.method == "streamingllm":
+        recent = kv_len - torch.tensor([max(0, b - pol.sinks) for b in budget], device=dev)[:, None, None]
+        scores = torch.where((j < pol.sinks) | (j >= recent), 1.0, 0.0).expand(len(n), H, S).clone()
+    elif pol.method == "h2o":
+        scores = meta["score"].masked_fill(j >= kv_len - meta["recent"][:, None, None], float("inf"))
+    else:
+        raise ValueError(f"unknown evicting policy {pol.method!r}")
+    scores = scores.masked_fill(j >= kv_len, float("-inf"))
+    index = keep_index(scores, kept)                                                # [B, Hkv, K]
+    headroom = max(budget) - index.shape[-1] if pol.decode_evict else None
+    cache.compact(layer, index, kept, headroom=headroom)
+    cap = cache.capacity(layer)
+    if pol.decode_evict:
+        age = torch.zeros(len(n), H, cap, dtype=torch.long, device=dev)
+        age[:, :, :index.shape[-1]] = index
+        meta["age"] = age
+    if "score" in meta:
+        score = torch.zeros(len(n), H, cap, dtype=torch.float32, device=dev)
+        score[:, :, :index.shape[-1]] = torch.gather(meta["score"], 2, index)
+        meta["score"] = score
+    return index
+
+
+def _grow(meta: dict, name: str, cap: int) -> torch.Tensor:
+    t = meta[name]
+    if t.shape[-1] < cap:
+        t = torch.cat([t, t.new_zeros(*t.shape[:-1], cap - t.shape[-1])], dim=-1)
+        meta[name] = t
+    return t
+
+
+def evict_decode(pol: CachePolicy, cache, layer: int, q, k, v, scale: float, softcap, n_valid) -> torch.Tensor:
+    """One new token per sequence into a layer kept at its budget (StreamingLLM, H2O)."""
+    if q.shape[2] != 1:
+        raise ValueError(f"{pol.method}: decode-time eviction takes one new token per step; extending a "
+                         f"compressed cache by {q.shape[2]} tokens at once is not supported")
+    meta = cache.meta[layer]
+    dev = q.device
+    B, H = k.shape[0], k.shape[1]
+    L = cache.lengths_tensor(layer)
+    if "seen" not in meta:           # a one-token prompt: nothing was written by a prefill
+        meta["seen"] = L.clone()
+        meta["budget"] = torch.full((B,), pol.tokens(1), device=dev)
+        meta["age"] = torch.zeros(B, H, cache.capacity(layer), dtype=torch.long, device=dev)
+        meta["recent"] = torch.full((B,), min(_amount(pol.recent, 1), pol.tokens(1)), device=dev)
+        if pol.method == "h2o":
+            meta["score"] = torch.zeros(B, H, cache.capacity(layer), device=dev)
+    cap = cache.capacity(layer)
+    age = _grow(meta, "age", cap)
+    seen = meta["seen"]
+    full = L >= meta["budget"]                                                      # [B]
+    slot = L[:, None].expand(B, H)
+    if bool(full.any()):
+        j = torch.arange(cap, device=dev)[None, None]
+        valid = j < L[:, None, None]
+        protected = (age >= (seen - meta["recent"])[:, None, None]) | ~valid
+        if pol.method == "streamingllm":
+            prio = age.float().masked_fill(age < pol.sinks, float("inf"))
+        else:
+            prio = _grow(meta, "score", cap).clone()
+        victim = prio.masked_fill(protected, float("inf")).argmin(-1)               # [B, Hkv]
+        slot = torch.where(full[:, None], victim, slot)
+    cache.write_slots(layer, slot, k, v)
+    age.scatter_(2, slot[:, :, None], seen[:, None, None].expand(B, H, 1))
+    if "score" in meta:
+        _grow(meta, "score", cap).scatter_(2, slot[:, :, None], 0.0)
+    meta["seen"] = seen + torch.tensor(n_valid, device=dev)
+    cache.advance(layer, [0 if f else c for f, c in zip(full.tolist(), n_valid)])
+    kv_len = cache.lengths_tensor(layer)
+    keys, values = cache.view(layer, int(kv_len.max()))
+    out = attention(q, keys, values, kv_len - 1, kv_len, scale, None, softcap)
+    if pol.method == "h2o":
+        p = token_scores(q, keys, kv_len - 1, kv_len, scale, softmax=True, heads="none")
+        p = _group(p.masked_fill(p == float("-inf"), 0.0), H, "sum")
+        meta["score"][:, :, :p.shape[-1]] += p
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse reads
+# ----------------------------------------------------------------------------------------------
+def quest_update_pages(pol: CachePolicy, cache, layer: int, old: list[int]) -> None:
+    """Refresh the page min/max of the pages that the last write touched."""
+    meta = cache.meta[layer]
+    ps = pol.page_size
+    n_pages = -(-cache.capacity(layer) // ps)
+    if "kmin" not in meta or meta["kmin"].shape[2] != n_pages:
+        B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+        meta["kmin"] = torch.zeros(B, H, n_pages, D, dtype=torch.float32, device=cache.device)
+        meta["kmax"] = torch.zeros_like(meta["kmin"])
+        old = [0] * len(old)
+    new = cache.lengths(layer)
+    first, last = min(old) // ps, -(-max(new) // ps)
+    keys, _ = cache.view(layer, min(cache.capacity(layer), last * ps))
+    kmin, kmax = page_minmax(keys, cache.lengths_tensor(layer), ps, first, last)
+    meta["kmin"][:, :, first:last] = kmin
+    meta["kmax"][:, :, first:last] = kmax
+
+
+def quest_index(pol: CachePolicy, cache, layer: int, q: torch.Tensor, budget: int) -> torch.Tensor:
+    """Token slots of the top pages per KV head (the newest page always) -> [B, Hkv, n_pages * page_size]."""
+    meta = cache.meta[layer]
+    ps = pol.page_size
+    kv_len = cache.lengths_tensor(layer)
+    last = -(-max(cache.lengths(layer)) // ps)
+    scores = page_scores(q[:, :, 0], meta["kmin"][:, :, :last], meta["kmax"][:, :, :last], kv_len, ps)
+    newest = ((kv_len - 1) // ps)[:, None, None].expand(-1, scores.shape[1], 1)
+    scores = scores.scatter(2, newest, float("inf"))
+    n_sel = min(last, max(1, budget // ps))
+    pages = scores.topk(n_sel, dim=-1).indices                                      # [B, Hkv, n]
+    slots = pages[..., None] * ps + torch.arange(ps, device=q.device)
+    return slots.flatten(2)
+
+
+def delta_index(pol: CachePolicy, q, keys, kv_len: torch.Tensor, scale: float, budget: int) -> torch.Tensor:
+    """DELTA's token set for the layers above a "select" layer: the ``budget`` slots with the highest
+    attention from the new query summed over all heads, plus the ``recent`` newest -> [B, K]."""
+    p = token_scores(q, keys, kv_len - 1, kv_len, scale, softmax=True, heads="sum")      # [B, S]
+    j = torch.arange(keys.shape[2], device=q.device)[None]
+    p = p.masked_fill(j >= (kv_len - pol.recent)[:, None], float("inf"))
+    p = p.masked_fill(j >= kv_len[:, None], float("-inf"))
+    K = min(keys.shape[2], budget + pol.recent)
+    return p.topk(K, dim=-1).indices
