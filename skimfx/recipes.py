@@ -215,10 +215,12 @@ class SnapKV(_KVRecipe):
 class StreamingLLM(_KVRecipe):
     """StreamingLLM (Xiao et al., 2024, "Efficient Streaming Language Models with Attention Sinks"): keep
     the first ``sinks`` tokens and the ``recent`` newest; during decode the oldest non-sink token is
-    evicted for each new one, so the cache stays at sinks + recent."""
+    evicted for each new one, so the cache stays at sinks + recent (``evict_during_decode=False``:
+    compress the prompt only and let decode append, as kvpress's StreamingLLMPress does)."""
 
     recent: int | float
     sinks: int = 4
+    evict_during_decode: bool = True
     pyramid: bool = False
     layers: tuple[int, ...] | int | None = None
     name = "streamingllm"
@@ -236,7 +238,7 @@ class StreamingLLM(_KVRecipe):
     def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
         floor = self.sinks if isinstance(self.recent, int) else 0.0
         return self._policies(info, lambda b: CachePolicy("streamingllm", "evict", b, sinks=self.sinks,
-                                                          decode_evict=True), floor)
+                                                          decode_evict=self.evict_during_decode), floor)
 
 
 @dataclass(frozen=True)
@@ -309,10 +311,11 @@ class Delta(_KVRecipe):
     layer in ``selection_layers`` attends densely and re-selects the ``budget`` tokens with the highest
     attention from the new query summed over all heads; the layers above it (until the next selection
     layer) read only that set plus the ``recent`` newest tokens. The full cache stays. Default
-    selection layers: ``full_layers`` and the middle layer."""
+    selection layers: ``full_layers``, L/3 and 2L/3 (for a 30-layer model: layers 0-1 full, selection at
+    2, 10 and 20, so 5 of 30 layers read the whole cache)."""
 
     budget: int | float
-    full_layers: int = 3
+    full_layers: int = 2
     selection_layers: tuple[int, ...] | int | None = None
     recent: int = 32
     name = "delta"
@@ -332,7 +335,8 @@ class Delta(_KVRecipe):
 
     def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
         L = info.num_layers
-        sel = self.selection_layers or (self.full_layers, max(self.full_layers, L // 2))
+        sel = self.selection_layers or (self.full_layers, max(self.full_layers, L // 3),
+                                        max(self.full_layers, 2 * L // 3))
         sel = tuple(sorted(set(sel)))
         if sel[-1] >= L - 1:
             raise RecipeError(f"selection layer {sel[-1]} leaves no layer above it to read the selection "

@@ -37,6 +37,24 @@ def _check(q, k, v, index, kv_len):
         raise ValueError(f"sparse_attention: kv_len must be [B={B}]")
 
 
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, S, D]``, ``idx [B, H, K]`` (out-of-range entries clamped) -> fp32 [B, H, K, D].
+
+    Copies whole D-element rows out of the cache (far faster on CPU than an element-wise
+    ``torch.gather`` with an expanded index). ``x`` may be a length-slice of a larger cache buffer:
+    its rows are addressed in that buffer through the strides, without copying the slice first."""
+    B, H, S, D = x.shape
+    sb, sh, ss, sd = x.stride()
+    if sd != 1 or ss != D or sb % D or sh % D:
+        x = x.contiguous()
+        sb, sh, ss, sd = x.stride()
+    row = torch.arange(B, device=x.device)[:, None, None] * (sb // D) + \
+        torch.arange(H, device=x.device)[None, :, None] * (sh // D) + idx.clamp(min=0, max=S - 1)
+    n_rows = (B - 1) * (sb // D) + (H - 1) * (sh // D) + S
+    rows = x.as_strided((n_rows, D), (D, 1))
+    return torch.index_select(rows, 0, row.reshape(-1)).view(B, H, -1, D).float()
+
+
 def sparse_attention_ref(q, k, v, index, kv_len, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Reference: gather the listed k/v rows, then one masked SDPA per KV head (GQA group as queries)."""
     _check(q, k, v, index, kv_len)
@@ -44,16 +62,15 @@ def sparse_attention_ref(q, k, v, index, kv_len, scale: float, softcap: float | 
     Hkv = k.shape[1]
     idx = index if index.dim() == 3 else index[:, None].expand(B, Hkv, index.shape[-1])
     ok = (idx >= 0) & (idx < kv_len[:, None, None])                              # [B, Hkv, K]
-    safe = idx.clamp(min=0, max=k.shape[2] - 1).long()
-    g = safe[..., None].expand(-1, -1, -1, D)
-    kg = torch.gather(k, 2, g).float()
-    vg = torch.gather(v, 2, g).float()
+    kg, vg = gather_rows(k, idx), gather_rows(v, idx)
     qg = q.float().view(B, Hkv, Hq // Hkv, D)
     if softcap is not None:
         s = torch.einsum("bkgd,bknd->bkgn", qg, kg) * scale
         s = softcap * torch.tanh(s / softcap)
         p = torch.softmax(s.masked_fill(~ok[:, :, None], float("-inf")), -1).nan_to_num(0.0)
         out = torch.einsum("bkgn,bknd->bkgd", p, vg)
+    elif bool(ok.all()):                                                         # no padding: no mask
+        out = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
     else:
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=ok[:, :, None], scale=scale)
         out = out.masked_fill(~ok.any(-1)[:, :, None, None], 0.0)               # rows with no key at all

@@ -54,8 +54,10 @@ def token_scores_ref(q, k, q_pos, kv_len, scale: float, *, softmax: bool = False
     _check(q, k, q_pos, kv_len, heads, pool, pool_kernel)
     B, Hq, W, D = q.shape
     S = k.shape[2]
-    kr = k.float().repeat_interleave(Hq // k.shape[1], dim=1)
-    s = torch.einsum("bhwd,bhsd->bhws", q.float(), kr) * scale
+    Hkv = k.shape[1]
+    # the GQA group's queries share one matmul with their KV head (k is never repeated)
+    s = torch.matmul(q.float().reshape(B, Hkv, (Hq // Hkv) * W, D), k.float().transpose(-1, -2))
+    s = s.view(B, Hq, W, S) * scale
     j = torch.arange(S, device=q.device)
     qp = q_pos[:, None] + torch.arange(W, device=q.device)[None]                 # [B, W]
     vis = (j[None, None] <= qp[:, :, None]) & (j[None, None] < kv_len[:, None, None])  # [B, W, S]

@@ -198,3 +198,15 @@ def test_gather_kv_triton(B, H, S, D, K, shared, dtype):
     assert torch.equal(gather_kv_triton(src, idx), gather_kv_ref(src, idx))
     with pytest.raises(ValueError, match="index must be"):
         gather_kv_triton(src, torch.zeros(B + 1, K, dtype=torch.long))
+
+
+def test_sparse_reference_reads_a_slice_of_a_larger_cache():
+    """The runtime passes a length-slice of the cache buffer; rows must be addressed in the buffer."""
+    B, Hq, Hkv, cap, S, D = 2, 6, 3, 40, 25, 8
+    buf_k, buf_v = torch.randn(B, Hkv, cap, D), torch.randn(B, Hkv, cap, D)
+    q = torch.randn(B, Hq, D)
+    kv_len = torch.tensor([25, 19])
+    idx = make_index(B, Hkv, S, 9, kv_len, False, pad=2)
+    got = sparse_attention_ref(q, buf_k[:, :, :S], buf_v[:, :, :S], idx, kv_len, 0.3)
+    want = literal_sparse(q, buf_k[:, :, :S].contiguous(), buf_v[:, :, :S].contiguous(), idx, kv_len, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,157 @@
+"""KV selection and sparse attention (SnapKV, PyramidKV, StreamingLLM, H2O, Quest, DELTA) vs dense on
+SmolLM2-135M-Instruct, one run, the dense baseline in the same process.
+
+Speed and fidelity at 2k / 4k / 8k context (a passkey prompt, greedy 64 new tokens): decode tokens/s
+and its ratio to dense, KV bytes resident after decode, the fraction of cached keys the decode steps
+read, and the agreement of the 64 tokens with dense (position by position).
+Quality: passkey retrieval at ~1k tokens (needle depths 0..1, four keys each) at 25% budgets.
+
+    python bench/sparse.py                 # full run (about 15 minutes on 2 cores)
+    python bench/sparse.py --quick         # 2k only, 5 passkey prompts
+
+Writes bench/results/sparse.md, sparse.json and sparse.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import skimfx
+from skimfx.eval import passkey_correct, passkey_prompts
+
+RESULTS = Path(__file__).parent / "results"
+
+# 25% budgets everywhere; DELTA: layers 0-1 full, selection at 2, 10, 20 (5 of 30 layers read everything)
+RECIPES = {
+    "dense": "dense",
+    "SnapKV": "snapkv:budget=0.25",
+    "PyramidKV": "snapkv:budget=0.25,pyramid=true",
+    "StreamingLLM": "streamingllm:recent=0.25",
+    "H2O": "h2o:heavy=0.125,recent=0.125",
+    "Quest": "quest:token_budget=0.25",
+    "Quest p8": "quest:token_budget=0.25,page_size=8",
+    "DELTA": "delta:budget=0.25",
+}
+BATCH_RECIPES = ("dense", "Quest", "DELTA")   # batch-4 decode: where reading less of the cache pays on a CPU
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    n = min(len(a), len(b))
+    return sum(x == y for x, y in zip(a, b)) / n if n else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lengths", default="2048,4096,8192")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--passkey-prompts", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lengths = [2048] if args.quick else [int(x) for x in args.lengths.split(",")]
+    n_pk = 5 if args.quick else args.passkey_prompts
+
+    model, tok = skimfx.load_model("smollm2-135m")
+    compiled = {name: skimfx.compile(model, r, tokenizer=tok) for name, r in RECIPES.items()}
+
+    speed = []
+    runs = [(T, 1) for T in lengths] + [(T, 4) for T in lengths if T == 4096 and not args.quick]
+    for T, batch in runs:
+        depths = (0.5,) if batch == 1 else (0.2, 0.4, 0.6, 0.8)
+        prompts = [p.ids for p in passkey_prompts(tok, T, depths=depths, keys_per_depth=1, seed=11)]
+        ref = None
+        for name, cm in compiled.items():
+            if batch > 1 and name not in BATCH_RECIPES:
+                continue
+            g = cm.generate(prompts, max_new_tokens=args.new_tokens if batch == 1 else 32, stop_tokens=[])
+            ref = ref or g
+            agree = sum(agreement(a, b) for a, b in zip(g.tokens, ref.tokens)) / batch
+            row = {"context": len(prompts[0]), "batch": batch, "recipe": name, "ttft_s": g.stats.ttft_s,
+                   "decode_tok_s": g.stats.decode_tokens_per_s, "kv_mib": g.stats.kv_bytes / 2**20,
+                   "attended": g.stats.attended_fraction, "agreement": agree}
+            row["decode_speedup"] = row["decode_tok_s"] / ref.stats.decode_tokens_per_s
+            row["kv_ratio"] = row["kv_mib"] / (ref.stats.kv_bytes / 2**20)
+            speed.append(row)
+            print(f"{row['context']:>5} x{batch} {name:<13} decode {row['decode_tok_s']:5.2f} tok/s ({row['decode_speedup']:.2f}x) "
+                  f"KV {row['kv_mib']:6.1f} MiB ({row['kv_ratio']:.2f}) attended {row['attended']:.2f} "
+                  f"agreement {row['agreement']:.2f} TTFT {row['ttft_s']:.1f}s", flush=True)
+
+    quality = []
+    prompts = passkey_prompts(tok, 1000, depths=tuple(i / 4 for i in range(5)), keys_per_depth=max(1, n_pk // 5),
+                              seed=0)
+    for name, cm in compiled.items():
+        g = cm.generate([p.ids for p in prompts], max_new_tokens=24)
+        acc = sum(passkey_correct(tok, p, t) for p, t in zip(prompts, g.tokens)) / len(prompts)
+        quality.append({"recipe": name, "passkey": acc, "prompt_tokens": round(sum(len(p.ids) for p in prompts) / len(prompts)),
+                        "kv_mib": g.stats.kv_bytes / 2**20, "attended": g.stats.attended_fraction})
+        print(f"passkey {name:<13} {acc:.0%}", flush=True)
+    write(speed, quality, args, n_pk)
+
+
+def write(speed, quality, args, n_pk) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    dense_pk = next(q["passkey"] for q in quality if q["recipe"] == "dense")
+    lines = ["# KV selection and sparse attention vs dense — SmolLM2-135M-Instruct (fp32, CPU)", "",
+             f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}. One run, dense in the "
+             f"same process. Greedy {args.new_tokens} new tokens after a passkey prompt; decode tok/s is batch 1. "
+             "Budgets are 25% of the prompt: SnapKV window 32 / pool 5; PyramidKV = SnapKV with per-layer budgets; "
+             "StreamingLLM 4 sinks + recent; H2O 12.5% heavy + 12.5% recent; Quest pages of 16 (p8: of 8), layers "
+             "0-1 dense; DELTA layers 0-1 full, selection at layers 2, 10 and 20 (5 of 30 layers read everything), "
+             "recent 32.", "",
+             "- decode ×: decode tokens/s relative to dense (batch 4: 32 new tokens per sequence, all sequences counted). KV: bytes resident after decode (with the policies' "
+             "state), relative to dense. read: keys read / keys cached over the decode steps. agree: the 64 tokens "
+             "equal to dense, position by position.", "",
+             "| context | batch | recipe | decode tok/s | decode × | KV MiB | KV / dense | read | agree | TTFT s |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in speed:
+        lines.append(f"| {r['context']} | {r['batch']} | {r['recipe']} | {r['decode_tok_s']:.2f} | {r['decode_speedup']:.2f} | "
+                     f"{r['kv_mib']:.1f} | {r['kv_ratio']:.2f} | {r['attended']:.2f} | {r['agreement']:.0%} | "
+                     f"{r['ttft_s']:.1f} |")
+    lines += ["", f"Passkey retrieval, {n_pk} prompts of ~{quality[0]['prompt_tokens']} tokens "
+              "(needle depths 0, 0.25, 0.5, 0.75, 1), 25% budgets:", "",
+              "| recipe | passkey | of dense | KV MiB (batch) | read |", "|---|---:|---:|---:|---:|"]
+    for q in quality:
+        rel = q["passkey"] / dense_pk if dense_pk else float("nan")
+        lines.append(f"| {q['recipe']} | {q['passkey']:.0%} | {rel:.0%} | {q['kv_mib']:.1f} | {q['attended']:.2f} |")
+    (RESULTS / "sparse.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "sparse.json").write_text(json.dumps({"speed": speed, "quality": quality}, indent=1))
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in RECIPES:
+        rows = [r for r in speed if r["recipe"] == name and r["batch"] == 1]
+        a.plot([r["context"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o", label=name,
+               color="black" if name == "dense" else None)
+    a.set_xlabel("context tokens")
+    a.set_ylabel("decode tokens/s (batch 1)")
+    a.set_xscale("log", base=2)
+    a.legend(fontsize=8)
+    a.set_title("decode speed")
+    longest = max(r["context"] for r in speed)
+    for r in speed:
+        if r["context"] == longest and r["batch"] == 1:
+            b.scatter(r["decode_speedup"], r["agreement"], color="black" if r["recipe"] == "dense" else None)
+            b.annotate(r["recipe"], (r["decode_speedup"], r["agreement"]), fontsize=8, xytext=(3, 3),
+                       textcoords="offset points")
+    b.set_xlabel(f"decode speedup vs dense at {longest} tokens")
+    b.set_ylabel("agreement of 64 tokens with dense")
+    b.set_title("fidelity vs speed")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sparse.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

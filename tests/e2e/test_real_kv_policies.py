@@ -1,0 +1,68 @@
+"""KV cache policies on the embedded real models: SnapKV's kept slots follow the rule computed from
+HF's modules on SmolLM2-135M, budgets that cover the prompt reproduce dense exactly, eviction and
+sparse reads keep the passkey at 25% budgets, and Gemma3's full-attention layers compress while its
+sliding-window layers keep their window."""
+import pytest
+import torch
+
+import skimfx
+from skimfx import H2O, Delta, Quest, SnapKV, StreamingLLM
+from skimfx.eval import passkey_correct, passkey_prompts
+from tests.runtime.test_kv_policies import snapkv_reference
+
+pytestmark = pytest.mark.slow
+
+
+def test_snapkv_kept_slots_follow_the_rule_on_smollm2(smollm2):
+    model, tok = smollm2
+    ids = passkey_prompts(tok, 600, depths=(0.5,), keys_per_depth=1, seed=5)[0].ids
+    g = skimfx.compile(model, SnapKV(budget=150, window=32, layers=(4, 21)), tokenizer=tok).generate(
+        [ids], max_new_tokens=1)
+    for layer in (4, 21):
+        want = snapkv_reference(model, ids, layer, 150, 32)
+        got = g.stats.kv_kept[layer][0]
+        # fp32 score ties aside, the sets are the rule's (>= 149 of 150 slots per head)
+        assert all(len(set(a) & set(b)) >= 149 for a, b in zip(got, want)), layer
+
+
+@pytest.mark.parametrize("recipe", [SnapKV(budget=2000), H2O(heavy=1000, recent=1000),
+                                    Quest(token_budget=2048), Delta(budget=2000)], ids=lambda r: r.name)
+def test_covering_budgets_are_dense_on_smollm2(smollm2, recipe):
+    model, tok = smollm2
+    ids = passkey_prompts(tok, 400, depths=(0.3,), keys_per_depth=1, seed=1)[0].ids
+    dense = skimfx.compile(model, tokenizer=tok).generate([ids], max_new_tokens=24, stop_tokens=[])
+    got = skimfx.compile(model, recipe, tokenizer=tok).generate([ids], max_new_tokens=24, stop_tokens=[])
+    assert got.tokens == dense.tokens
+
+
+@pytest.mark.parametrize("recipe", ["snapkv:budget=0.25", "delta:budget=0.25",
+                                    "quest:token_budget=0.25"])
+def test_passkey_survives_a_25_percent_budget(smollm2, recipe):
+    model, tok = smollm2
+    prompts = passkey_prompts(tok, 1000, depths=(0.25, 0.5), keys_per_depth=1, seed=3)
+    cm = skimfx.compile(model, recipe, tokenizer=tok)
+    g = cm.generate([p.ids for p in prompts], max_new_tokens=12)
+    assert [passkey_correct(tok, p, t) for p, t in zip(prompts, g.tokens)] == [True, True]
+    if recipe.startswith("snapkv"):
+        dense = skimfx.compile(model, tokenizer=tok).generate([p.ids for p in prompts], max_new_tokens=12)
+        assert g.stats.kv_bytes < 0.3 * dense.stats.kv_bytes
+    else:
+        assert 0.2 < g.stats.attended_fraction < 0.6
+
+
+def test_gemma3_compresses_only_its_full_attention_layers(gemma3):
+    model, tok = gemma3
+    cm = skimfx.compile(model, StreamingLLM(recent=200, sinks=4), tokenizer=tok)
+    full = [l for l, w in enumerate(cm.program.info.sliding_window) if w is None]
+    assert sorted(cm.program.policies) == full and len(full) == 3
+    text = "The river runs north through the valley, past the old mill and the stone bridge. " * 40
+    ids = tok(text).input_ids
+    g = cm.generate(ids, max_new_tokens=20, stop_tokens=[])
+    assert set(g.stats.kv_kept) == set(full)
+    assert all(len(g.stats.kv_kept[l][0][0]) == 204 for l in full)
+    out = tok.decode(g.tokens[0])
+    assert "river" in out or "valley" in out or "bridge" in out
+    wide = skimfx.compile(model, StreamingLLM(recent=2000, sinks=4), tokenizer=tok).generate(ids, max_new_tokens=20,
+                                                                                           stop_tokens=[])
+    dense = skimfx.compile(model, tokenizer=tok).generate(ids, max_new_tokens=20, stop_tokens=[])
+    assert wide.tokens == dense.tokens
