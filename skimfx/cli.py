@@ -1,7 +1,8 @@
-"""Command line: ``skimfx demo | generate | eval | show``.
+"""Command line: ``skimfx demo | generate | bench | eval | show``.
 
     skimfx demo                                    # SmolLM2-135M: dense vs the recipes on one long prompt
     skimfx generate --model smollm2-135m --prompt "Why is the sky blue?" --recipe promptdistill:layers=14,keep=256
+    skimfx bench --lengths 1024,4096 --recipe delta:budget=0.25 --recipe snapkv:budget=0.25
     skimfx eval --task passkey --recipe promptdistill:layers=14,keep=250 --recipe gemfilter:layer=14,keep=250
     skimfx show --model gemma3-270m --recipe gemfilter:layer=6,keep=128
 """
@@ -12,7 +13,7 @@ import sys
 import time
 
 DEMO_RECIPES = ("promptdistill:layers=14,keep={q}", "promptdistill:layers=8,keep={q}",
-                "gemfilter:layer=14,keep={q}")
+                "gemfilter:layer=14,keep={q}", "snapkv:budget=0.25", "delta:budget=0.25")
 
 
 def _load(name: str, recipe: str | None = None):
@@ -91,7 +92,7 @@ def cmd_demo(args) -> None:
     recipes = ["dense"] + (args.recipe or [r.format(q=quarter) for r in DEMO_RECIPES])
     print(f"model {args.model}; prompt: {len(prompt.ids)} tokens of filler with a pass key ({prompt.key}) hidden "
           f"in the middle, then 'What is the pass key?'\n")
-    rows = [("recipe", "answer", "correct", "TTFT ms", "decode tok/s", "KV MiB", "agreement")]
+    rows = [("recipe", "answer", "correct", "TTFT ms", "decode tok/s", "KV MiB", "KV read", "agreement")]
     dense_tokens = None
     for r in tqdm(recipes, desc="recipes", unit="recipe", file=sys.stderr):
         cm = skimfx.compile(model, r, tokenizer=tok)
@@ -104,7 +105,38 @@ def cmd_demo(args) -> None:
         answer = tok.decode(toks, skip_special_tokens=True).strip().replace("\n", " ")
         s = g.stats
         rows.append((r, answer[:40], "yes" if passkey_correct(tok, prompt, toks) else "no", f"{s.ttft_s * 1e3:.0f}",
-                     f"{s.decode_tokens_per_s:.1f}", f"{s.kv_bytes / 2**20:.1f}", f"{agree:.0%}"))
+                     f"{s.decode_tokens_per_s:.1f}", f"{s.kv_bytes / 2**20:.1f}", f"{s.attended_fraction:.0%}",
+                     f"{agree:.0%}"))
+    print(_table(rows))
+
+
+def cmd_bench(args) -> None:
+    """Dense and each recipe on the same prompts at each length, dense first: speed, memory, fidelity."""
+    import skimfx
+    from skimfx.eval import passkey_prompts
+    from tqdm import tqdm
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    recipes = ["dense"] + (args.recipe or [])
+    for r in recipes:
+        skimfx.parse_recipe(r)
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    model, tok = skimfx.load_model(args.model)
+    compiled = {r: skimfx.compile(model, r, tokenizer=tok) for r in recipes}
+    rows = [("tokens", "recipe", "TTFT s", "TTFT x", "decode tok/s", "decode x", "KV MiB", "KV read", "agreement")]
+    work = [(n, r) for n in lengths for r in recipes]
+    dense = {}
+    for n, r in tqdm(work, desc="bench", unit="run", file=sys.stderr):
+        depths = tuple((i + 1) / (args.batch + 1) for i in range(args.batch))
+        prompts = [p.ids for p in passkey_prompts(tok, n, depths=depths, keys_per_depth=1, seed=args.seed)]
+        g = compiled[r].generate(prompts, max_new_tokens=args.max_new_tokens, stop_tokens=[])
+        s = g.stats
+        base = dense.setdefault(n, g)
+        agree = sum(sum(a == b for a, b in zip(x, y)) / len(y) for x, y in zip(g.tokens, base.tokens)) / len(prompts)
+        rows.append((str(len(prompts[0])), r, f"{s.ttft_s:.2f}", f"{base.stats.ttft_s / s.ttft_s:.2f}",
+                     f"{s.decode_tokens_per_s:.1f}", f"{s.decode_tokens_per_s / base.stats.decode_tokens_per_s:.2f}",
+                     f"{s.kv_bytes / 2**20:.1f}", f"{s.attended_fraction:.0%}", f"{agree:.0%}"))
     print(_table(rows))
 
 
@@ -159,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
     s.add_argument("--recipe", default=None)
     s.set_defaults(fn=cmd_show)
+
+    b = sub.add_parser("bench", help="dense vs recipes at several prompt lengths: TTFT, decode tok/s, KV, agreement")
+    b.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
+    b.add_argument("--lengths", default="1024,2048", help="comma-separated prompt lengths in tokens")
+    b.add_argument("--recipe", action="append", help="recipe string (repeatable); dense is always the baseline")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--max-new-tokens", type=int, default=32)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(fn=cmd_bench)
 
     e = sub.add_parser("eval", help="score dense and recipes on a task; table + plot")
     e.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))

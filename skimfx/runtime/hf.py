@@ -147,8 +147,113 @@ class CompiledModel:
         return generate(self.program, batch, max_new_tokens, sampling, set(stop_tokens),
                         max_cache_len=self.max_cache_len, callback=callback)
 
+    @property
+    def hf(self) -> "HFCausalLM":
+        """This model behind the exact interface of a HF ``PreTrainedModel`` for causal LM (what
+        lm-eval's ``HFLM(pretrained=...)`` and other HF harnesses call): ``generate`` returns the token
+        tensor ``[B, T + new]`` and honours ``max_length`` and ``stopping_criteria``."""
+        return HFCausalLM(self)
+
     def __repr__(self) -> str:
         return f"CompiledModel(\n{self.program}\n)"
+
+
+class HFCausalLM:
+    """HF ``PreTrainedModel`` contract over a ``CompiledModel``: ``config``, ``device``, ``dtype``,
+    ``eval()``, ``tie_weights()``, ``__call__(input_ids, attention_mask) -> .logits`` and
+    ``generate(input_ids, attention_mask, max_length | max_new_tokens, stopping_criteria,
+    pad_token_id, eos_token_id, do_sample, temperature, top_k, top_p, use_cache)`` -> LongTensor of
+    prompt + new tokens per row, right-padded with ``pad_token_id`` (left-padded inputs keep their
+    padding, as HF returns them)."""
+
+    def __init__(self, compiled: CompiledModel):
+        self.compiled = compiled
+        self.config = compiled.model.config
+        self.generation_config = getattr(compiled.model, "generation_config", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.compiled.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compiled.info.dtype
+
+    def eval(self) -> "HFCausalLM":
+        return self
+
+    def tie_weights(self) -> None:
+        """Nothing to do: the compiled graph reads the model's own (already tied) weights."""
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw) -> CausalLMOutput:
+        return self.compiled(input_ids, attention_mask=attention_mask)
+
+    forward = __call__
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_length: int | None = None, max_new_tokens: int | None = None, stopping_criteria=None,
+                 pad_token_id: int | None = None, eos_token_id=None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 use_cache: bool = True, **unused) -> torch.Tensor:
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        if max_new_tokens is None:
+            if max_length is None:
+                raise ValueError("generate needs max_new_tokens or max_length")
+            max_new_tokens = max_length - ids.shape[1]
+        if max_new_tokens < 1:
+            raise ValueError(f"max_length={max_length} leaves no room after a {ids.shape[1]}-token input")
+        B = ids.shape[0]
+        out = [[] for _ in range(B)]
+        stopped = [False] * B
+        pad = pad_token_id if pad_token_id is not None else 0
+
+        def current() -> torch.Tensor:
+            n = max(len(o) for o in out)
+            new = torch.full((B, n), pad, dtype=ids.dtype, device=ids.device)
+            for b, o in enumerate(out):
+                new[b, :len(o)] = torch.tensor(o, dtype=ids.dtype)
+            return torch.cat([ids, new], dim=1)
+
+        class _Stop(Exception):
+            pass
+
+        last_b = [B]
+
+        def check() -> None:
+            if stopping_criteria is None:
+                return
+            done = _criteria(stopping_criteria, current())
+            for i in range(B):
+                stopped[i] = stopped[i] or done[i]
+
+        def on_token(b: int, t: int) -> None:
+            # the runtime reports a step's tokens in batch order: a smaller index starts the next step,
+            # so the criteria see each completed step once, as in HF's generate loop
+            if b <= last_b[0]:
+                check()
+                if all(stopped):
+                    raise _Stop
+            last_b[0] = b
+            if not stopped[b]:
+                out[b].append(t)
+
+        try:
+            self.compiled.generate(ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+                                   temperature=temperature or 0.0, top_k=top_k, top_p=top_p,
+                                   eos_token_id=eos_token_id, callback=on_token)
+        except _Stop:
+            pass
+        check()
+        return current()
+
+
+def _criteria(stopping_criteria, seqs: torch.Tensor) -> list[bool]:
+    done = [False] * seqs.shape[0]
+    for c in stopping_criteria:
+        r = c(seqs, None)
+        r = r.tolist() if isinstance(r, torch.Tensor) and r.dim() else [bool(r)] * seqs.shape[0]
+        done = [a or bool(x) for a, x in zip(done, r)]
+    return done
 
 
 def _unpad(ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:

@@ -90,3 +90,15 @@ def test_cli_bad_arguments_are_one_line_errors(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(match, err[0])
+
+
+@pytest.mark.slow
+def test_cli_bench_table(capsys):
+    assert main(["bench", "--lengths", "200", "--max-new-tokens", "4", "--recipe", "snapkv:budget=0.5",
+                 "--recipe", "quest:token_budget=64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = lines.index(next(l for l in lines if l.startswith("tokens")))
+    rows = [l.split() for l in lines[head + 1:] if l.strip() and not l.startswith("-")]
+    assert [r[1] for r in rows] == ["dense", "snapkv:budget=0.5", "quest:token_budget=64"]
+    assert rows[0][5] == "1.00" and rows[0][-1] == "100%"          # dense is its own baseline
+    assert float(rows[1][6]) < 0.7 * float(rows[0][6])              # SnapKV at 50% holds ~half the KV

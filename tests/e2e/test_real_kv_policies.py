@@ -35,19 +35,27 @@ def test_covering_budgets_are_dense_on_smollm2(smollm2, recipe):
     assert got.tokens == dense.tokens
 
 
-@pytest.mark.parametrize("recipe", ["snapkv:budget=0.25", "delta:budget=0.25",
-                                    "quest:token_budget=0.25"])
-def test_passkey_survives_a_25_percent_budget(smollm2, recipe):
+@pytest.mark.parametrize("recipe", ["delta:budget=0.25", "quest:token_budget=0.25,page_size=8"])
+def test_sparse_reads_keep_the_passkey_at_a_25_percent_budget(smollm2, recipe):
     model, tok = smollm2
     prompts = passkey_prompts(tok, 1000, depths=(0.25, 0.5), keys_per_depth=1, seed=3)
-    cm = skimfx.compile(model, recipe, tokenizer=tok)
-    g = cm.generate([p.ids for p in prompts], max_new_tokens=12)
+    g = skimfx.compile(model, recipe, tokenizer=tok).generate([p.ids for p in prompts], max_new_tokens=12)
     assert [passkey_correct(tok, p, t) for p, t in zip(prompts, g.tokens)] == [True, True]
-    if recipe.startswith("snapkv"):
-        dense = skimfx.compile(model, tokenizer=tok).generate([p.ids for p in prompts], max_new_tokens=12)
-        assert g.stats.kv_bytes < 0.3 * dense.stats.kv_bytes
-    else:
-        assert 0.2 < g.stats.attended_fraction < 0.6
+    assert 0.2 < g.stats.attended_fraction < 0.45
+
+
+def test_snapkv_holds_a_quarter_of_the_kv(smollm2):
+    """SnapKV at 25% keeps a quarter of each layer's prompt KV. (On this model it does not keep the
+    pass key at 25% or even 50%; bench/sparse.py reports it, and kvpress's SnapKVPress, which keeps
+    exactly the same tokens, answers the same.)"""
+    model, tok = smollm2
+    prompts = passkey_prompts(tok, 1000, depths=(0.5,), keys_per_depth=1, seed=3)
+    g = skimfx.compile(model, "snapkv:budget=0.25", tokenizer=tok).generate([p.ids for p in prompts],
+                                                                          max_new_tokens=12, stop_tokens=[])
+    n = len(prompts[0].ids)
+    assert all(len(heads[0][0]) == round(0.25 * n) for heads in g.stats.kv_kept.values())
+    dense = skimfx.compile(model, tokenizer=tok).generate([p.ids for p in prompts], max_new_tokens=12, stop_tokens=[])
+    assert g.stats.kv_bytes < 0.3 * dense.stats.kv_bytes
 
 
 def test_gemma3_compresses_only_its_full_attention_layers(gemma3):

@@ -23,7 +23,7 @@ def test_parse_and_label_round_trip(text, expected):
 
 
 @pytest.mark.parametrize("text,match", [
-    ("snapkv:budget=10", "unknown recipe 'snapkv'; valid recipes: dense, gemfilter, promptdistill"),
+    ("tova:budget=10", "unknown recipe 'tova'; valid recipes: dense, gemfilter, promptdistill, snapkv, streamingllm, h2o, quest, delta"),
     ("promptdistill:layers=8", "promptdistill: missing parameter.*keep"),
     ("promptdistill:layer=8,keep=3", "unknown parameter 'layer'; valid: keep, keep_last, layers"),
     ("promptdistill:layers=8,keep=0", "promptdistill: keep must be a positive integer"),
