@@ -29,14 +29,13 @@ class Ctx:
     sequence are real (the rest is right padding), and whether selection stages run (a prefill
     of a fresh prompt) or are skipped (decode, or a full-logits forward)."""
 
-    def __init__(self, cache: KVCache, n_valid: list[int], program: Program | None = None, prune: bool = False):
+    def __init__(self, cache: KVCache, n_valid: list[int], program: Program | None = None, prune: bool = False,
+                 compress: bool = False):
         self.cache = cache
         self.n_valid = n_valid
         self.program = program
         self.prune = prune
-        # GemFilter's first pass is thrown away (the re-run rebuilds the cache): evicting would be wasted
-        self.skip_eviction = prune and program is not None and any(
-            sel.mode == "rerun" for sel in program.selections.values())
+        self.compress = compress        # evicting policies shrink the cache after this prefill
         self.kept: list[int] | None = None
         self.selected: dict[int, list[list[int]]] = {}   # layer -> kept token indices per sequence
         self._bounds: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -74,6 +73,9 @@ class Ctx:
             return self._attend_policy(pol, layer, q, k, v, scale, softcap)
         cache = self.cache
         starts = tuple(cache.lengths(layer))
+        if pol is not None and pol.decode_evict and any(starts):
+            raise ValueError(f"{pol.method}: a cache that evicts during decode takes one new token per step; "
+                             f"extending it by {T} tokens at once is not supported (prefill the whole prompt)")
         bounds = self._bounds.get(starts)
         if bounds is None:  # layers with the same lengths (all of them, when dense) share these
             q_start = torch.tensor(starts, dtype=torch.long, device=q.device)
@@ -84,16 +86,13 @@ class Ctx:
         cache.advance(layer, self.n_valid)
         if T == 1:
             self._count(layer, cache.lengths(layer))
-        if pol is not None and T > 1 and not any(starts):   # the prompt is in: shrink or index it
-            if pol.kind == "evict" and not self.skip_eviction:
-                index = P.evict_after_prefill(pol, cache, layer, q, scale)
-                if index is not None:
-                    self.kv_kept[layer] = [[row[:n] for row in heads] for heads, n in
-                                           zip(index.tolist(), cache.lengths(layer))]
-            elif pol.method == "quest":
-                P.quest_update_pages(pol, cache, layer, list(starts))
-        elif pol is not None and pol.method == "quest":
+        if pol is not None and pol.method == "quest":
             P.quest_update_pages(pol, cache, layer, list(starts))
+        elif pol is not None and pol.kind == "evict" and self.compress and T > 1:   # the prompt is in: shrink it
+            index = P.evict_after_prefill(pol, cache, layer, q, scale)
+            if index is not None:
+                self.kv_kept[layer] = [[row[:n] for row in heads] for heads, n in
+                                       zip(index.tolist(), cache.lengths(layer))]
         return out
 
     def _count(self, layer: int, read: list[int], cached: list[int] | None = None) -> None:
@@ -213,8 +212,11 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
     n_valid = [T] * B if n_valid is None else list(n_valid)
     dev = input_ids.device
     position_ids = torch.tensor(cache.positions, device=dev)[:, None] + torch.arange(T, device=dev)[None]
-    prune = bool(program.selections) and not all_logits and T > 1 and not any(cache.positions)
-    ctx = Ctx(cache, n_valid, program, prune=prune)
+    fresh = not all_logits and not any(cache.positions)        # the first prefill of a generation
+    prune = bool(program.selections) and fresh and T > 1
+    # GemFilter's first pass is thrown away (the re-run rebuilds the cache): no eviction in it
+    rerun = prune and any(sel.mode == "rerun" for sel in program.selections.values())
+    ctx = Ctx(cache, n_valid, program, prune=prune, compress=fresh and not rerun)
     out = forward(program, ctx, input_ids, position_ids, last_only=not all_logits)
     if record is not None:
         record.update(ctx.selected)
@@ -230,7 +232,7 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
         ids = torch.gather(input_ids, 1, out.index)
         cache.reset(headroom=cache.capacity(0) - T, tokens=ids.shape[1])
         K = ids.shape[1]
-        ctx = Ctx(cache, out.kept, program, prune=False)
+        ctx = Ctx(cache, out.kept, program, prune=False, compress=True)
         positions = torch.arange(K, device=dev)[None].expand(B, -1)
         out = forward(program, ctx, ids, positions, last_only=True)
         cache.positions = list(ctx.n_valid)

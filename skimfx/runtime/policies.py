@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import attention, page_minmax, page_scores, sparse_attention, token_scores
+from ..kernels.sparse_attention import gather_rows
 from ..program import CachePolicy
 
 
@@ -162,9 +163,6 @@ def _grow(meta: dict, name: str, cap: int) -> torch.Tensor:
 
 def evict_decode(pol: CachePolicy, cache, layer: int, q, k, v, scale: float, softcap, n_valid) -> torch.Tensor:
     """One new token per sequence into a layer kept at its budget (StreamingLLM, H2O)."""
-    if q.shape[2] != 1:
-        raise ValueError(f"{pol.method}: decode-time eviction takes one new token per step; extending a "
-                         f"compressed cache by {q.shape[2]} tokens at once is not supported")
     meta = cache.meta[layer]
     dev = q.device
     B, H = k.shape[0], k.shape[1]
@@ -221,11 +219,28 @@ def quest_update_pages(pol: CachePolicy, cache, layer: int, old: list[int]) -> N
         meta["kmax"] = torch.zeros_like(meta["kmin"])
         old = [0] * len(old)
     new = cache.lengths(layer)
+    if all(n - o == 1 for n, o in zip(new, old)) and len(set(new)) > 1:
+        # a decode step of a ragged batch: one page per sequence, wherever each one is
+        _update_one_page(meta, cache, layer, ps, new)
+        return
     first, last = min(old) // ps, -(-max(new) // ps)
     keys, _ = cache.view(layer, min(cache.capacity(layer), last * ps))
     kmin, kmax = page_minmax(keys, cache.lengths_tensor(layer), ps, first, last)
     meta["kmin"][:, :, first:last] = kmin
     meta["kmax"][:, :, first:last] = kmax
+
+
+def _update_one_page(meta: dict, cache, layer: int, ps: int, new: list[int]) -> None:
+    dev = cache.device
+    B, H = cache.batch, cache.num_kv_heads
+    kv_len = cache.lengths_tensor(layer)
+    page = (kv_len - 1) // ps                                                        # [B]
+    slots = page[:, None] * ps + torch.arange(ps, device=dev)                        # [B, ps]
+    keys = gather_rows(cache.k[layer], slots[:, None].expand(B, H, ps))            # [B, H, ps, D]
+    ok = (slots < kv_len[:, None])[:, None, :, None]
+    b = torch.arange(B, device=dev)
+    meta["kmin"][b, :, page] = keys.masked_fill(~ok, float("inf")).amin(2)
+    meta["kmax"][b, :, page] = keys.masked_fill(~ok, float("-inf")).amax(2)
 
 
 def quest_index(pol: CachePolicy, cache, layer: int, q: torch.Tensor, budget: int) -> torch.Tensor:

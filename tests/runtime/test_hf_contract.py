@@ -63,9 +63,11 @@ def test_stopping_criteria_per_row(pair):
     model, cm = pair
     ids = torch.randint(0, 512, (2, 12))
     crit = StoppingCriteriaList([StopAfter(12, [3, 7])])
+    # with an EOS id set, HF pads a row after it stops (without one it keeps generating for it)
+    kw = dict(max_length=40, stopping_criteria=crit, pad_token_id=0, eos_token_id=511, do_sample=False)
     with torch.no_grad():
-        want = model.generate(input_ids=ids, max_length=40, stopping_criteria=crit, pad_token_id=0, do_sample=False)
-    got = cm.hf.generate(input_ids=ids, max_length=40, stopping_criteria=crit, pad_token_id=0, do_sample=False)
+        want = model.generate(input_ids=ids, **kw)
+    got = cm.hf.generate(input_ids=ids, **kw)
     assert got.shape == (2, 12 + 7) and torch.equal(got, want)
 
 

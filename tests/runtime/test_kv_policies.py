@@ -337,3 +337,36 @@ def test_recipe_strings_and_printout(llama):
     cm = skimfx.compile(llama, "promptdistill:layers=1,keep=64+quest:token_budget=32,dense_layers=1")
     text = str(cm.program)
     assert "quest: read 32" in text and "kv_policy (2 rewrites)" in text
+
+
+def test_multi_token_extend_of_an_evicting_cache_is_a_clear_error(llama):
+    from skimfx.runtime.engine import extend, prefill
+    cm = skimfx.compile(llama, H2O(heavy=16, recent=8))
+    cache = KVCache.for_program(cm.program, 1, 200)
+    prefill(cm.program, cache, prompts(60))
+    before = [list(cache.lengths(l)) for l in range(3)]
+    with pytest.raises(ValueError, match="one new token per step"):
+        extend(cm.program, cache, torch.tensor([[1, 2, 3]]))
+    assert [list(cache.lengths(l)) for l in range(3)] == before      # nothing written
+
+
+def test_full_logits_forward_does_not_evict(llama):
+    """``cm(input_ids)`` is the dense forward whatever the recipe."""
+    ids = torch.randint(0, 512, (1, 90))
+    with torch.no_grad():
+        want = llama(ids).logits
+    torch.testing.assert_close(skimfx.compile(llama, SnapKV(budget=20, window=4))(ids).logits, want, rtol=0, atol=0)
+
+
+def test_quest_pages_stay_current_in_a_ragged_batch(llama):
+    from skimfx.runtime.engine import decode_step, prefill
+    cm = skimfx.compile(llama, Quest(token_budget=32, dense_layers=1))
+    cache = KVCache.for_program(cm.program, 2, 200)
+    prefill(cm.program, cache, prompts(70, 33))
+    for t in range(19):
+        decode_step(cm.program, cache, torch.tensor([t, t + 1]))
+    n = torch.tensor(cache.lengths(2))
+    kmin, kmax = page_minmax_ref(cache.k[2], n, 16)
+    used = -(-int(n.max()) // 16)
+    torch.testing.assert_close(cache.meta[2]["kmin"][:, :, :used], kmin[:, :, :used])
+    torch.testing.assert_close(cache.meta[2]["kmax"][:, :, :used], kmax[:, :, :used])
