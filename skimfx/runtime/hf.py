@@ -215,7 +215,7 @@ class HFCausalLM:
             return torch.cat([ids, new], dim=1)
 
         class _Stop(Exception):
-            pass
+            """Every row met a stopping criterion: leave the runtime's decode loop early."""
 
         last_b = [B]
 
