@@ -102,3 +102,21 @@ def test_cli_bench_table(capsys):
     assert [r[1] for r in rows] == ["dense", "snapkv:budget=0.5", "quest:token_budget=64"]
     assert rows[0][5] == "1.00" and rows[0][-1] == "100%"          # dense is its own baseline
     assert float(rows[1][6]) < 0.7 * float(rows[0][6])              # SnapKV at 50% holds ~half the KV
+
+
+@pytest.mark.slow
+def test_lm_eval_hflm_wraps_the_compiled_model(smollm2):
+    """lm-eval's HFLM takes ``cm.hf`` as ``pretrained``: loglikelihoods and generate_until equal HFLM over
+    the HF model itself. (Runs where lm-eval is installed: ``pip install -e ".[eval]"``.)"""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = smollm2
+    cm = skimfx.compile(model, tokenizer=tok)
+    ll = [Instance("loglikelihood", {}, ("The capital of France is", c), i) for i, c in enumerate([" Paris", " Berlin"])]
+    gen = [Instance("generate_until", {}, ("Q: What is 2+2?\nA:", {"until": ["\n"], "max_gen_toks": 16}), 0)]
+    ref, ours = HFLM(pretrained=model, tokenizer=tok, batch_size=2), HFLM(pretrained=cm.hf, tokenizer=tok, batch_size=2)
+    assert ours.loglikelihood(ll) == ref.loglikelihood(ll)
+    assert ours.loglikelihood(ll)[0][1] is True                     # " Paris" is the greedy continuation
+    assert ours.generate_until(gen) == ref.generate_until(gen)
