@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import attention, page_minmax, page_scores, sparse_attention, token_scores
+from ..kernels import attention, page_minmax, page_scores, token_scores
 from ..kernels.sparse_attention import gather_rows
 from ..program import CachePolicy
 

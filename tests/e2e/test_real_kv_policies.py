@@ -3,7 +3,6 @@ HF's modules on SmolLM2-135M, budgets that cover the prompt reproduce dense exac
 sparse reads keep the passkey at 25% budgets, and Gemma3's full-attention layers compress while its
 sliding-window layers keep their window."""
 import pytest
-import torch
 
 import skimfx
 from skimfx import H2O, Delta, Quest, SnapKV, StreamingLLM
