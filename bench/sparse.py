@@ -98,7 +98,8 @@ def write(speed, quality, args, n_pk) -> None:
     dense_pk = next(q["passkey"] for q in quality if q["recipe"] == "dense")
     lines = ["# KV selection and sparse attention vs dense — SmolLM2-135M-Instruct (fp32, CPU)", "",
              f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}. One run, dense in the "
-             f"same process. Greedy {args.new_tokens} new tokens after a passkey prompt; decode tok/s is batch 1. "
+             f"same process. Greedy {args.new_tokens} new tokens after a passkey prompt (batch 1), or 32 per sequence "
+             "for 4 prompts (batch 4). "
              "Budgets are 25% of the prompt: SnapKV window 32 / pool 5; PyramidKV = SnapKV with per-layer budgets; "
              "StreamingLLM 4 sinks + recent; H2O 12.5% heavy + 12.5% recent; Quest pages of 16 (p8: of 8), layers "
              "0-1 dense; DELTA layers 0-1 full, selection at layers 2, 10 and 20 (5 of 30 layers read everything), "
