@@ -274,6 +274,19 @@ def _check(q, k, v, q_start, kv_len):
         raise ValueError("attention: all tensors must be on one device")
 
 
+def _decode_splits(q, B: int, Hkv: int, n_keys: int, block_n: int, min_split: int, block_g: int, block_d: int):
+    """Split-K plan of the decode kernels: keys per split (at least ``min_split``, more splits when
+    B * Hkv programs alone cannot fill the device) and the fp32 buffers of each split's partial
+    softmax state (running max, sum, unnormalised output) that the combine kernel merges."""
+    split_len = max(min_split, triton.cdiv(n_keys, max(1, 128 // max(1, B * Hkv))))
+    split_len = triton.cdiv(split_len, block_n) * block_n
+    nsplit = triton.cdiv(max(n_keys, 1), split_len)
+    mpart = torch.empty(B * Hkv * nsplit * block_g, device=q.device, dtype=torch.float32)
+    lpart = torch.empty_like(mpart)
+    opart = torch.empty(B * Hkv * nsplit * block_g * block_d, device=q.device, dtype=torch.float32)
+    return split_len, nsplit, mpart, lpart, opart
+
+
 def attention_triton(q, k, v, q_start, kv_len, scale, window=None, softcap=None):
     """Launch the Triton kernel (decode kernel for Tq == 1, prefill kernel otherwise)."""
     _check(q, k, v, q_start, kv_len)
@@ -289,12 +302,7 @@ def attention_triton(q, k, v, q_start, kv_len, scale, window=None, softcap=None)
         block_g = max(16, triton.next_power_of_2(group))
         block_n = 64 if D <= 128 else 32
         # split the keys so that B*Hkv*splits fills the machine; each split at least 4 key blocks
-        split_len = max(4 * block_n, triton.cdiv(S, max(1, 128 // max(1, B * Hkv))))
-        split_len = triton.cdiv(split_len, block_n) * block_n
-        nsplit = triton.cdiv(max(S, 1), split_len)
-        mpart = torch.empty(B * Hkv * nsplit * block_g, device=q.device, dtype=torch.float32)
-        lpart = torch.empty_like(mpart)
-        opart = torch.empty(B * Hkv * nsplit * block_g * block_d, device=q.device, dtype=torch.float32)
+        split_len, nsplit, mpart, lpart, opart = _decode_splits(q, B, Hkv, S, block_n, 4 * block_n, block_g, block_d)
         _attn_decode_kernel[(B * Hkv, nsplit)](
             q, k, v, mpart, lpart, opart, q_start, kv_len,
             q.stride(0), q.stride(1), q.stride(3),

@@ -23,10 +23,21 @@ def _check(src, index):
 
 
 def gather_kv_ref(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Copies whole D-element rows (``index_select`` on the rows of the buffer; far faster on CPU than
+    an element-wise ``torch.gather`` with an expanded index). ``src`` may be a length-slice of a
+    larger cache buffer: rows are addressed in that buffer through the strides, without a copy."""
     _check(src, index)
     B, H, S, D = src.shape
     idx = index if index.dim() == 3 else index[:, None].expand(B, H, index.shape[-1])
-    return torch.gather(src, 2, idx.long()[..., None].expand(-1, -1, -1, D))
+    sb, sh, ss, sd = src.stride()
+    if sd != 1 or ss != D or sb % D or sh % D:
+        src = src.contiguous()
+        sb, sh, ss, sd = src.stride()
+    row = torch.arange(B, device=src.device)[:, None, None] * (sb // D) + \
+        torch.arange(H, device=src.device)[None, :, None] * (sh // D) + idx.long()
+    n_rows = (B - 1) * (sb // D) + (H - 1) * (sh // D) + S
+    rows = src.as_strided((n_rows, D), (D, 1))
+    return torch.index_select(rows, 0, row.reshape(-1)).view(B, H, -1, D)
 
 
 if HAS_TRITON:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, tl, triton, use_triton
-from .attention import _attn_decode_combine_kernel, _online_softmax_step, _scores_log2
+from .compact import gather_kv_ref
+from .attention import _attn_decode_combine_kernel, _decode_splits, _online_softmax_step, _scores_log2
 
 
 def _check(q, k, v, index, kv_len):
@@ -37,24 +38,6 @@ def _check(q, k, v, index, kv_len):
         raise ValueError(f"sparse_attention: kv_len must be [B={B}]")
 
 
-def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, S, D]``, ``idx [B, H, K]`` (out-of-range entries clamped) -> fp32 [B, H, K, D].
-
-    Copies whole D-element rows out of the cache (far faster on CPU than an element-wise
-    ``torch.gather`` with an expanded index). ``x`` may be a length-slice of a larger cache buffer:
-    its rows are addressed in that buffer through the strides, without copying the slice first."""
-    B, H, S, D = x.shape
-    sb, sh, ss, sd = x.stride()
-    if sd != 1 or ss != D or sb % D or sh % D:
-        x = x.contiguous()
-        sb, sh, ss, sd = x.stride()
-    row = torch.arange(B, device=x.device)[:, None, None] * (sb // D) + \
-        torch.arange(H, device=x.device)[None, :, None] * (sh // D) + idx.clamp(min=0, max=S - 1)
-    n_rows = (B - 1) * (sb // D) + (H - 1) * (sh // D) + S
-    rows = x.as_strided((n_rows, D), (D, 1))
-    return torch.index_select(rows, 0, row.reshape(-1)).view(B, H, -1, D).float()
-
-
 def sparse_attention_ref(q, k, v, index, kv_len, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Reference: gather the listed k/v rows, then one masked SDPA per KV head (GQA group as queries)."""
     _check(q, k, v, index, kv_len)
@@ -62,7 +45,8 @@ def sparse_attention_ref(q, k, v, index, kv_len, scale: float, softcap: float | 
     Hkv = k.shape[1]
     idx = index if index.dim() == 3 else index[:, None].expand(B, Hkv, index.shape[-1])
     ok = (idx >= 0) & (idx < kv_len[:, None, None])                              # [B, Hkv, K]
-    kg, vg = gather_rows(k, idx), gather_rows(v, idx)
+    safe = idx.clamp(min=0, max=k.shape[2] - 1)
+    kg, vg = gather_kv_ref(k, safe).float(), gather_kv_ref(v, safe).float()
     qg = q.float().view(B, Hkv, Hq // Hkv, D)
     if softcap is not None:
         s = torch.einsum("bkgd,bknd->bkgn", qg, kg) * scale
@@ -143,13 +127,8 @@ def sparse_attention_triton(q, k, v, index, kv_len, scale: float, softcap: float
     block_d = triton.next_power_of_2(D)
     block_g = max(16, triton.next_power_of_2(group))
     block_n, min_split, warps = _SPARSE_CONFIGS[64 if D <= 64 else 128 if D <= 128 else 256]
-    split_len = max(min_split, triton.cdiv(n_idx, max(1, 128 // max(1, B * Hkv))))
-    split_len = triton.cdiv(split_len, block_n) * block_n
-    nsplit = triton.cdiv(max(n_idx, 1), split_len)
+    split_len, nsplit, mpart, lpart, opart = _decode_splits(q, B, Hkv, n_idx, block_n, min_split, block_g, block_d)
     stride_ih = index.stride(1) if index.dim() == 3 else 0
-    mpart = torch.empty(B * Hkv * nsplit * block_g, device=q.device, dtype=torch.float32)
-    lpart = torch.empty_like(mpart)
-    opart = torch.empty(B * Hkv * nsplit * block_g * block_d, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     consts = dict(SOFTCAP=float(softcap or 0.0), SCALE=float(scale))
     _sparse_decode_kernel[(B * Hkv, nsplit)](

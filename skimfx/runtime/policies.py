@@ -31,8 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import attention, page_minmax, page_scores, token_scores
-from ..kernels.sparse_attention import gather_rows
+from ..kernels import attention, gather_kv, page_minmax, page_scores, token_scores
 from ..program import CachePolicy
 
 
@@ -221,7 +220,7 @@ def quest_update_pages(pol: CachePolicy, cache, layer: int, old: list[int]) -> N
     new = cache.lengths(layer)
     if all(n - o == 1 for n, o in zip(new, old)) and len(set(new)) > 1:
         # a decode step of a ragged batch: one page per sequence, wherever each one is
-        _update_one_page(meta, cache, layer, ps, new)
+        _update_one_page(meta, cache, layer, ps)
         return
     first, last = min(old) // ps, -(-max(new) // ps)
     keys, _ = cache.view(layer, min(cache.capacity(layer), last * ps))
@@ -230,13 +229,13 @@ def quest_update_pages(pol: CachePolicy, cache, layer: int, old: list[int]) -> N
     meta["kmax"][:, :, first:last] = kmax
 
 
-def _update_one_page(meta: dict, cache, layer: int, ps: int, new: list[int]) -> None:
+def _update_one_page(meta: dict, cache, layer: int, ps: int) -> None:
     dev = cache.device
-    B, H = cache.batch, cache.num_kv_heads
+    B = cache.batch
     kv_len = cache.lengths_tensor(layer)
     page = (kv_len - 1) // ps                                                        # [B]
     slots = page[:, None] * ps + torch.arange(ps, device=dev)                        # [B, ps]
-    keys = gather_rows(cache.k[layer], slots[:, None].expand(B, H, ps))            # [B, H, ps, D]
+    keys = gather_kv(cache.k[layer], slots.clamp(max=cache.capacity(layer) - 1)).float()  # [B, H, ps, D]
     ok = (slots < kv_len[:, None])[:, None, :, None]
     b = torch.arange(B, device=dev)
     meta["kmin"][b, :, page] = keys.masked_fill(~ok, float("inf")).amin(2)
