@@ -22,12 +22,14 @@ __version__ = "0.1.0"
 
 
 def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None = None, *, tokenizer=None,
-            max_cache_len: int | None = None, passes=None) -> CompiledModel:
+            max_cache_len: int | None = None, fuse: bool = True, passes=None) -> CompiledModel:
     """Capture ``model`` (a HF ``…ForCausalLM``), run the passes, return a ``CompiledModel``.
 
     ``recipe`` (e.g. ``PromptDistill(layers=8, keep=256)``, a list of recipes, or a string such as
-    ``"promptdistill:layers=8,keep=256"``) adds the passes that skip work; None is dense. ``passes`` replaces the whole pass list (advanced). The model object and its weights are
-    not modified; the compiled model reads the same weight tensors. ``max_cache_len`` bounds prompt
+    ``"promptdistill:layers=8,keep=256"``) adds the passes that skip work; None is dense. ``fuse=False`` skips the fusion pass (RMSNorm, RoPE, GLU, merged q/k/v and gate/up projections).
+    ``passes`` replaces the whole pass list (advanced). The model's weights keep their values and the
+    compiled model reads them without copies (fusion makes the model's q/k/v and gate/up parameters
+    views of one merged buffer per layer, so they are not duplicated). ``max_cache_len`` bounds prompt
     + generated tokens (default: the model's context).
     """
     program = capture(model)
@@ -35,7 +37,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
         recipes = parse_recipe(recipe) if isinstance(recipe, str) else \
             [] if recipe is None else [recipe] if isinstance(recipe, Recipe) else list(recipe)
         # recipes read what lowering found (e.g. which layers are sliding-window layers)
-        program = PassManager(default_passes())(program)
+        program = PassManager(default_passes(fuse))(program)
         passes = [p for r in recipes for p in r.passes(program.info)]
     program = PassManager(passes)(program)
     return CompiledModel(model, program, tokenizer=tokenizer, max_cache_len=max_cache_len)

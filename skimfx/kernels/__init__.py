@@ -1,7 +1,8 @@
 """Kernels: one op per module, each a Triton kernel, a validating wrapper and a torch reference.
 
 Dispatch is by device: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1`` for tests), the
-torch reference on CPU. Kernels know nothing of graphs, caches or the runtime.
+torch reference on CPU. Kernels know nothing of graphs, caches or the runtime. Every op is also
+registered as ``torch.ops.skimfx.<op>`` (``library.py``).
 """
 from ._triton import HAS_TRITON, use_triton
 from .attention import attention, attention_flops, attention_mask, attention_ref, attention_triton
@@ -9,9 +10,15 @@ from .compact import gather_kv, gather_kv_ref, gather_kv_triton
 from .kv_pages import page_minmax, page_minmax_ref, page_minmax_triton, page_scores, page_scores_ref, page_scores_triton
 from .sparse_attention import sparse_attention, sparse_attention_ref, sparse_attention_triton
 from .token_scores import token_scores, token_scores_ref, token_scores_triton, topk_tokens
+from .norm import add_rms_norm, add_rms_norm_ref, add_rms_norm_triton, rms_norm, rms_norm_ref, rms_norm_triton
+from .activation import glu, glu_ref, glu_triton
+from .rope import rope, rope_ref, rope_triton
+from . import library  # noqa: E402  registers torch.ops.skimfx.* (after the modules it wraps)
 
 __all__ = ["HAS_TRITON", "use_triton", "attention", "attention_ref", "attention_triton", "attention_mask",
            "attention_flops", "token_scores", "token_scores_ref", "token_scores_triton", "topk_tokens",
            "sparse_attention", "sparse_attention_ref", "sparse_attention_triton", "gather_kv", "gather_kv_ref",
            "gather_kv_triton", "page_minmax", "page_minmax_ref", "page_minmax_triton", "page_scores",
-           "page_scores_ref", "page_scores_triton"]
+           "page_scores_ref", "page_scores_triton", "rms_norm", "rms_norm_ref", "rms_norm_triton", "add_rms_norm",
+           "add_rms_norm_ref", "add_rms_norm_triton", "glu", "glu_ref", "glu_triton", "rope", "rope_ref",
+           "rope_triton", "library"]

@@ -29,3 +29,40 @@ def use_triton(t: torch.Tensor) -> bool:
     torch reference runs; the kernels run there only when called directly under
     ``TRITON_INTERPRET=1`` (the tests do that)."""
     return HAS_TRITON and t.is_cuda
+
+
+def autotune_configs(configs: list) -> list:
+    """The configs an ``@triton.autotune`` gets: all of them on a GPU, only the first under the
+    interpreter, where tuning would run every config on the CPU and measure nothing of use (the
+    autotuner skips benchmarking when it has a single config)."""
+    return configs[:1] if interpreting() else configs
+
+
+def launch(op: str, triton_fn, *args):
+    """The Triton path of a dispatching wrapper. While ``torch.compile`` traces, call the registered
+    ``torch.ops.skimfx.<op>`` instead (one opaque node with a fake implementation, see library.py);
+    otherwise launch directly (the op layer's per-call overhead is not worth paying in eager mode)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.skimfx, op)(*args)
+    return triton_fn(*args)
+
+
+MAX_ROW_BUCKET = 4096
+
+
+def row_bucket(rows: int) -> int:
+    """The row count as an autotune key: its power-of-two bucket, capped (beyond a few thousand rows
+    the best launch no longer changes)."""
+    return min(triton.next_power_of_2(max(rows, 1)), MAX_ROW_BUCKET)
+
+
+def rows_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [rows, N] with unit column stride and one row stride; a copy only when its layout has
+    neither (e.g. a transposed view)."""
+    n = t.shape[-1]
+    if t.stride(-1) == 1 or n == 1:
+        try:
+            return t.view(-1, n)
+        except RuntimeError:  # leading dims that no single stride walks
+            pass
+    return t.contiguous().view(-1, n)

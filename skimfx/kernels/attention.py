@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, tl, triton, use_triton
+from ._triton import HAS_TRITON, autotune_configs, launch, tl, triton, use_triton
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +111,28 @@ if HAS_TRITON:
         p = tl.exp2(s - m_safe[:, None])
         return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
 
+    def _prefill_configs() -> list:
+        """Tiles x warps x pipeline stages; the first is the default (and the interpreter's only one)."""
+        return autotune_configs([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                                 for m in (64, 128, 32) for n in (64, 32, 128) for w in (4, 8) for s in (2, 3, 1)
+                                 if m * n <= 128 * 64 and not (w == 8 and m * n < 64 * 64)])
+
+    def _prune_prefill(configs, named_args, **kwargs):
+        """Wide heads need smaller key tiles (registers / shared memory scale with BLOCK_N * D)."""
+        d = named_args["D"] if "D" in named_args else kwargs["D"]
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * max(d, 64) <= 128 * 128 and
+                c.kwargs["BLOCK_M"] * max(d, 64) <= 128 * 128]
+        return kept or configs[-1:]
+
+    def _decode_configs() -> list:
+        """BLOCK_N is part of the split plan (``_decode_splits``), so only warps and stages are tuned."""
+        return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 2, 8) for s in (2, 1, 3)])
+
+    def _combine_configs() -> list:
+        return autotune_configs([triton.Config({}, num_warps=w) for w in (4, 1, 2)])
+
+    @triton.autotune(configs=_prefill_configs(), key=["D", "GROUP"],
+                     prune_configs_by={"early_config_prune": _prune_prefill})
     @triton.jit
     def _attn_prefill_kernel(
         Q, K, V, O, QSTART, KVLEN,
@@ -166,6 +188,7 @@ if HAS_TRITON:
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < Tq) & d_ok[None, :])
 
+    @triton.autotune(configs=_decode_configs(), key=["D", "GROUP", "BLOCK_N"])
     @triton.jit
     def _attn_decode_kernel(
         Q, K, V, MPART, LPART, OPART, QSTART, KVLEN,
@@ -217,6 +240,7 @@ if HAS_TRITON:
         tl.store(LPART + row, l_i)
         tl.store(OPART + row[:, None] * BLOCK_D + offs_d[None, :], acc)
 
+    @triton.autotune(configs=_combine_configs(), key=["D", "GROUP", "BLOCK_S"])
     @triton.jit
     def _attn_decode_combine_kernel(
         MPART, LPART, OPART, O,
@@ -250,14 +274,6 @@ if HAS_TRITON:
         heads = kvh * GROUP + offs_g
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  acc.to(O.dtype.element_ty), mask=(offs_g[:, None] < GROUP) & (offs_d[None, :] < D))
-
-
-# Launch configurations are data: (BLOCK_M, BLOCK_N, num_warps) per head-dim bucket.
-_PREFILL_CONFIGS = {64: (64, 64, 4), 128: (64, 64, 4), 256: (32, 32, 4)}
-
-
-def _bucket(d: int) -> int:
-    return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
 def _check(q, k, v, q_start, kv_len):
@@ -309,14 +325,15 @@ def attention_triton(q, k, v, q_start, kv_len, scale, window=None, softcap=None)
             k.stride(0), k.stride(1), k.stride(2), k.stride(3),
             v.stride(0), v.stride(1), v.stride(2), v.stride(3),
             Hkv, split_len, nsplit, scale * 1.4426950408889634,
-            GROUP=group, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4, **consts)
+            GROUP=group, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_N=block_n, **consts)
         _attn_decode_combine_kernel[(B * Hkv,)](
             mpart, lpart, opart, out, out.stride(0), out.stride(1), out.stride(3), Hkv, nsplit,
-            GROUP=group, BLOCK_G=block_g, D=D, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(nsplit), num_warps=4)
+            GROUP=group, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(nsplit))
         return out
-    block_m, block_n, warps = _PREFILL_CONFIGS[_bucket(D)]
-    grid = (triton.cdiv(Tq, block_m), B * Hq)
+
+    def grid(meta):
+        return (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)
+
     _attn_prefill_kernel[grid](
         q, k, v, out, q_start, kv_len,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
@@ -324,14 +341,14 @@ def attention_triton(q, k, v, q_start, kv_len, scale, window=None, softcap=None)
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         Tq, Hq, scale * 1.4426950408889634,
-        GROUP=group, D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **consts)
+        GROUP=group, D=D, BLOCK_D=block_d, **consts)
     return out
 
 
 def attention(q, k, v, q_start, kv_len, scale, window=None, softcap=None):
     """Cached attention, dispatched by device: Triton on CUDA, the torch reference on CPU."""
     if use_triton(q):
-        return attention_triton(q, k, v, q_start, kv_len, scale, window, softcap)
+        return launch("attention", attention_triton, q, k, v, q_start, kv_len, scale, window, softcap)
     return attention_ref(q, k, v, q_start, kv_len, scale, window, softcap)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, tl, triton, use_triton
+from ._triton import HAS_TRITON, autotune_configs, launch, tl, triton, use_triton
 
 
 def _check(src, index):
@@ -42,6 +42,12 @@ def gather_kv_ref(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 if HAS_TRITON:
 
+    def _gather_configs() -> list:
+        """Rows per program x warps; the first is the default (and the interpreter's only one)."""
+        return autotune_configs([triton.Config({"BLOCK_N": n}, num_warps=w)
+                                 for n in (64, 32, 128) for w in (4, 2, 8) if n * w <= 512])
+
+    @triton.autotune(configs=_gather_configs(), key=["D"])
     @triton.jit
     def _gather_kv_kernel(
         SRC, IDX, OUT,
@@ -70,19 +76,21 @@ def gather_kv_triton(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     B, H, S, D = src.shape
     K = index.shape[-1]
     out = torch.empty(B, H, K, D, dtype=src.dtype, device=src.device)
-    block_n = 64
-    _gather_kv_kernel[(B * H, triton.cdiv(max(K, 1), block_n))](
+    def grid(meta):
+        return (B * H, triton.cdiv(max(K, 1), meta["BLOCK_N"]))
+
+    _gather_kv_kernel[grid](
         src, index, out,
         src.stride(0), src.stride(1), src.stride(2), src.stride(3),
         index.stride(0), index.stride(1) if index.dim() == 3 else 0, index.stride(-1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        H, K, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n, num_warps=4)
+        H, K, D=D, BLOCK_D=triton.next_power_of_2(D))
     return out
 
 
 def gather_kv(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if use_triton(src):
-        return gather_kv_triton(src, index)
+        return launch("gather_kv", gather_kv_triton, src, index)
     return gather_kv_ref(src, index)
 
 

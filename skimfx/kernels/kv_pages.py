@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, tl, triton, use_triton
+from ._triton import HAS_TRITON, autotune_configs, launch, tl, triton, use_triton
 
 
 def _check_pages(k, kv_len, page_size):
@@ -69,6 +69,14 @@ def page_scores_ref(q, kmin, kmax, kv_len, page_size: int):
 
 if HAS_TRITON:
 
+    def _page_configs(first_block: int) -> list:
+        """Pages per program x warps; the first (the previous fixed launch) is the interpreter's only one."""
+        first = (first_block, 4)
+        return autotune_configs([triton.Config({"BLOCK_P": p}, num_warps=w)
+                                 for p, w in [first] + [(p, w) for p in (8, 16, 32, 64) for w in (2, 4, 8)
+                                                        if (p, w) != first]])
+
+    @triton.autotune(configs=_page_configs(16), key=["PAGE", "D"])
     @triton.jit
     def _page_minmax_kernel(
         K, KMIN, KMAX, KVLEN,
@@ -103,6 +111,7 @@ if HAS_TRITON:
         tl.store(KMIN + o, kmin, mask=m)
         tl.store(KMAX + o, kmax, mask=m)
 
+    @triton.autotune(configs=_page_configs(32), key=["PAGE", "GROUP", "D"])
     @triton.jit
     def _page_scores_kernel(
         Q, KMIN, KMAX, OUT, KVLEN,
@@ -141,13 +150,15 @@ def page_minmax_triton(k, kv_len, page_size: int, first_page: int = 0, last_page
     n = last - first_page
     kmin = torch.empty(B, H, n, D, dtype=torch.float32, device=k.device)
     kmax = torch.empty_like(kmin)
-    block_p = 16
-    _page_minmax_kernel[(B * H, triton.cdiv(max(n, 1), block_p))](
+    def grid(meta):
+        return (B * H, triton.cdiv(max(n, 1), meta["BLOCK_P"]))
+
+    _page_minmax_kernel[grid](
         k, kmin, kmax, kv_len.to(torch.int32),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
         H, S, first_page, n,
-        PAGE=page_size, BLOCK_P=block_p, D=D, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+        PAGE=page_size, D=D, BLOCK_D=triton.next_power_of_2(D))
     return kmin, kmax
 
 
@@ -155,26 +166,28 @@ def page_scores_triton(q, kmin, kmax, kv_len, page_size: int):
     B, Hq, D = q.shape
     Hkv, P = kmin.shape[1], kmin.shape[2]
     out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
-    block_p = 32
-    _page_scores_kernel[(B * Hkv, triton.cdiv(max(P, 1), block_p))](
+    def grid(meta):
+        return (B * Hkv, triton.cdiv(max(P, 1), meta["BLOCK_P"]))
+
+    _page_scores_kernel[grid](
         q, kmin, kmax, out, kv_len.to(torch.int32),
         q.stride(0), q.stride(1), q.stride(2),
         kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         Hkv, P,
-        PAGE=page_size, GROUP=Hq // Hkv, BLOCK_P=block_p, D=D, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+        PAGE=page_size, GROUP=Hq // Hkv, D=D, BLOCK_D=triton.next_power_of_2(D))
     return out
 
 
 def page_minmax(k, kv_len, page_size: int, first_page: int = 0, last_page: int | None = None):
     if use_triton(k):
-        return page_minmax_triton(k, kv_len, page_size, first_page, last_page)
+        return launch("page_minmax", page_minmax_triton, k, kv_len, page_size, first_page, last_page)
     return page_minmax_ref(k, kv_len, page_size, first_page, last_page)
 
 
 def page_scores(q, kmin, kmax, kv_len, page_size: int):
     if use_triton(q):
-        return page_scores_triton(q, kmin, kmax, kv_len, page_size)
+        return launch("page_scores", page_scores_triton, q, kmin, kmax, kv_len, page_size)
     return page_scores_ref(q, kmin, kmax, kv_len, page_size)
 
 

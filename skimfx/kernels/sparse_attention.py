@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, tl, triton, use_triton
+from ._triton import HAS_TRITON, launch, tl, triton, use_triton
 from .compact import gather_kv_ref
-from .attention import _attn_decode_combine_kernel, _decode_splits, _online_softmax_step, _scores_log2
+from .attention import _attn_decode_combine_kernel, _decode_configs, _decode_splits, _online_softmax_step, _scores_log2
 
 
 def _check(q, k, v, index, kv_len):
@@ -63,6 +63,7 @@ def sparse_attention_ref(q, k, v, index, kv_len, scale: float, softcap: float | 
 
 if HAS_TRITON:
 
+    @triton.autotune(configs=_decode_configs(), key=["D", "GROUP", "BLOCK_N"])
     @triton.jit
     def _sparse_decode_kernel(
         Q, K, V, IDX, MPART, LPART, OPART, KVLEN,
@@ -113,9 +114,10 @@ if HAS_TRITON:
         tl.store(OPART + row[:, None] * BLOCK_D + offs_d[None, :], acc)
 
 
-# (BLOCK_N, minimum index entries per split, num_warps) per head-dim bucket: a split of at least
-# 4 blocks amortises the combine step; more splits when B * Hkv alone cannot fill the device.
-_SPARSE_CONFIGS = {64: (64, 256, 4), 128: (64, 256, 4), 256: (32, 128, 4)}
+# (BLOCK_N, minimum index entries per split) per head-dim bucket: a split of at least 4 blocks
+# amortises the combine step; more splits when B * Hkv alone cannot fill the device. Warps and
+# pipeline stages are autotuned (``_decode_configs``).
+_SPARSE_SPLITS = {64: (64, 256), 128: (64, 256), 256: (32, 128)}
 
 
 def sparse_attention_triton(q, k, v, index, kv_len, scale: float, softcap: float | None = None) -> torch.Tensor:
@@ -126,7 +128,7 @@ def sparse_attention_triton(q, k, v, index, kv_len, scale: float, softcap: float
     n_idx = index.shape[-1]
     block_d = triton.next_power_of_2(D)
     block_g = max(16, triton.next_power_of_2(group))
-    block_n, min_split, warps = _SPARSE_CONFIGS[64 if D <= 64 else 128 if D <= 128 else 256]
+    block_n, min_split = _SPARSE_SPLITS[64 if D <= 64 else 128 if D <= 128 else 256]
     split_len, nsplit, mpart, lpart, opart = _decode_splits(q, B, Hkv, n_idx, block_n, min_split, block_g, block_d)
     stride_ih = index.stride(1) if index.dim() == 3 else 0
     out = torch.empty_like(q)
@@ -138,17 +140,17 @@ def sparse_attention_triton(q, k, v, index, kv_len, scale: float, softcap: float
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         index.stride(0), stride_ih, index.stride(-1),
         Hkv, n_idx, split_len, nsplit, scale * 1.4426950408889634,
-        GROUP=group, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps, **consts)
+        GROUP=group, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_N=block_n, **consts)
     _attn_decode_combine_kernel[(B * Hkv,)](
         mpart, lpart, opart, out, out.stride(0), out.stride(1), out.stride(2), Hkv, nsplit,
-        GROUP=group, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(nsplit), num_warps=4)
+        GROUP=group, BLOCK_G=block_g, D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(nsplit))
     return out
 
 
 def sparse_attention(q, k, v, index, kv_len, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Sparse decode attention, dispatched by device: Triton on CUDA, the torch reference on CPU."""
     if use_triton(q):
-        return sparse_attention_triton(q, k, v, index, kv_len, scale, softcap)
+        return launch("sparse_attention", sparse_attention_triton, q, k, v, index, kv_len, scale, softcap)
     return sparse_attention_ref(q, k, v, index, kv_len, scale, softcap)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, tl, triton, use_triton
+from ._triton import HAS_TRITON, autotune_configs, launch, tl, triton, use_triton
 
 HEAD_AGG = ("sum", "mean", "max", "none")
 POOLS = (None, "avg", "max")
@@ -93,6 +93,17 @@ def token_scores_ref(q, k, q_pos, kv_len, scale: float, *, softmax: bool = False
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
+    def _key_tile_configs() -> list:
+        """Key tiles x warps; the first is the default (and the interpreter's only one)."""
+        return autotune_configs([triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                                 for n in (64, 32, 128) for w in (4, 8, 2) for s in (2, 1, 3)])
+
+    def _prune_key_tiles(configs, named_args, **kwargs):
+        d = named_args["D"] if "D" in named_args else kwargs["D"]
+        return [c for c in configs if c.kwargs["BLOCK_N"] * max(d, 64) <= 128 * 128] or configs[-1:]
+
+    @triton.autotune(configs=_key_tile_configs(), key=["D", "GROUP", "BLOCK_W"],
+                     prune_configs_by={"early_config_prune": _prune_key_tiles})
     @triton.jit
     def _softmax_stats_kernel(
         Q, K, M, L, QPOS, KVLEN,
@@ -130,6 +141,8 @@ if HAS_TRITON:
         tl.store(M + pid * BLOCK_W + offs_w, m_i)
         tl.store(L + pid * BLOCK_W + offs_w, l_i)
 
+    @triton.autotune(configs=_key_tile_configs(), key=["D", "GROUP", "BLOCK_W", "SOFTMAX", "AGG"],
+                     prune_configs_by={"early_config_prune": _prune_key_tiles})
     @triton.jit
     def _scores_kernel(
         Q, K, M, L, OUT, QPOS, KVLEN,
@@ -181,6 +194,11 @@ if HAS_TRITON:
                 agg = agg / HQ
             tl.store(OUT + b * S + offs_n, agg, mask=offs_n < S)
 
+    def _pool_configs() -> list:
+        return autotune_configs([triton.Config({"BLOCK": b}, num_warps=w)
+                                 for b in (256, 512, 1024, 128) for w in (4, 2, 8) if b >= 32 * w])
+
+    @triton.autotune(configs=_pool_configs(), key=["KERNEL", "MAX"])
     @triton.jit
     def _pool_kernel(
         X, OUT, KVLEN, S, ROWS_PER_B,
@@ -217,7 +235,6 @@ def token_scores_triton(q, k, q_pos, kv_len, scale: float, *, softmax: bool = Fa
     group = Hq // k.shape[1]
     block_w = max(16, triton.next_power_of_2(W))
     block_d = triton.next_power_of_2(D)
-    block_n = 64 if D <= 128 else 32
     q_pos = q_pos.to(torch.int32)
     kv_len = kv_len.to(torch.int32)
     scale_log2e = scale * 1.4426950408889634
@@ -226,25 +243,33 @@ def token_scores_triton(q, k, q_pos, kv_len, scale: float, *, softmax: bool = Fa
     strides = (q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2), k.stride(3))
     if softmax:
         _softmax_stats_kernel[(B * Hq,)](q, k, m, l, q_pos, kv_len, *strides, Hq, W, scale_log2e,
-                                         GROUP=group, D=D, BLOCK_D=block_d, BLOCK_W=block_w, BLOCK_N=block_n)
+                                         GROUP=group, D=D, BLOCK_D=block_d, BLOCK_W=block_w)
     agg = {"none": 0, "sum": 1, "mean": 2, "max": 3}[heads]
     rows = B * Hq if agg == 0 else B
     raw = torch.empty(rows, S, device=q.device, dtype=torch.float32)
-    _scores_kernel[(B, triton.cdiv(S, block_n))](
+    _scores_kernel[lambda meta: (B, triton.cdiv(S, meta["BLOCK_N"]))](
         q, k, m, l, raw, q_pos, kv_len, *strides, Hq, W, S, scale_log2e,
-        GROUP=group, D=D, BLOCK_D=block_d, BLOCK_W=block_w, BLOCK_N=block_n, SOFTMAX=softmax, AGG=agg)
+        GROUP=group, D=D, BLOCK_D=block_d, BLOCK_W=block_w, SOFTMAX=softmax, AGG=agg)
     out = torch.empty_like(raw)
     kernel = pool_kernel if pool is not None else 1
-    _pool_kernel[(rows, triton.cdiv(S, 256))](raw, out, kv_len, S, rows // B, KERNEL=kernel,
-                                               MAX=pool == "max", BLOCK=256)
+    _pool_kernel[lambda meta: (rows, triton.cdiv(S, meta["BLOCK"]))](raw, out, kv_len, S, rows // B, KERNEL=kernel,
+                                                                      MAX=pool == "max")
     return out.view(B, Hq, S) if agg == 0 else out
 
 
 def token_scores(q, k, q_pos, kv_len, scale: float, *, softmax: bool = False, heads: str = "sum",
                  pool: str | None = None, pool_kernel: int = 5) -> torch.Tensor:
     """Scores [B, S] (or [B, Hq, S] with heads="none"), dispatched by device (module docstring)."""
-    fn = token_scores_triton if use_triton(q) else token_scores_ref
-    return fn(q, k, q_pos, kv_len, scale, softmax=softmax, heads=heads, pool=pool, pool_kernel=pool_kernel)
+    if use_triton(q):
+        return launch("token_scores", _token_scores_positional, q, k, q_pos, kv_len, scale, softmax, heads, pool,
+                      pool_kernel)
+    return token_scores_ref(q, k, q_pos, kv_len, scale, softmax=softmax, heads=heads, pool=pool,
+                            pool_kernel=pool_kernel)
+
+
+def _token_scores_positional(q, k, q_pos, kv_len, scale, softmax, heads, pool, pool_kernel):
+    return token_scores_triton(q, k, q_pos, kv_len, scale, softmax=softmax, heads=heads, pool=pool,
+                               pool_kernel=pool_kernel)
 
 
 def topk_tokens(scores: torch.Tensor, keep: int, lengths: list[int], keep_last: int = 0

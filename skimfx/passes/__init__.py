@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..program import Program
+from .fuse import FuseError, fuse, fuse_graph
 from .kv_policy import PolicyError, kv_policy
 from .lower_attention import lower_attention
 from .prune_tokens import prune_tokens
@@ -41,10 +42,11 @@ class PassManager:
         return program
 
 
-def default_passes() -> list[PassFn]:
-    """The dense pipeline: attention reads/writes the KV cache, the graph is cut into stages."""
-    return [lower_attention, split_layers]
+def default_passes(fused: bool = True) -> list[PassFn]:
+    """The dense pipeline: attention reads/writes the KV cache, the graph is cut into stages, and (unless
+    ``fused=False``) each stage's norms, RoPE, GLU and sibling projections are fused."""
+    return [lower_attention, split_layers] + ([fuse] if fused else [])
 
 
 __all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers", "prune_tokens", "kv_policy",
-           "PolicyError"]
+           "PolicyError", "fuse", "fuse_graph", "FuseError"]

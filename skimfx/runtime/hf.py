@@ -147,6 +147,16 @@ class CompiledModel:
         return generate(self.program, batch, max_new_tokens, sampling, set(stop_tokens),
                         max_cache_len=self.max_cache_len, callback=callback)
 
+    def compile_stages(self, **torch_compile_kwargs) -> "CompiledModel":
+        """``torch.compile`` every stage in place and return self. Keyword arguments go to
+        ``torch.compile`` (default ``dynamic=True``, so new prompt lengths do not recompile). The
+        runtime calls inside a stage (cached attention, token selection) are excluded from tracing,
+        so each layer compiles to the graph before its attention and the graph after it."""
+        torch_compile_kwargs.setdefault("dynamic", True)
+        for stage in self.program.stages:
+            stage.module = torch.compile(stage.module, **torch_compile_kwargs)
+        return self
+
     @property
     def hf(self) -> "HFCausalLM":
         """This model behind the exact interface of a HF ``PreTrainedModel`` for causal LM (what
