@@ -44,19 +44,13 @@ def _check_device(name, *tensors):
 # torch reference (the CPU path)
 # ----------------------------------------------------------------------------------------------
 def _rms_norm(x, weight, eps, offset):
-    # each op here is a few microseconds of dispatch, which is the whole cost of a decode-step row:
-    # no-op casts are skipped, not called
+    # HF's own op sequence (pow, mean, + eps, rsqrt, scale, weight), so fp32 results are bit-identical
+    # to the unfused model; in-place steps on our own buffers save allocations, no-op casts are skipped
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    # rsqrt(mean(x^2) + eps) from the row's 2-norm: vector_norm reduces without the [..., N] x*x
-    # temporary, and the rest runs on the [..., 1] column
-    r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-    r.square_().mul_(1.0 / x.shape[-1]).add_(eps).rsqrt_()
+    r = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    y = xf * r
     w = weight if weight.dtype == xf.dtype else weight.to(xf.dtype)
-    if offset:
-        w = w + offset
-    # a half input was upcast into a buffer of our own, which can be scaled in place; never the input
-    y = xf.mul_(r) if xf is not x else xf * r
-    y.mul_(w)
+    y.mul_(w + offset if offset else w)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -55,12 +55,12 @@ def _half_signs(d: int, device: torch.device) -> torch.Tensor:
 
 
 def _rope_one(x, cos, sin_signed, half):
-    # roll returns a new contiguous tensor, which then takes the products in place: one temporary
-    # per tensor and three ops (a decode step's tensors are tiny and dispatch is the whole cost)
+    # rotate_half(x) * sin == roll(x, D/2) * (sign * sin) exactly (a sign flip rounds nothing), and the
+    # two products are rounded separately before the add, as in HF: fp32 results are bit-identical
     r = torch.roll(x, half, -1)
     if r.dtype not in (torch.float32, torch.float64):
         r = r.float()
-    r.mul_(sin_signed).addcmul_(x, cos)        # a half x is upcast inside the op, exactly
+    r.mul_(sin_signed).add_(x * cos)
     return r if r.dtype == x.dtype else r.to(x.dtype)
 
 

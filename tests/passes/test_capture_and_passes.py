@@ -39,7 +39,7 @@ def test_rewrite_counts_and_stages(compiled, arch):
     model, cm = compiled[arch]
     p = cm.program
     L = model.config.num_hidden_layers
-    assert dict(p.history) == {"lower_attention": L, "split_layers": L + 2}
+    assert {k: v for k, v in p.history if not k.startswith("fuse.")} == {"lower_attention": L, "split_layers": L + 2}
     assert [s.name for s in p.stages] == ["prologue"] + [f"layer.{i}" for i in range(L)] + ["epilogue"]
     gm = p.graph_module
     calls = [n for n in gm.graph.nodes if n.target is cached_attention]

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU check, in one script (about 5 minutes on an H100; every step has its own time limit).
+#   1. every Triton kernel against its fp32 torch reference on CUDA, in fp16 and bf16;
+#   2. bench/kernels.py: each op over a shape sweep vs torch SDPA / flash-attn / the eager ops,
+#      GB/s, TFLOP/s and the fraction of the roofline, and the H100 targets read off the table;
+#   3. one table: bench/results/gpu.md (+ kernels_cuda.md/json).
+# Without a GPU it runs the CPU half (Triton interpreted on tiny shapes, pytest-benchmark timings) into
+# $GPU_BENCH_OUT (default: a temporary folder), which is what the test suite does.
+# Needs: python with torch (CUDA build on a GPU machine) and triton; skimfx is used from this checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  OUT=${GPU_BENCH_OUT:-bench/results}
+  mkdir -p "$OUT"
+  {
+    echo "# GPU check"
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null || true
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    "$PY" -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/dev/null || echo "flash-attn: not installed"
+    echo '```'
+    echo
+  } > "$OUT/gpu.md"
+  status=0
+  timeout 420 "$PY" bench/kernels.py --device cuda --check --out "$OUT" || status=$?
+  cat "$OUT/kernels_cuda.md" >> "$OUT/gpu.md" 2>/dev/null || echo "bench/kernels.py failed (exit $status)" >> "$OUT/gpu.md"
+  echo "wrote $OUT/gpu.md"
+  exit $status
+else
+  OUT=${GPU_BENCH_OUT:-$(mktemp -d)}
+  echo "no CUDA device: running the CPU half into $OUT"
+  TRITON_INTERPRET=1 timeout 300 "$PY" bench/kernels.py --device cpu --quick --check --out "$OUT"
+fi
