@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, in one script (about 5 minutes on an H100; every step has its own time limit).
+# The GPU check, in one script (at most 8 minutes: every step has its own time limit).
 #   1. every Triton kernel against its fp32 torch reference on CUDA, in fp16 and bf16;
 #   2. bench/kernels.py: each op over a shape sweep vs torch SDPA / flash-attn / the eager ops,
 #      GB/s, TFLOP/s and the fraction of the roofline, and the H100 targets read off the table;
-#   3. one table: bench/results/gpu.md (+ kernels_cuda.md/json).
+#   3. bench/fuse.py: the end-to-end dense decode/prefill on the GPU, HF generate vs skimfx unfused vs
+#      fused (the embedded models' architectures; random weights when their GGUFs are not installed);
+#   4. one table: bench/results/gpu.md (+ kernels_cuda.md/json, fuse_cuda.md/json).
 # Without a GPU it runs the CPU half (Triton interpreted on tiny shapes, pytest-benchmark timings) into
 # $GPU_BENCH_OUT (default: a temporary folder), which is what the test suite does.
 # Needs: python with torch (CUDA build on a GPU machine) and triton; skimfx is used from this checkout.
@@ -26,10 +28,16 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     echo
   } > "$OUT/gpu.md"
   status=0
-  timeout 420 "$PY" bench/kernels.py --device cuda --check --out "$OUT" || status=$?
+  timeout 300 "$PY" bench/kernels.py --device cuda --check --out "$OUT" || status=$?
   cat "$OUT/kernels_cuda.md" >> "$OUT/gpu.md" 2>/dev/null || echo "bench/kernels.py failed (exit $status)" >> "$OUT/gpu.md"
+  weights=--random-weights
+  "$PY" -c "import skimfx.models as m; m._gguf_path(m.EMBEDDED['smollm2-135m'])" 2>/dev/null && weights=
+  e2e=0
+  timeout 150 "$PY" bench/fuse.py --device cuda --dtype bfloat16 $weights --models smollm2-135m \
+      --lengths 512,2048 --new-tokens 32 --repeats 2 --out "$OUT" || e2e=$?
+  { echo; cat "$OUT/fuse_cuda.md" 2>/dev/null || echo "bench/fuse.py failed (exit $e2e)"; } >> "$OUT/gpu.md"
   echo "wrote $OUT/gpu.md"
-  exit $status
+  [ "$status" -eq 0 ] && [ "$e2e" -eq 0 ]
 else
   OUT=${GPU_BENCH_OUT:-$(mktemp -d)}
   echo "no CUDA device: running the CPU half into $OUT"

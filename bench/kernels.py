@@ -57,7 +57,6 @@ class Case:
 
 def _flash_attn():
     try:
-        import flash_attn  # noqa: F401
         from flash_attn import flash_attn_func, flash_attn_with_kvcache
         return flash_attn_func, flash_attn_with_kvcache
     except Exception:

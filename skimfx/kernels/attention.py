@@ -114,7 +114,7 @@ if HAS_TRITON:
     def _prefill_configs() -> list:
         """Tiles x warps x pipeline stages; the first is the default (and the interpreter's only one)."""
         return autotune_configs([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                                 for m in (64, 128, 32) for n in (64, 32, 128) for w in (4, 8) for s in (2, 3, 1)
+                                 for m in (64, 128, 32) for n in (64, 32, 128) for w in (4, 8) for s in (2, 3)
                                  if m * n <= 128 * 64 and not (w == 8 and m * n < 64 * 64)])
 
     def _prune_prefill(configs, named_args, **kwargs):
@@ -126,7 +126,7 @@ if HAS_TRITON:
 
     def _decode_configs() -> list:
         """BLOCK_N is part of the split plan (``_decode_splits``), so only warps and stages are tuned."""
-        return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 2, 8) for s in (2, 1, 3)])
+        return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 2, 8) for s in (2, 3)])
 
     def _combine_configs() -> list:
         return autotune_configs([triton.Config({}, num_warps=w) for w in (4, 1, 2)])

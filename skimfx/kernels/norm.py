@@ -101,49 +101,30 @@ def _prune(configs, named_args, **kwargs):
 
 if HAS_TRITON:
 
-    @triton.jit
-    def _rms_rows(x, w, N, eps):
-        # x [ROWS, BLOCK_N] fp32 with zeros past N, w [BLOCK_N] fp32 (already weight + offset)
-        r = tl.math.rsqrt(tl.sum(x * x, 1) / N + eps)
-        return x * r[:, None] * w[None, :]
-
     # ROW_BUCKET only keys the autotuner (launch shape), so it must not cause recompiles
-    @triton.autotune(configs=_configs(), key=["N", "ROW_BUCKET"], prune_configs_by={"early_config_prune": _prune})
+    @triton.autotune(configs=_configs(), key=["N", "ROW_BUCKET", "ADD"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit(do_not_specialize=["ROW_BUCKET"])
     def _rms_norm_kernel(
-        X, W, Y, stride_x, stride_y, n_rows, N, ROW_BUCKET, eps, offset,
-        BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    ):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_N)
-        c_ok = cols < N
-        ok = (rows < n_rows)[:, None] & c_ok[None, :]
-        rows = rows.to(tl.int64)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32) + offset
-        y = _rms_rows(x, w, N, eps)
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
-
-    @triton.autotune(configs=_configs(), key=["N", "ROW_BUCKET"], prune_configs_by={"early_config_prune": _prune})
-    @triton.jit(do_not_specialize=["ROW_BUCKET"])
-    def _add_rms_norm_kernel(
         X, R, W, H, Y, stride_x, stride_r, stride_y, n_rows, N, ROW_BUCKET, eps, offset,
-        BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr, ROWS: tl.constexpr, ADD: tl.constexpr,
     ):
+        # ADD: h = x + r is written to H (the residual stream) and normalised; otherwise x is
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_N)
         c_ok = cols < N
         ok = (rows < n_rows)[:, None] & c_ok[None, :]
         rows = rows.to(tl.int64)
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        res = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        # h is rounded to the output dtype before the norm reads it, as the unfused add then norm does
-        h = (x + res).to(H.dtype.element_ty)
-        tl.store(H + rows[:, None] * stride_y + cols[None, :], h, mask=ok)
+        if ADD:
+            res = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            # h is rounded to the output dtype before the norm reads it, as the unfused add then norm does
+            h = (x + res).to(H.dtype.element_ty)
+            tl.store(H + rows[:, None] * stride_y + cols[None, :], h, mask=ok)
+            x = h.to(tl.float32)
         w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32) + offset
-        y = _rms_rows(h.to(tl.float32), w, N, eps)
+        r = tl.math.rsqrt(tl.sum(x * x, 1) / N + eps)       # masked columns are 0: they add nothing
+        y = x * r[:, None] * w[None, :]
         tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
-
 
 
 def _grid(n_rows):
@@ -160,8 +141,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: f
     if n_rows == 0:
         return y
     _rms_norm_kernel[_grid(n_rows)](
-        x2, weight.contiguous(), y, x2.stride(0), N, n_rows, N, row_bucket(n_rows), float(eps), float(offset),
-        BLOCK_N=triton.next_power_of_2(N))
+        x2, x2, weight.contiguous(), y, y, x2.stride(0), 0, N, n_rows, N, row_bucket(n_rows), float(eps), float(offset),
+        BLOCK_N=triton.next_power_of_2(N), ADD=False)
     return y
 
 
@@ -176,9 +157,9 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     n_rows = x2.shape[0]
     if n_rows == 0:
         return h, y
-    _add_rms_norm_kernel[_grid(n_rows)](
+    _rms_norm_kernel[_grid(n_rows)](
         x2, r2, weight.contiguous(), h, y, x2.stride(0), r2.stride(0), N, n_rows, N, row_bucket(n_rows),
-        float(eps), float(offset), BLOCK_N=triton.next_power_of_2(N))
+        float(eps), float(offset), BLOCK_N=triton.next_power_of_2(N), ADD=True)
     return h, y
 
 

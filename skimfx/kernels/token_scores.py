@@ -96,7 +96,7 @@ if HAS_TRITON:
     def _key_tile_configs() -> list:
         """Key tiles x warps; the first is the default (and the interpreter's only one)."""
         return autotune_configs([triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                                 for n in (64, 32, 128) for w in (4, 8, 2) for s in (2, 1, 3)])
+                                 for n in (64, 32, 128) for w in (4, 8) for s in (2, 3)])
 
     def _prune_key_tiles(configs, named_args, **kwargs):
         d = named_args["D"] if "D" in named_args else kwargs["D"]

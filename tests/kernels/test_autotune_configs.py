@@ -85,7 +85,7 @@ def fused_cases(r):
     q, k, cos, sin = r(2, 6, 5, 16), r(2, 2, 5, 16), r(1, 5, 16), r(1, 5, 16)
     yield ("rms_norm", N._rms_norm_kernel, N._configs,
            lambda: N.rms_norm_triton(x, w, 1e-6, 1.0), lambda: N.rms_norm_ref(x, w, 1e-6, 1.0))
-    yield ("add_rms_norm", N._add_rms_norm_kernel, N._configs,
+    yield ("add_rms_norm", N._rms_norm_kernel, N._configs,
            lambda: N.add_rms_norm_triton(x, res, w, 1e-6), lambda: N.add_rms_norm_ref(x, res, w, 1e-6))
     yield ("glu", G._glu_kernel, G._configs,
            lambda: G.glu_triton(gu[:, :24], gu[:, 24:], "silu"), lambda: G.glu_ref(gu[:, :24], gu[:, 24:], "silu"))
