@@ -49,8 +49,10 @@ class _FirstTokenTimer:
         self.calls.append(time.perf_counter())
 
 
-def run_hf(model, ids: list[int], new_tokens: int):
-    x = torch.tensor([ids])
+def run_hf(model, ids: list[int] | torch.Tensor, new_tokens: int):
+    """HF ``generate``: (TTFT s, decode tokens/s, new tokens of the first row); ``ids`` a token list or
+    a [B, T] tensor on the model's device."""
+    x = ids if torch.is_tensor(ids) else torch.tensor([ids])
     timer = _FirstTokenTimer()
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -60,7 +62,7 @@ def run_hf(model, ids: list[int], new_tokens: int):
     t_first = timer.calls[1]                     # calls[0] is the prompt itself
     ttft = t_first - t0
     decode_s = t_end - t_first
-    return ttft, (new_tokens - 1) / decode_s, out[0, len(ids):].tolist()
+    return ttft, (new_tokens - 1) / decode_s, out[0, x.shape[1]:].tolist()
 
 
 def run_skimfx(cm, ids: list[int], new_tokens: int):

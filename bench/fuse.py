@@ -19,24 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 import skimfx
+from e2e_dense import prompt_ids, run_hf    # the same prompt text and HF timing as the dense benchmark
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def prompt(tok, n: int) -> torch.Tensor:
-    import sysconfig
-
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text(errors="ignore")
-    ids = tok(text).input_ids
-    while len(ids) < n:
-        ids = ids + ids
-    return torch.tensor([ids[:n]])
 
 
 # The embedded models' architectures, for --random-weights (values from their GGUF configs).
@@ -64,23 +54,6 @@ def load(name: str, random_weights: bool, device: str, dtype: torch.dtype):
     return model, None
 
 
-def hf_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """HF's generate: (prefill seconds, decode tokens/s), the first token's time from a streamer."""
-    calls = []
-
-    class Streamer:
-        def put(self, value):
-            calls.append(time.perf_counter())
-
-        def end(self):
-            calls.append(time.perf_counter())
-
-    t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=Streamer(),
-                   pad_token_id=0)
-    return calls[1] - t0, (new_tokens - 1) / (calls[-1] - calls[1])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -102,7 +75,7 @@ def main(argv=None) -> int:
         progs = {"unfused": skimfx.compile(model, tokenizer=tok, fuse=False), "fused": skimfx.compile(model, tokenizer=tok)}
         counts = {k: v for k, v in progs["fused"].program.history if k.startswith("fuse.")}
         for n in map(int, args.lengths.split(",")):
-            ids = (prompt(tok, n) if tok is not None else
+            ids = (torch.tensor([prompt_ids(tok, n)]) if tok is not None else
                    torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
                    ).to(args.device)
             best = {k: dict(prefill=float("inf"), decode=0.0) for k in (*progs, "hf")}
@@ -115,7 +88,7 @@ def main(argv=None) -> int:
                 for _ in range(args.prefill_repeats):
                     for k, cm in progs.items():
                         ttfts[k].append(cm.generate(input_ids=ids, max_new_tokens=1, stop_tokens=[]).stats.ttft_s)
-                    ttfts["hf"].append(hf_generate(model, ids, 2)[0])
+                    ttfts["hf"].append(run_hf(model, ids, 2)[0])
                 for k, ts in ttfts.items():
                     best[k]["prefill"] = sorted(ts)[len(ts) // 2]
                 for _ in range(args.repeats):
@@ -123,7 +96,7 @@ def main(argv=None) -> int:
                         g = cm.generate(input_ids=ids, max_new_tokens=args.new_tokens, stop_tokens=[])
                         best[k]["decode"] = max(best[k]["decode"], g.stats.decode_tokens_per_s)
                         gens[k] = g.tokens[0]
-                    best["hf"]["decode"] = max(best["hf"]["decode"], hf_generate(model, ids, args.new_tokens)[1])
+                    best["hf"]["decode"] = max(best["hf"]["decode"], run_hf(model, ids, args.new_tokens)[1])
             same = sum(a == b for a, b in zip(gens["fused"], gens["unfused"])) / max(1, len(gens["unfused"]))
             rows.append(dict(model=name, prompt=n, prefill_hf_s=best["hf"]["prefill"], decode_hf=best["hf"]["decode"],
                              prefill_unfused_s=best["unfused"]["prefill"],

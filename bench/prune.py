@@ -4,10 +4,12 @@ Speed: TTFT, analytic prefill FLOPs and KV bytes after prefill at 2k / 4k / 8k p
 prose: the Python license text), with the speedup next to the FLOP ratio (target: TTFT speedup
 >= 0.9 x FLOP ratio).
 Quality: passkey retrieval at ~1k tokens over a grid of needle depths, whether the needle sentence
-survived the selection, and agreement of the first 32 greedy tokens with dense, at 25% and 10% kept.
+survived the selection, and agreement of the first 32 greedy tokens with dense, at 25%, 10% and 5%
+kept, each rule at token granularity (the papers') and at sentence granularity (whole sentences).
 
-    python bench/prune.py                     # full run (about 10 minutes on 2 cores)
+    python bench/prune.py                     # full run (about 15 minutes on 2 cores)
     python bench/prune.py --quick             # 2k only, fewer passkey prompts
+    python bench/prune.py --quality-only      # the passkey grid only (keeps the last speed table)
 
 Writes bench/results/prune.md, prune.json and prune.png (passkey accuracy vs TTFT).
 """
@@ -66,16 +68,18 @@ def prefill_flops(model, info, prompt_len: int, recipe) -> float:
 def label(recipe) -> str:
     if recipe is None:
         return "dense"
+    s = " sentences" if recipe.granularity == "sentence" else ""
     if isinstance(recipe, GemFilter):
-        return f"GemFilter r={recipe.layer} keep={recipe.keep}"
+        return f"GemFilter r={recipe.layer} keep={recipe.keep}{s}"
     t = " +truncKV" if recipe.truncate_earlier_kv else ""
-    return f"PromptDistill r={list(recipe.layers)} keep={list(recipe.keep)}{t}"
+    return f"PromptDistill r={list(recipe.layers)} keep={list(recipe.keep)}{t}{s}"
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="speed runs per setting; the best TTFT is kept")
+    ap.add_argument("--quality-only", action="store_true", help="skip the speed table (reuse the last prune.json's)")
     args = ap.parse_args()
     lengths = [2048] if args.quick else [2048, 4096, 8000]
     model, tok = skimfx.load_model("smollm2-135m")
@@ -93,8 +97,8 @@ def main():
                      PromptDistill(layers=8, keep=256, truncate_earlier_kv=True),
                      PromptDistill(layers=(4, 12), keep=(1024, 256)), GemFilter(layer=12, keep=256)]
     compiled_for(None).generate(license_ids(tok, 128), max_new_tokens=2)   # warm-up
-    speed = []
-    for n in lengths:
+    speed = json.loads((RESULTS / "prune.json").read_text())["speed"] if args.quality_only else []
+    for n in [] if args.quality_only else lengths:
         ids = license_ids(tok, n)
         base = None
         for recipe in speed_recipes:
@@ -119,9 +123,12 @@ def main():
     plen = sum(len(p.ids) for p in prompts) / len(prompts)
     shortest = min(len(p.ids) for p in prompts)
     quality_recipes = [None]
-    for keep in (shortest // 4, shortest // 10):  # at most 25% and 10% of every prompt
-        quality_recipes += [PromptDistill(layers=8, keep=keep), PromptDistill(layers=14, keep=keep),
-                            GemFilter(layer=8, keep=keep), GemFilter(layer=14, keep=keep)]
+    for keep in (shortest // 4, shortest // 10, shortest // 20):  # at most 25%, 10% and 5% of every prompt
+        for gran in ("token", "sentence"):
+            quality_recipes += [PromptDistill(layers=8, keep=keep, granularity=gran),
+                                PromptDistill(layers=14, keep=keep, granularity=gran),
+                                GemFilter(layer=8, keep=keep, granularity=gran),
+                                GemFilter(layer=14, keep=keep, granularity=gran)]
     quality, dense_tokens = [], None
     for recipe in quality_recipes:
         g = compiled_for(recipe).generate([p.ids for p in prompts], max_new_tokens=32)

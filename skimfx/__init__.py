@@ -40,6 +40,13 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
         program = PassManager(default_passes(fuse))(program)
         passes = [p for r in recipes for p in r.passes(program.info)]
     program = PassManager(passes)(program)
+    if any(s.granularity == "sentence" for s in program.selections.values()):
+        if tokenizer is None:
+            raise RecipeError("granularity='sentence' segments prompts with the tokenizer: "
+                              "skimfx.compile(model, recipe, tokenizer=tok)")
+        from .runtime.sentences import sentence_end_table
+
+        program.sentence_ends = sentence_end_table(tokenizer).to(program.info.device)
     return CompiledModel(model, program, tokenizer=tokenizer, max_cache_len=max_cache_len)
 
 

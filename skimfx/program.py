@@ -110,6 +110,8 @@ class Selection:
     ``mode``: "rerun" (GemFilter: run the whole model again on the kept token ids with fresh
     positions) or "continue" (PromptDistill: later layers see only the kept tokens, original
     positions). ``truncate_earlier_kv`` compacts the KV of layers <= ``layer`` to the kept tokens.
+    ``granularity`` "sentence" keeps whole sentences (scored by the ``sentence_reduce`` of their
+    tokens' scores; sentences of at most ``max_sentence`` tokens) instead of single tokens.
     """
 
     layer: int
@@ -124,6 +126,9 @@ class Selection:
     keep_last: int = 8
     truncate_earlier_kv: bool = False
     method: str = ""
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,7 @@ class Program:
     history: list[tuple[str, int]] = field(default_factory=list)  # (pass name, rewrites)
     selections: dict[int, Selection] = field(default_factory=dict)  # by layer, from prune_tokens
     policies: dict[int, CachePolicy] = field(default_factory=dict)  # by layer, from kv_policy (absent = full)
+    sentence_ends: torch.Tensor | None = None   # [vocab] bool, for sentence-granular selection (from the tokenizer)
 
     @property
     def lowered(self) -> bool:
@@ -241,7 +247,8 @@ class Program:
                     sel = self.selections[s.layer]
                     head += (f"   {sel.method or sel.mode}: keep {sel.keep} (last {sel.keep_last} always), "
                              f"{sel.window} quer{'y' if sel.window == 1 else 'ies'}, heads {sel.heads}, "
-                             f"pool {sel.pool or 'none'}" + (", truncate earlier KV" if sel.truncate_earlier_kv else ""))
+                             f"pool {sel.pool or 'none'}" + (", truncate earlier KV" if sel.truncate_earlier_kv else "")
+                             + (f", whole sentences ({sel.sentence_reduce})" if sel.granularity == "sentence" else ""))
                 elif s.layer is not None and s.layer in self.attention:
                     a = self.attention[s.layer]
                     win = f"window {a.window}" if a.window else "full"

@@ -48,21 +48,42 @@ def _positive(name: str, value: int) -> None:
         raise RecipeError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _sentence_ok(r) -> None:
+    """``granularity``: "token" (the papers' rule) or "sentence": score each sentence by the max (or
+    mean, ``sentence_reduce``) of its tokens' scores and keep whole sentences, best first, up to the
+    budget; sentences are cut at ``max_sentence`` tokens. Needs the tokenizer at compile time."""
+    if r.granularity not in ("token", "sentence"):
+        raise RecipeError(f"granularity must be 'token' or 'sentence', got {r.granularity!r}")
+    if r.sentence_reduce not in ("max", "mean"):
+        raise RecipeError(f"sentence_reduce must be 'max' or 'mean', got {r.sentence_reduce!r}")
+    if not isinstance(r.max_sentence, int) or r.max_sentence < 1:
+        raise RecipeError(f"max_sentence must be a token count >= 1, got {r.max_sentence!r}")
+
+
+def _sentence_fields(r) -> dict:
+    return dict(granularity=r.granularity, sentence_reduce=r.sentence_reduce, max_sentence=r.max_sentence)
+
+
 @dataclass(frozen=True)
 class GemFilter(Recipe):
     """GemFilter (Shi et al., 2024, "Discovering the Gems in Early Layers"): run layers 0..``layer``,
     score every prompt token by the last query's attention logits q·Kᵀ (no softmax, no scaling)
     summed over heads, avg-pool kernel 5, keep the top ``keep`` (sorted, plus the last ``keep_last``
-    tokens), then run the whole model on the kept token ids with fresh contiguous positions."""
+    tokens), then run the whole model on the kept token ids with fresh contiguous positions.
+    ``granularity="sentence"`` keeps whole sentences instead (see ``_sentence_ok``)."""
 
     layer: int
     keep: int
     pool_kernel: int = 5
     keep_last: int = 8
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
     name = "gemfilter"
 
     def __post_init__(self):
         _positive("keep", self.keep)
+        _sentence_ok(self)
         if not isinstance(self.layer, int) or self.layer < 0:
             raise RecipeError(f"layer must be a layer index >= 0, got {self.layer!r}")
         if self.keep_last < 0 or self.keep_last > self.keep:
@@ -71,7 +92,7 @@ class GemFilter(Recipe):
     def selections(self) -> list[Selection]:
         return [Selection(layer=self.layer, keep=self.keep, mode="rerun", window=1, softmax=False, heads="sum",
                           pool="avg" if self.pool_kernel > 1 else None, pool_kernel=self.pool_kernel, scale=1.0,
-                          keep_last=self.keep_last, method="GemFilter")]
+                          keep_last=self.keep_last, method="GemFilter", **_sentence_fields(self))]
 
     def passes(self, info: ModelInfo) -> list:
         return [_named(prune_tokens, "prune_tokens", selections=self.selections())]
@@ -82,16 +103,21 @@ class PromptDistill(Recipe):
     """PromptDistill (Jin et al., 2025): at each selection layer r_i, score prompt tokens by the last
     token's q·Kᵀ/√d averaged over heads (optional avg-pool kernel 5), keep the top ``keep_i`` (sorted,
     plus the last ``keep_last``); layers after r_i run on the kept tokens with their original
-    positions. ``truncate_earlier_kv`` also cuts the KV of layers <= r_i to the kept tokens."""
+    positions. ``truncate_earlier_kv`` also cuts the KV of layers <= r_i to the kept tokens.
+    ``granularity="sentence"`` keeps whole sentences instead (see ``_sentence_ok``)."""
 
     layers: tuple[int, ...] | int
     keep: tuple[int, ...] | int
     truncate_earlier_kv: bool = False
     pool_kernel: int = 5
     keep_last: int = 8
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
     name = "promptdistill"
 
     def __post_init__(self):
+        _sentence_ok(self)
         layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
         keep = (self.keep,) if isinstance(self.keep, int) else tuple(self.keep)
         if not layers:
@@ -113,7 +139,7 @@ class PromptDistill(Recipe):
         return [Selection(layer=r, keep=k, mode="continue", window=1, softmax=False, heads="mean",
                           pool="avg" if self.pool_kernel > 1 else None, pool_kernel=self.pool_kernel, scale=None,
                           keep_last=self.keep_last, truncate_earlier_kv=self.truncate_earlier_kv,
-                          method="PromptDistill")
+                          method="PromptDistill", **_sentence_fields(self))
                 for r, k in zip(self.layers, self.keep)]
 
     def passes(self, info: ModelInfo) -> list:

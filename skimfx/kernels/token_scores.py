@@ -297,4 +297,53 @@ def topk_tokens(scores: torch.Tensor, keep: int, lengths: list[int], keep_last: 
     return index, kept
 
 
-__all__ = ["token_scores", "token_scores_ref", "token_scores_triton", "topk_tokens", "HEAD_AGG", "POOLS"]
+def topk_sentences(scores: torch.Tensor, sentence_ids: torch.Tensor, keep: int, lengths: list[int],
+                   keep_last: int = 0, reduce: str = "max") -> tuple[torch.Tensor, list[int]]:
+    """Keep whole sentences: the last ``keep_last`` tokens always, then sentences by their score
+    (``reduce`` = "max" or "mean" of their tokens' scores), best first, each only if it still fits in
+    ``keep`` tokens (a sentence that does not fit is skipped and smaller ones after it are tried).
+
+    scores: [B, S]; sentence_ids: [B, S] long (``runtime.sentences.segment``). Returns (index [B, K],
+    kept per sequence) like ``topk_tokens``: sorted, a shorter row repeats its last index.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    rows = []
+    for b, n in enumerate(lengths):
+        if keep >= n:
+            rows.append(torch.arange(n, device=scores.device))
+            continue
+        last = min(keep_last, keep, n)
+        sid = sentence_ids[b, :n]
+        sid = sid - sid.min()
+        n_sent = int(sid.max()) + 1
+        s = scores[b, :n].float()
+        agg = torch.full((n_sent,), float("-inf"), device=scores.device)
+        agg = agg.scatter_reduce(0, sid, s, "amax" if reduce == "max" else "mean", include_self=False)
+        forced = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        forced[n - last:] = True
+        # tokens each sentence would add beyond the forced tail
+        extra = torch.zeros(n_sent, dtype=torch.long, device=scores.device).scatter_add_(0, sid, (~forced).long())
+        room = keep - last
+        chosen = torch.zeros(n_sent, dtype=torch.bool, device=scores.device)
+        extra = extra.tolist()
+        for j in torch.argsort(agg, descending=True).tolist():
+            e = extra[j]
+            if room <= 0:
+                break
+            if 0 < e <= room:
+                chosen[j] = True
+                room -= e
+        rows.append(torch.nonzero(chosen[sid] | forced).flatten())
+    kept = [len(r) for r in rows]
+    index = torch.empty(len(rows), max(kept), dtype=torch.long, device=scores.device)
+    for b, r in enumerate(rows):
+        index[b, :len(r)] = r
+        index[b, len(r):] = r[-1]
+    return index, kept
+
+
+__all__ = ["token_scores", "token_scores_ref", "token_scores_triton", "topk_tokens", "topk_sentences", "HEAD_AGG",
+           "POOLS"]

@@ -17,11 +17,12 @@ from typing import Callable
 
 import torch
 
-from ..kernels import attention, sparse_attention, token_scores, topk_tokens
+from ..kernels import attention, sparse_attention, token_scores, topk_sentences, topk_tokens
 from ..program import Program
 from . import policies as P
 from .cache import KVCache
 from .sampling import SamplingConfig, sample
+from .sentences import segment_batch
 
 
 class Ctx:
@@ -44,6 +45,7 @@ class Ctx:
         self.reads: dict[int, list[int]] = {}
         self.delta_set: torch.Tensor | None = None       # DELTA: slots chosen by the last "select" layer
         self.kv_kept: dict[int, list[list[list[int]]]] = {}  # evicting layer -> [b][kv head] kept prompt slots
+        self.sentence_ids: torch.Tensor | None = None    # [B, T] sentence of each token (sentence granularity)
 
     def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Score this prefill's tokens with the last queries of ``layer`` and pick the kept ones.
@@ -63,7 +65,11 @@ class Ctx:
         scale = sel.scale if sel.scale is not None else self.program.attention[layer].scale
         scores = token_scores(q_win, keys, kv_len - w, kv_len, scale, softmax=sel.softmax, heads=sel.heads,
                               pool=sel.pool, pool_kernel=sel.pool_kernel)
-        index, self.kept = topk_tokens(scores, sel.keep, self.n_valid, sel.keep_last)
+        if sel.granularity == "sentence":
+            index, self.kept = topk_sentences(scores, self.sentence_ids, sel.keep, self.n_valid, sel.keep_last,
+                                              sel.sentence_reduce)
+        else:
+            index, self.kept = topk_tokens(scores, sel.keep, self.n_valid, sel.keep_last)
         return index
 
     def attend(self, layer: int, q, k, v, *, scale: float, window: int | None, softcap: float | None):
@@ -165,6 +171,13 @@ def forward(program: Program, ctx: Ctx, input_ids: torch.Tensor, position_ids: t
         raise ValueError("the Program is not split into stages; run the split_layers pass")
     env = {"input_ids": input_ids, "position_ids": position_ids}
     stages = program.stages
+    sentence_sels = [s for s in program.selections.values() if s.granularity == "sentence"]
+    if ctx.prune and sentence_sels:
+        if program.sentence_ends is None:
+            raise ValueError("sentence-granular selection needs the tokenizer's sentence endings: compile with "
+                             "skimfx.compile(model, recipe, tokenizer=tok)")
+        ctx.sentence_ids = segment_batch(input_ids, ctx.n_valid, program.sentence_ends,
+                                         min(s.max_sentence for s in sentence_sels))
     for i, st in enumerate(stages):
         args = [env[n] for n in st.inputs]
         if st.kind == "select":
@@ -182,6 +195,8 @@ def forward(program: Program, ctx: Ctx, input_ids: torch.Tensor, position_ids: t
             later = {n for s in stages[i + 1:] for n in s.inputs}
             for name in later & env.keys():
                 env[name] = gather_tokens(env[name], program.values[name].token_axis, index)
+            if ctx.sentence_ids is not None:
+                ctx.sentence_ids = torch.gather(ctx.sentence_ids, 1, index)
             if sel.truncate_earlier_kv:
                 for layer in range(sel.layer + 1):
                     ctx.cache.compact(layer, index, ctx.kept)
