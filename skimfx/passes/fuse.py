@@ -105,7 +105,7 @@ def _last_dim(dims, ndim: int) -> bool:
     return isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] in (-1, ndim - 1)
 
 
-def _replace(g: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+def _replace(old: fx.Node, new: fx.Node) -> None:
     new.meta.setdefault("nn_module_stack", old.meta.get("nn_module_stack"))
     old.replace_all_uses_with(new)
 
@@ -118,7 +118,7 @@ def _tuple_out(g: fx.Graph, call: fx.Node, olds: list[fx.Node]) -> None:
     call.meta["nn_module_stack"] = olds[-1].meta.get("nn_module_stack")
     for item, old in zip(items, olds):
         item.meta["val"] = _val(old)
-        _replace(g, old, item)
+        _replace(old, item)
 
 
 # ------------------------------------------------------------------------------------------------ rms_norm
@@ -184,7 +184,7 @@ def _fuse_rms_norms(gm: fx.GraphModule, counts: dict, plain: bool, residual: boo
                 normed = g.call_function(operator.getitem, (call, 1))
             call.meta.update(val=(_val(x), _val(out)), nn_module_stack=out.meta.get("nn_module_stack"))
             normed.meta["val"] = _val(out)
-            _replace(g, out, normed)
+            _replace(out, normed)
             g.eliminate_dead_code()            # the unfused chain
             with g.inserting_after(normed):
                 total = g.call_function(operator.getitem, (call, 0))
@@ -196,7 +196,7 @@ def _fuse_rms_norms(gm: fx.GraphModule, counts: dict, plain: bool, residual: boo
             with g.inserting_after(out):
                 call = g.call_function(rms_norm, (x, m["w"], m["eps"], m["offset"]))
             call.meta["val"] = _val(out)
-            _replace(g, out, call)
+            _replace(out, call)
             counts["rms_norm"] += 1
         g.eliminate_dead_code()
 
@@ -277,9 +277,8 @@ def _fuse_glus(gm: fx.GraphModule, counts: dict) -> None:
         if act is None:
             continue
         up, gate = _other(mul, act), act.args[0]
-        if act.target == aten.silu.default:
-            name = "silu"
-        else:
+        name = _ACTS[act.target]
+        if name is None:  # gelu: its approximate argument names the kernel's activation
             approx = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
             name = {"tanh": "gelu_tanh", "none": "gelu"}.get(approx)
         if (name is None or not isinstance(up, fx.Node) or _shape(up) != _shape(gate) or _shape(mul) != _shape(gate)
@@ -288,7 +287,7 @@ def _fuse_glus(gm: fx.GraphModule, counts: dict) -> None:
         with g.inserting_after(mul):
             call = g.call_function(glu, (gate, up, name))
         call.meta["val"] = _val(mul)
-        _replace(g, mul, call)
+        _replace(mul, call)
         counts["glu"] += 1
     g.eliminate_dead_code()
 
@@ -370,7 +369,7 @@ def _merge_linears(gm: fx.GraphModule, counts: dict, labels: set[str]) -> None:
                 part = g.call_function(aten.slice.Tensor, (big, -1, start, start + w.shape[0]))
             part.meta["val"] = _val(lin)
             start += w.shape[0]
-            _replace(g, lin, part)
+            _replace(lin, part)
             olds = [a for a in lin.args[1:] if isinstance(a, fx.Node)]
             g.erase_node(lin)
             for old in olds:
