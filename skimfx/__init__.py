@@ -14,8 +14,8 @@ from .capture import UnsupportedModelError, capture
 from .models import EMBEDDED, load_model
 from .passes import PassError, PassManager, default_passes
 from .program import Program
-from .recipes import (RECIPES, H2O, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError, SnapKV,
-                      StreamingLLM, parse_recipe, recipe_label)
+from .recipes import (RECIPES, H2O, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError,
+                      SentenceKV, SnapKV, StreamingLLM, parse_recipe, recipe_label)
 from .runtime import CompiledModel, Generation, KVCache, Stats
 
 __version__ = "0.1.0"
@@ -40,10 +40,10 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
         program = PassManager(default_passes(fuse))(program)
         passes = [p for r in recipes for p in r.passes(program.info)]
     program = PassManager(passes)(program)
-    if any(s.granularity == "sentence" for s in program.selections.values()):
+    if any(s.granularity == "sentence" for s in (*program.selections.values(), *program.policies.values())):
         if tokenizer is None:
-            raise RecipeError("granularity='sentence' segments prompts with the tokenizer: "
-                              "skimfx.compile(model, recipe, tokenizer=tok)")
+            raise RecipeError("sentence-granular selection (granularity='sentence', SentenceKV) segments prompts "
+                              "with the tokenizer: skimfx.compile(model, recipe, tokenizer=tok)")
         from .runtime.sentences import sentence_end_table
 
         program.sentence_ends = sentence_end_table(tokenizer).to(program.info.device)
@@ -53,5 +53,5 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
 __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",
            "default_passes", "CompiledModel", "Generation", "Stats", "KVCache", "UnsupportedModelError",
            "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM",
-           "H2O", "Quest", "Delta", "parse_recipe",
+           "H2O", "Quest", "Delta", "SentenceKV", "parse_recipe",
            "recipe_label"]

@@ -146,7 +146,11 @@ class CachePolicy:
     observation window (its queries score the prompt; its tokens are always kept). ``pool_kernel``:
     avg-pool of the scores. ``sinks`` / ``recent``: the first / most recent tokens always kept or read.
     ``page_size``: Quest's page. ``role``: DELTA's "select" (full attention, re-selects the token set)
-    or "reuse" (reads the set chosen by the last "select" layer below it).
+    or "reuse" (reads the set chosen by the last "select" layer below it). ``granularity`` "sentence":
+    an evicting policy keeps whole prompt sentences (scored by the ``sentence_reduce`` of their tokens'
+    scores, sentences of at most ``max_sentence`` tokens); SentenceKV always reads whole sentences.
+    ``offload``: SentenceKV moves the prompt's token KV to host memory and brings back the chosen
+    sentences each decode step.
     """
 
     method: str
@@ -159,6 +163,10 @@ class CachePolicy:
     decode_evict: bool = False
     page_size: int = 16
     role: str = ""
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
+    offload: bool = False
 
     def tokens(self, prompt_len: int) -> int:
         """The budget in tokens for a prompt (or cache) of ``prompt_len`` tokens."""
@@ -183,6 +191,11 @@ class CachePolicy:
             parts.append(f"pages of {self.page_size}")
         if self.role:
             parts.append(self.role)
+        if self.granularity == "sentence":
+            parts.append(f"whole sentences ({self.sentence_reduce})" if self.method != "sentencekv"
+                         else "sentences by query-centroid similarity")
+        if self.offload:
+            parts.append("prompt KV offloaded to host")
         return ", ".join(parts)
 
 

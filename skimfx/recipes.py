@@ -209,17 +209,23 @@ class SnapKV(_KVRecipe):
     """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation"): after
     prefill, each KV head keeps the ``budget`` prompt tokens that the last ``window`` queries attend to
     most (softmax attention summed over the window, mean over the GQA group, avg-pool ``pool_kernel``),
-    the window itself always. ``pyramid``: PyramidKV per-layer budgets with the same total."""
+    the window itself always. ``pyramid``: PyramidKV per-layer budgets with the same total.
+    ``granularity="sentence"``: each KV head keeps whole prompt sentences by their tokens' scores (see
+    ``_sentence_ok``), topped up with the best single tokens so that every head keeps the budget."""
 
     budget: int | float
     window: int = 32
     pool_kernel: int = 5
     pyramid: bool = False
     layers: tuple[int, ...] | int | None = None
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
     name = "snapkv"
 
     def __post_init__(self):
         _amount_ok("budget", self.budget)
+        _sentence_ok(self)
         _positive("window", self.window)
         if isinstance(self.budget, int) and self.window >= self.budget:
             raise RecipeError(f"window ({self.window}) must be smaller than budget ({self.budget})")
@@ -234,7 +240,8 @@ class SnapKV(_KVRecipe):
     def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
         floor = self.window if isinstance(self.budget, int) else 0.0
         return self._policies(info, lambda b: CachePolicy("snapkv", "evict", b, window=self.window,
-                                                          pool_kernel=self.pool_kernel), floor)
+                                                          pool_kernel=self.pool_kernel, **_sentence_fields(self)),
+                              floor)
 
 
 @dataclass(frozen=True)
@@ -272,16 +279,22 @@ class H2O(_KVRecipe):
     """H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle"): every key's attention received from all
     queries so far is accumulated; each KV head keeps the ``heavy`` highest-scoring tokens plus the
     ``recent`` newest, after prefill and at every decode step (the lowest non-recent token is evicted
-    for each new one)."""
+    for each new one). ``granularity="sentence"``: the prefill compression keeps whole prompt sentences
+    by their tokens' accumulated scores (topped up with single tokens to the budget); decode-time
+    eviction stays per token."""
 
     heavy: int | float
     recent: int | float
     pyramid: bool = False
     layers: tuple[int, ...] | int | None = None
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
     name = "h2o"
 
     def __post_init__(self):
         _amount_ok("heavy", self.heavy)
+        _sentence_ok(self)
         _amount_ok("recent", self.recent)
         if type(self.heavy) is not type(self.recent):
             raise RecipeError(f"heavy and recent must both be token counts or both fractions, got "
@@ -295,8 +308,8 @@ class H2O(_KVRecipe):
         return self.heavy + self.recent
 
     def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
-        return self._policies(info, lambda b: CachePolicy("h2o", "evict", b, recent=self.recent, decode_evict=True),
-                              self.recent)
+        return self._policies(info, lambda b: CachePolicy("h2o", "evict", b, recent=self.recent, decode_evict=True,
+                                                          **_sentence_fields(self)), self.recent)
 
 
 @dataclass(frozen=True)
@@ -376,8 +389,53 @@ class Delta(_KVRecipe):
         return out
 
 
+@dataclass(frozen=True)
+class SentenceKV(_KVRecipe):
+    """SentenceKV (sentence-level semantic KV caching): after prefill, each prompt sentence is summarised
+    per KV head by its mean key (kept on the device); with ``offload`` the prompt's token KV moves to
+    host memory (pinned when the cache is on a GPU) and only the first ``sinks`` and the last ``recent``
+    prompt tokens stay on the device. Each decode step scores the sentences by the new query (summed over
+    the GQA group) against their mean keys and attends to the best whole sentences up to ``budget``
+    prompt tokens in all (sinks and recent included), plus every generated token. ``offload=False``
+    keeps the cache on the device and reads the same set sparsely. Needs the tokenizer at compile
+    time; sentences are cut at ``max_sentence`` tokens."""
+
+    budget: int | float
+    offload: bool = True
+    sinks: int = 4
+    recent: int = 16
+    max_sentence: int = 64
+    layers: tuple[int, ...] | int | None = None
+    name = "sentencekv"
+
+    def __post_init__(self):
+        _amount_ok("budget", self.budget)
+        for name in ("sinks", "recent"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise RecipeError(f"{name} must be an integer >= 0, got {v!r}")
+        if isinstance(self.budget, int) and self.budget <= self.sinks + self.recent:
+            raise RecipeError(f"budget ({self.budget}) must exceed sinks + recent ({self.sinks + self.recent}): "
+                              "the budget counts them")
+        if not isinstance(self.offload, bool):
+            raise RecipeError(f"offload must be true or false, got {self.offload!r}")
+        if not isinstance(self.max_sentence, int) or self.max_sentence < 1:
+            raise RecipeError(f"max_sentence must be a token count >= 1, got {self.max_sentence!r}")
+        object.__setattr__(self, "layers", _layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        return self._policies(info, lambda b: CachePolicy("sentencekv", "sparse", b, sinks=self.sinks,
+                                                          recent=self.recent, granularity="sentence",
+                                                          max_sentence=self.max_sentence, offload=self.offload),
+                              0)
+
+
 RECIPES: dict[str, type] = {cls.name: cls for cls in (Dense, GemFilter, PromptDistill, SnapKV, StreamingLLM, H2O,
-                                                      Quest, Delta)}
+                                                      Quest, Delta, SentenceKV)}
 
 
 
@@ -461,4 +519,4 @@ def recipe_label(recipes: list[Recipe]) -> str:
 
 
 __all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM", "H2O", "Quest",
-           "Delta", "RECIPES", "parse_recipe", "recipe_label", "pyramid_budgets"]
+           "Delta", "SentenceKV", "RECIPES", "parse_recipe", "recipe_label", "pyramid_budgets"]

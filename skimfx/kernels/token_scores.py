@@ -297,11 +297,39 @@ def topk_tokens(scores: torch.Tensor, keep: int, lengths: list[int], keep_last: 
     return index, kept
 
 
+def choose_sentences(scores: torch.Tensor, sentence_ids: torch.Tensor, forced: torch.Tensor, room: int,
+                     reduce: str = "max") -> torch.Tensor:
+    """One row: whole sentences by the ``reduce`` ("max" or "mean") of their non-forced tokens' scores,
+    best first, each only if its non-forced tokens still fit in ``room`` (a sentence that does not fit
+    is skipped and smaller ones after it are tried).
+
+    scores [n], sentence_ids [n] long (non-decreasing), forced [n] bool (kept anyway, not counted
+    against ``room``). Returns [n] bool: the forced tokens and the chosen sentences.
+    """
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    dev = scores.device
+    sid = sentence_ids - sentence_ids.min()
+    n_sent = int(sid.max()) + 1
+    free = ~forced
+    agg = torch.full((n_sent,), float("-inf"), device=dev)
+    agg = agg.scatter_reduce(0, sid[free], scores[free].float(), "amax" if reduce == "max" else "mean",
+                             include_self=False)
+    extra = torch.zeros(n_sent, dtype=torch.long, device=dev).scatter_add_(0, sid, free.long()).tolist()
+    chosen = torch.zeros(n_sent, dtype=torch.bool, device=dev)
+    for j in torch.argsort(agg, descending=True).tolist():
+        if room <= 0:
+            break
+        if 0 < extra[j] <= room:
+            chosen[j] = True
+            room -= extra[j]
+    return chosen[sid] | forced
+
+
 def topk_sentences(scores: torch.Tensor, sentence_ids: torch.Tensor, keep: int, lengths: list[int],
                    keep_last: int = 0, reduce: str = "max") -> tuple[torch.Tensor, list[int]]:
-    """Keep whole sentences: the last ``keep_last`` tokens always, then sentences by their score
-    (``reduce`` = "max" or "mean" of their tokens' scores), best first, each only if it still fits in
-    ``keep`` tokens (a sentence that does not fit is skipped and smaller ones after it are tried).
+    """Keep whole sentences: the last ``keep_last`` tokens always, then sentences chosen by
+    ``choose_sentences`` up to ``keep`` tokens.
 
     scores: [B, S]; sentence_ids: [B, S] long (``runtime.sentences.segment``). Returns (index [B, K],
     kept per sequence) like ``topk_tokens``: sorted, a shorter row repeats its last index.
@@ -316,27 +344,10 @@ def topk_sentences(scores: torch.Tensor, sentence_ids: torch.Tensor, keep: int, 
             rows.append(torch.arange(n, device=scores.device))
             continue
         last = min(keep_last, keep, n)
-        sid = sentence_ids[b, :n]
-        sid = sid - sid.min()
-        n_sent = int(sid.max()) + 1
-        s = scores[b, :n].float()
-        agg = torch.full((n_sent,), float("-inf"), device=scores.device)
-        agg = agg.scatter_reduce(0, sid, s, "amax" if reduce == "max" else "mean", include_self=False)
         forced = torch.zeros(n, dtype=torch.bool, device=scores.device)
         forced[n - last:] = True
-        # tokens each sentence would add beyond the forced tail
-        extra = torch.zeros(n_sent, dtype=torch.long, device=scores.device).scatter_add_(0, sid, (~forced).long())
-        room = keep - last
-        chosen = torch.zeros(n_sent, dtype=torch.bool, device=scores.device)
-        extra = extra.tolist()
-        for j in torch.argsort(agg, descending=True).tolist():
-            e = extra[j]
-            if room <= 0:
-                break
-            if 0 < e <= room:
-                chosen[j] = True
-                room -= e
-        rows.append(torch.nonzero(chosen[sid] | forced).flatten())
+        mask = choose_sentences(scores[b, :n], sentence_ids[b, :n], forced, keep - last, reduce)
+        rows.append(torch.nonzero(mask).flatten())
     kept = [len(r) for r in rows]
     index = torch.empty(len(rows), max(kept), dtype=torch.long, device=scores.device)
     for b, r in enumerate(rows):
@@ -345,5 +356,5 @@ def topk_sentences(scores: torch.Tensor, sentence_ids: torch.Tensor, keep: int, 
     return index, kept
 
 
-__all__ = ["token_scores", "token_scores_ref", "token_scores_triton", "topk_tokens", "topk_sentences", "HEAD_AGG",
+__all__ = ["token_scores", "token_scores_ref", "token_scores_triton", "topk_tokens", "topk_sentences", "choose_sentences", "HEAD_AGG",
            "POOLS"]

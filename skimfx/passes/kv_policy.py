@@ -1,4 +1,5 @@
-"""kv_policy: give layers a KV cache policy (evict: SnapKV, StreamingLLM, H2O; sparse read: Quest, DELTA).
+"""kv_policy: give layers a KV cache policy (evict: SnapKV, StreamingLLM, H2O; sparse read: Quest, DELTA,
+SentenceKV).
 
 Why: at decode, every step reads the whole KV cache of every layer; at long context that read, not
 the weights, is what grows. Most of the cache receives almost no attention, so a layer can keep
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 from ..program import CachePolicy, Program
 
-KINDS = {"snapkv": "evict", "streamingllm": "evict", "h2o": "evict", "quest": "sparse", "delta": "sparse"}
+KINDS = {"snapkv": "evict", "streamingllm": "evict", "h2o": "evict", "quest": "sparse", "delta": "sparse",
+         "sentencekv": "sparse"}
 
 
 class PolicyError(ValueError):

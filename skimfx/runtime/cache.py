@@ -33,6 +33,8 @@ class KVCache:
         self.positions = [0] * batch
         # per-layer state of a cache policy (H2O scores, slot ages, Quest page min/max): name -> tensor
         self.meta: list[dict[str, torch.Tensor]] = [{} for _ in caps]
+        # per-layer KV moved out of the device (SentenceKV's offloaded prompt): name -> host tensor
+        self.host: list[dict[str, torch.Tensor]] = [{} for _ in caps]
 
     @classmethod
     def for_program(cls, program, batch: int, capacity: int | list[int]) -> "KVCache":
@@ -119,6 +121,7 @@ class KVCache:
         self._lengths_dev = [None] * self.num_layers
         self.positions = [0] * self.batch
         self.meta = [{} for _ in range(self.num_layers)]
+        self.host = [{} for _ in range(self.num_layers)]
 
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
@@ -128,6 +131,10 @@ class KVCache:
         policies' per-layer state."""
         state = [t for m in self.meta for t in m.values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in self.k + self.v + state)
+
+    def host_bytes(self) -> int:
+        """Bytes of KV offloaded to host memory (not counted by ``nbytes``)."""
+        return sum(t.numel() * t.element_size() for h in self.host for t in h.values())
 
     def used_bytes(self) -> int:
         """Bytes of the filled slots."""

@@ -46,6 +46,7 @@ class Ctx:
         self.delta_set: torch.Tensor | None = None       # DELTA: slots chosen by the last "select" layer
         self.kv_kept: dict[int, list[list[list[int]]]] = {}  # evicting layer -> [b][kv head] kept prompt slots
         self.sentence_ids: torch.Tensor | None = None    # [B, T] sentence of each token (sentence granularity)
+        self.moved = 0                                   # bytes copied host -> device (offloaded KV)
 
     def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Score this prefill's tokens with the last queries of ``layer`` and pick the kept ones.
@@ -82,6 +83,10 @@ class Ctx:
         if pol is not None and pol.decode_evict and any(starts):
             raise ValueError(f"{pol.method}: a cache that evicts during decode takes one new token per step; "
                              f"extending it by {T} tokens at once is not supported (prefill the whole prompt)")
+        if pol is not None and pol.offload and "centroid" in cache.meta[layer]:
+            raise ValueError(f"{pol.method}: the prompt's KV was offloaded after prefill, so the cache takes one new "
+                             f"token per step; extending it by {T} tokens at once is not supported (prefill the "
+                             "whole prompt, or use offload=False)")
         bounds = self._bounds.get(starts)
         if bounds is None:  # layers with the same lengths (all of them, when dense) share these
             q_start = torch.tensor(starts, dtype=torch.long, device=q.device)
@@ -94,8 +99,10 @@ class Ctx:
             self._count(layer, cache.lengths(layer))
         if pol is not None and pol.method == "quest":
             P.quest_update_pages(pol, cache, layer, list(starts))
+        elif pol is not None and pol.method == "sentencekv" and self.compress and T > 1:
+            P.sentencekv_after_prefill(pol, cache, layer, self.sentence_ids)
         elif pol is not None and pol.kind == "evict" and self.compress and T > 1:   # the prompt is in: shrink it
-            index = P.evict_after_prefill(pol, cache, layer, q, scale)
+            index = P.evict_after_prefill(pol, cache, layer, q, scale, self.sentence_ids)
             if index is not None:
                 self.kv_kept[layer] = [[row[:n] for row in heads] for heads, n in
                                        zip(index.tolist(), cache.lengths(layer))]
@@ -112,6 +119,11 @@ class Ctx:
         if pol.kind == "evict":
             out = P.evict_decode(pol, cache, layer, q, k, v, scale, softcap, self.n_valid)
             self._count(layer, cache.lengths(layer))
+            return out
+        if pol.method == "sentencekv" and "centroid" in cache.meta[layer]:
+            out, read, cached, moved = P.sentencekv_decode(pol, cache, layer, q, k, v, scale, softcap, self.n_valid)
+            self._count(layer, read, cached)
+            self.moved += moved
             return out
         old = list(cache.lengths(layer))
         cache.write(layer, k, v)
@@ -171,13 +183,14 @@ def forward(program: Program, ctx: Ctx, input_ids: torch.Tensor, position_ids: t
         raise ValueError("the Program is not split into stages; run the split_layers pass")
     env = {"input_ids": input_ids, "position_ids": position_ids}
     stages = program.stages
-    sentence_sels = [s for s in program.selections.values() if s.granularity == "sentence"]
-    if ctx.prune and sentence_sels:
+    sentence_rules = [s for s in program.selections.values() if s.granularity == "sentence" and ctx.prune] + \
+        [p for p in program.policies.values() if p.granularity == "sentence" and ctx.compress]
+    if sentence_rules and input_ids.shape[1] > 1:
         if program.sentence_ends is None:
             raise ValueError("sentence-granular selection needs the tokenizer's sentence endings: compile with "
                              "skimfx.compile(model, recipe, tokenizer=tok)")
         ctx.sentence_ids = segment_batch(input_ids, ctx.n_valid, program.sentence_ends,
-                                         min(s.max_sentence for s in sentence_sels))
+                                         min(s.max_sentence for s in sentence_rules))
     for i, st in enumerate(stages):
         args = [env[n] for n in st.inputs]
         if st.kind == "select":
@@ -214,14 +227,15 @@ def forward(program: Program, ctx: Ctx, input_ids: torch.Tensor, position_ids: t
 
 def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: list[int] | None = None,
            all_logits: bool = False, record: dict | None = None, record_kv: dict | None = None,
-           reads: dict | None = None) -> torch.Tensor:
+           reads: dict | None = None, moved: list[int] | None = None) -> torch.Tensor:
     """Feed T new tokens per sequence (``input_ids [B, T]``, right-padded to ``n_valid``).
 
     Returns the logits at each sequence's last real token, [B, V] (or [B, T, V] with
     ``all_logits``). Positions continue from ``cache.positions``. Token selection (the Program's
     ``select`` stages) runs when this is the first prefill of the cache and ``all_logits`` is off.
     ``record`` receives the kept token indices of each selection layer, ``record_kv`` the prompt
-    slots each evicting layer kept, ``reads`` per layer [keys read, keys cached] of single-token steps.
+    slots each evicting layer kept, ``reads`` per layer [keys read, keys cached] of single-token steps,
+    ``moved[0]`` the bytes copied from offloaded (host) KV to the device.
     """
     B, T = input_ids.shape
     n_valid = [T] * B if n_valid is None else list(n_valid)
@@ -242,6 +256,8 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
             acc = reads.setdefault(layer, [0, 0])
             acc[0] += r
             acc[1] += c
+    if moved is not None:
+        moved[0] += ctx.moved
     if isinstance(out, Rerun):
         # GemFilter: the kept token ids become the prompt, with fresh contiguous positions
         ids = torch.gather(input_ids, 1, out.index)
@@ -268,9 +284,10 @@ def prefill(program: Program, cache: KVCache, prompts: list[list[int]], record: 
     return extend(program, cache, ids, [len(p) for p in prompts], record=record, record_kv=record_kv)
 
 
-def decode_step(program: Program, cache: KVCache, tokens: torch.Tensor, reads: dict | None = None) -> torch.Tensor:
+def decode_step(program: Program, cache: KVCache, tokens: torch.Tensor, reads: dict | None = None,
+                moved: list[int] | None = None) -> torch.Tensor:
     """One token per sequence (``tokens [B]``); returns the next-token logits [B, V]."""
-    return extend(program, cache, tokens[:, None], reads=reads)
+    return extend(program, cache, tokens[:, None], reads=reads, moved=moved)
 
 
 def pad_right(prompts: list[list[int]], device, pad_id: int = 0) -> torch.Tensor:
@@ -305,7 +322,9 @@ class Stats:
     ttft_s: float = 0.0                 # prefill + first token
     decode_s: float = 0.0
     decode_tokens: int = 0
-    kv_bytes: int = 0                   # physical bytes of the KV cache
+    kv_bytes: int = 0                   # physical bytes of the KV cache on the model's device
+    kv_host_bytes: int = 0              # bytes of KV offloaded to host memory (SentenceKV)
+    moved_bytes: int = 0                # bytes copied from offloaded KV during decode (host -> device on a GPU)
     kv_used_bytes: int = 0              # bytes of the filled slots
     kv_prefill_bytes: int = 0           # physical bytes of the KV cache right after prefill
     layer_tokens: list[int] = field(default_factory=list)  # prompt tokens each layer holds after prefill
@@ -322,6 +341,11 @@ class Stats:
 
     def layer_attended_fraction(self) -> dict[int, float]:
         return {l: r / c for l, (r, c) in sorted(self.reads.items()) if c}
+
+    @property
+    def moved_bytes_per_token(self) -> float:
+        """Bytes copied from offloaded KV per generated token (all layers)."""
+        return self.moved_bytes / self.decode_tokens if self.decode_tokens else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -401,12 +425,15 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
         stats.kv_prefill_bytes = cache.nbytes()
         stats.layer_tokens = [max(cache.lengths(i)) for i in range(cache.num_layers)]
         t1 = time.perf_counter()
+        moved = [0]
         while not all(done):
-            logits = decode_step(program, cache, tok, reads=stats.reads)
+            logits = decode_step(program, cache, tok, reads=stats.reads, moved=moved)
             tok = sample(logits, sampling, gen)
             stats.decode_tokens += take(tok)
         _sync(device)
         stats.decode_s = time.perf_counter() - t1
     stats.kv_bytes = cache.nbytes()
+    stats.kv_host_bytes = cache.host_bytes()
+    stats.moved_bytes = moved[0]
     stats.kv_used_bytes = cache.used_bytes()
     return Generation(tokens=out, finish_reasons=reasons, stats=stats, prompts=[list(p) for p in prompts])

@@ -25,13 +25,22 @@ choice):
 - DELTA: a "select" layer attends to everything and picks the ``budget`` tokens with the highest
   attention summed over all query heads (plus the ``recent`` newest); the "reuse" layers above it read
   only that set, until the next "select" layer.
+- Sentence granularity (SnapKV, H2O at the end of prefill): each KV head keeps whole sentences by the
+  max (or mean) of their tokens' scores, best first while they fit (``choose_sentences``), then the
+  best single tokens up to the budget: the cache compacts to one length per sequence, so every head
+  must keep the same count.
+- SentenceKV: per prompt sentence and KV head the mean key stays resident (with the first ``sinks``
+  and last ``recent`` prompt tokens); each decode step scores the sentences by the GQA group's summed
+  query against those means and reads the best whole sentences while they fit the budget, plus
+  everything generated. With ``offload`` the prompt's token KV lives in host memory and the chosen
+  sentences' rows are copied to the device for that step only.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import attention, gather_kv, page_minmax, page_scores, token_scores
+from ..kernels import attention, choose_sentences, gather_kv, page_minmax, page_scores, sparse_attention, token_scores
 from ..program import CachePolicy
 
 
@@ -49,6 +58,26 @@ def keep_index(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
     live = rank[None, None] < torch.tensor(counts, device=scores.device)[:, None, None]
     top = torch.where(live, top, S).sort(dim=-1).values                              # padding sorts last
     return torch.where(top == S, top[..., :1], top)
+
+
+def sentence_keep_index(scores: torch.Tensor, sentence_ids: torch.Tensor, counts: list[int], reduce: str,
+                        n: list[int]) -> torch.Tensor:
+    """``keep_index`` at sentence granularity: per (sequence, KV head) row, the +inf slots (always kept)
+    and whole sentences chosen by ``choose_sentences`` within ``counts[b]``, then the best remaining
+    single tokens up to exactly ``counts[b]``. scores [B, H, S] (-inf = padding), sentence_ids [B, S]."""
+    B, H, S = scores.shape
+    boosted = scores.clone()
+    for b in range(B):
+        m = n[b]
+        for h in range(H):
+            row = scores[b, h, :m]
+            forced = row == float("inf")
+            room = counts[b] - int(forced.sum())
+            if room <= 0:
+                continue
+            mask = choose_sentences(row, sentence_ids[b, :m], forced, room, reduce)
+            boosted[b, h, :m] = row.masked_fill(mask, float("inf"))
+    return keep_index(boosted, counts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,9 +134,11 @@ def attention_received(q, keys, n: list[int], scale: float, chunk: int = 256) ->
 # ----------------------------------------------------------------------------------------------
 # evicting policies
 # ----------------------------------------------------------------------------------------------
-def evict_after_prefill(pol: CachePolicy, cache, layer: int, q, scale: float) -> torch.Tensor | None:
+def evict_after_prefill(pol: CachePolicy, cache, layer: int, q, scale: float,
+                        sentence_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """Shrink ``layer`` to its budget right after the prompt was written (and attended to); returns
-    the kept slots [B, Hkv, K] (None when the budget covers the prompt)."""
+    the kept slots [B, Hkv, K] (None when the budget covers the prompt). ``sentence_ids [B, S]``: the
+    sentence of each cached prompt token (needed with ``granularity="sentence"``)."""
     n = list(cache.lengths(layer))
     dev = q.device
     budget = [pol.tokens(m) for m in n]
@@ -137,7 +168,12 @@ def evict_after_prefill(pol: CachePolicy, cache, layer: int, q, scale: float) ->
     else:
         raise ValueError(f"unknown evicting policy {pol.method!r}")
     scores = scores.masked_fill(j >= kv_len, float("-inf"))
-    index = keep_index(scores, kept)                                                # [B, Hkv, K]
+    if pol.granularity == "sentence":
+        if sentence_ids is None:
+            raise ValueError(f"{pol.method} with granularity='sentence' needs the prompt's sentence ids")
+        index = sentence_keep_index(scores, sentence_ids[:, :S], kept, pol.sentence_reduce, n)
+    else:
+        index = keep_index(scores, kept)                                            # [B, Hkv, K]
     headroom = max(budget) - index.shape[-1] if pol.decode_evict else None
     cache.compact(layer, index, kept, headroom=headroom)
     cap = cache.capacity(layer)
@@ -266,3 +302,137 @@ def delta_index(pol: CachePolicy, q, keys, kv_len: torch.Tensor, scale: float, b
     p = p.masked_fill(j >= kv_len[:, None], float("-inf"))
     K = min(keys.shape[2], budget + pol.recent)
     return p.topk(K, dim=-1).indices
+
+
+# ----------------------------------------------------------------------------------------------
+# SentenceKV: sentence summaries resident, token KV optionally offloaded to host memory
+# ----------------------------------------------------------------------------------------------
+def mask_to_index(mask: torch.Tensor) -> torch.Tensor:
+    """The set slots of each row in slot order: mask [B, H, S] bool -> [B, H, K] long, K = the largest
+    row count, shorter rows padded with -1 (padding for ``sparse_attention``)."""
+    B, H, S = mask.shape
+    K = int(mask.sum(-1).max()) if mask.numel() else 0
+    pos = torch.where(mask, mask.long().cumsum(-1) - 1, K)
+    out = torch.full((B, H, K + 1), -1, dtype=torch.long, device=mask.device)
+    out.scatter_(2, pos, torch.arange(S, device=mask.device).expand(B, H, S))
+    return out[..., :K]
+
+
+def _pinned_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy for offloading (pinned, so the per-step copies can be asynchronous); a tensor that
+    already lives on the host stays where it is."""
+    if t.device.type == "cpu":
+        return t
+    return t.to("cpu").pin_memory()
+
+
+def sentencekv_after_prefill(pol: CachePolicy, cache, layer: int, sentence_ids: torch.Tensor) -> None:
+    """Summarise the prompt just written into ``layer``: per sentence and KV head the mean key; mark
+    the resident tokens (the first ``sinks`` and last ``recent`` of each prompt); with ``offload``, move
+    the prompt KV to host memory and shrink the device buffers to the resident tokens."""
+    n = list(cache.lengths(layer))
+    B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+    S = max(n)
+    dev = cache.device
+    keys, values = cache.view(layer, S)
+    kv_len = torch.tensor(n, device=dev)
+    j = torch.arange(S, device=dev)[None]
+    valid = j < kv_len[:, None]                                                      # [B, S]
+    sid = sentence_ids[:, :S].to(dev)
+    sid = torch.where(valid, sid - sid[:, :1], 0)
+    n_sent = int(sid.max()) + 1
+    # sums of keys per sentence (padding routed to an extra sentence that is dropped)
+    route = torch.where(valid, sid, n_sent)
+    sums = torch.zeros(B, H, n_sent + 1, D, dtype=torch.float32, device=dev)
+    sums.scatter_add_(2, route[:, None, :, None].expand(B, H, S, D), keys.float())
+    count = torch.zeros(B, n_sent + 1, device=dev).scatter_add_(1, route, torch.ones(B, S, device=dev))
+    resident = valid & ((j < pol.sinks) | (j >= kv_len[:, None] - pol.recent))
+    selectable = valid & ~resident
+    size = torch.zeros(B, n_sent + 1, dtype=torch.long, device=dev).scatter_add_(1, route, selectable.long())
+    meta = cache.meta[layer]
+    meta["centroid"] = (sums / count.clamp(min=1)[:, None, :, None])[:, :, :n_sent]   # [B, H, NS, D]
+    meta["size"] = size[:, :n_sent]                                                  # selectable tokens per sentence
+    meta["sid"] = sid
+    meta["selectable"] = selectable
+    meta["prompt"] = kv_len
+    # the budget for whole sentences, per sequence: the total minus the resident prompt tokens
+    meta["room"] = torch.tensor([max(0, pol.tokens(m) - r) for m, r in zip(n, resident.sum(1).tolist())],
+                                device=dev)
+    if not pol.offload:
+        return
+    host = cache.host[layer]
+    host["k"], host["v"] = _pinned_host(keys), _pinned_host(values)
+    index = mask_to_index(resident[:, None])[:, 0]                                   # [B, R], -1 padded
+    kept = resident.sum(1).tolist()
+    index = torch.where(index < 0, index[:, :1], index)
+    cache.compact(layer, index, kept)
+
+
+def sentencekv_index(cache, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """The prompt slots of the best whole sentences per KV head within the room -> [B, Hkv, K] (-1 padded).
+    q [B, Hq, 1, D]; sentences are scored by (sum of the GQA group's queries) · (mean key)."""
+    meta = cache.meta[layer]
+    cent = meta["centroid"]
+    B, H, NS, D = cent.shape
+    qg = q[:, :, 0].float().view(B, H, -1, D).sum(2)                                  # [B, H, D]
+    score = torch.einsum("bhd,bhnd->bhn", qg, cent)
+    size = meta["size"][:, None].expand(B, H, NS)
+    score = score.masked_fill(size == 0, float("-inf"))
+    order = score.argsort(dim=-1, descending=True)
+    fits = torch.gather(size, 2, order).cumsum(-1) <= meta["room"][:, None, None]
+    fits &= torch.gather(score, 2, order) > float("-inf")
+    chosen = torch.zeros(B, H, NS, dtype=torch.bool, device=q.device).scatter_(2, order, fits)
+    S = meta["sid"].shape[1]
+    tokens = torch.gather(chosen, 2, meta["sid"][:, None].expand(B, H, S)) & meta["selectable"][:, None]
+    return mask_to_index(tokens)
+
+
+def sentencekv_decode(pol: CachePolicy, cache, layer: int, q, k, v, scale: float, softcap,
+                      n_valid) -> tuple[torch.Tensor, list[int], list[int], int]:
+    """One new token per sequence: write it (it stays resident), read the chosen sentences plus the
+    resident tokens. Returns (output [B, Hq, 1, D], keys read, keys cached per sequence, bytes copied
+    host -> device)."""
+    meta = cache.meta[layer]
+    cache.write(layer, k, v)
+    cache.advance(layer, n_valid)
+    lengths = cache.lengths(layer)
+    kv_len = cache.lengths_tensor(layer)
+    L = max(lengths)
+    keys, values = cache.view(layer, L)
+    index = sentencekv_index(cache, layer, q)                                        # prompt slots, [B, H, K]
+    picked = (index >= 0).sum(-1)                                                    # [B, H]
+    dev = q.device
+    if pol.offload:
+        host = cache.host[layer]
+        rows = index.clamp(min=0).to(host["k"].device)
+        # the chosen rows of the host store, copied to the device for this step only
+        gk = gather_kv(host["k"], rows).to(dev, non_blocking=True)
+        gv = gather_kv(host["v"], rows).to(dev, non_blocking=True)
+        K = index.shape[-1]
+        j = torch.arange(L, device=dev)[None, None].expand(*index.shape[:2], L)
+        resident = torch.where(j < kv_len[:, None, None], K + j, -1)                 # every device slot
+        gathered = torch.where(index >= 0, torch.arange(K, device=dev), -1)          # rows of gk / gv
+        out = sparse_attention(q[:, :, 0], torch.cat([gk, keys], 2), torch.cat([gv, values], 2),
+                               torch.cat([gathered, resident], -1), torch.full_like(kv_len, K + L), scale, softcap)
+        # the rows copied out of the host store (host -> device on a GPU; within host memory on a CPU cache)
+        moved = int(picked.sum()) * cache.head_dim * 2 * gk.element_size()
+        read = [round(x) for x in (picked.float().mean(1) + kv_len).tolist()]
+        cached = [m + l - r for m, l, r in zip(meta["prompt"].tolist(), lengths, _resident_counts(meta))]
+        return out[:, :, None], read, cached, moved
+    # on-device cache: the chosen sentences plus every non-selectable slot (sinks, recent, generated)
+    sel = meta["selectable"]
+    j = torch.arange(L, device=dev)[None]
+    always = (j < kv_len[:, None]) & ~F.pad(sel, (0, L - sel.shape[1]))
+    mask = torch.zeros(*index.shape[:2], L + 1, dtype=torch.bool, device=dev)
+    mask.scatter_(2, torch.where(index < 0, L, index), True)
+    mask = mask[..., :L] | always[:, None]
+    read_index = mask_to_index(mask)
+    out = sparse_attention(q[:, :, 0], keys, values, read_index, kv_len, scale, softcap)
+    read = [round(x) for x in (read_index >= 0).sum(-1).float().mean(1).tolist()]
+    return out[:, :, None], read, list(lengths), 0
+
+
+def _resident_counts(meta) -> list[int]:
+    """Prompt tokens that stayed on the device per sequence (the first sinks and the last recent)."""
+    valid = torch.arange(meta["sid"].shape[1], device=meta["sid"].device)[None] < meta["prompt"][:, None]
+    return (valid & ~meta["selectable"]).sum(1).tolist()
