@@ -15,8 +15,9 @@ from .models import EMBEDDED, load_model
 from .passes import PassError, PassManager, default_passes
 from .program import Program
 from .recipes import (RECIPES, H2O, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError,
-                      SentenceKV, SnapKV, StreamingLLM, parse_recipe, recipe_label)
+                      SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, parse_recipe, recipe_label)
 from .runtime import CompiledModel, Generation, KVCache, Stats
+from .calibrate import ExitAdapter, ExitCalibration, calibrate_exits, reference_texts
 
 __version__ = "0.1.0"
 
@@ -53,5 +54,6 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
 __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",
            "default_passes", "CompiledModel", "Generation", "Stats", "KVCache", "UnsupportedModelError",
            "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM",
-           "H2O", "Quest", "Delta", "SentenceKV", "parse_recipe",
+           "H2O", "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "calibrate_exits",
+           "ExitCalibration", "ExitAdapter", "reference_texts", "parse_recipe",
            "recipe_label"]

@@ -226,6 +226,9 @@ class Program:
     selections: dict[int, Selection] = field(default_factory=dict)  # by layer, from prune_tokens
     policies: dict[int, CachePolicy] = field(default_factory=dict)  # by layer, from kv_policy (absent = full)
     sentence_ends: torch.Tensor | None = None   # [vocab] bool, for sentence-granular selection (from the tokenizer)
+    exits: dict[int, Stage] = field(default_factory=dict)    # by layer, from early_exit: hidden -> (top1, p, margin)
+    kv_fill: dict[int, Stage] = field(default_factory=dict)  # by layer, from early_exit: hidden -> (k, v)
+    decoding: Any = None           # how generate decodes (early exit, self-speculation); None = one token per step
 
     @property
     def lowered(self) -> bool:
@@ -272,6 +275,18 @@ class Program:
                 lines.append(head)
                 lines.append("      in:  " + ", ".join(self._fmt_value(v) for v in s.inputs))
                 lines.append("      out: " + ", ".join(self._fmt_value(v) for v in s.outputs))
+                if s.layer in self.exits:
+                    ex = self.exits[s.layer]
+                    n_ops = sum(1 for n in ex.module.graph.nodes if n.op in ("call_function", "call_module"))
+                    adapter = getattr(ex.module, "exit_adapter", None)
+                    lines.append(f"  {ex.name:<10} {n_ops:>4} ops   exit branch: final norm"
+                                 + (f" after {adapter}" if adapter is not None else "")
+                                 + " + LM head -> (top-1, probability, margin)")
+            if self.kv_fill:
+                lines.append(f"  kv fill: layers {min(self.kv_fill)}-{max(self.kv_fill)} (k/v only, for the layers "
+                             "an exited token skips)")
+            if self.decoding is not None:
+                lines.append(f"decoding: {self.decoding}")
         return "\n".join(lines)
 
     def _fmt_value(self, name: str) -> str:

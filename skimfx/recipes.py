@@ -434,8 +434,147 @@ class SentenceKV(_KVRecipe):
                               0)
 
 
+# ----------------------------------------------------------------------------------------------
+# Early exit and self-speculation
+# ----------------------------------------------------------------------------------------------
+def _calibration(cal):
+    if cal is None:
+        return None
+    from .calibrate import ExitCalibration
+
+    if isinstance(cal, ExitCalibration):
+        return cal
+    try:
+        return ExitCalibration.load(cal)
+    except (OSError, KeyError) as e:
+        raise RecipeError(f"calibration must be an ExitCalibration or the path of one saved with .save(); "
+                          f"loading {cal!r} failed: {e}") from None
+
+
+def _exit_layers(info: ModelInfo, layers) -> None:
+    bad = [l for l in layers if not 0 <= l < info.num_layers - 1]
+    if bad:
+        raise RecipeError(f"exit layers {bad} are out of range for this {info.num_layers}-layer model "
+                          f"(valid: 0..{info.num_layers - 2})")
+
+
+def _decode_with(program, mode):
+    """Record how generate decodes this Program (the last pass of the early-exit recipes)."""
+    from .passes.early_exit import EarlyExitError
+
+    if program.policies:
+        raise EarlyExitError(f"{mode}: needs the full KV cache of every layer (tokens are rolled back or "
+                             "filled in); remove the KV cache policy")
+    if program.decoding is not None:
+        raise EarlyExitError(f"one decoding mode at a time: already {program.decoding}")
+    program.decoding = mode
+    program.history.append(("decode_with", 1))
+    return program
+
+
+@dataclass(frozen=True)
+class EarlyExit(Recipe):
+    """CALM-style early exit (lossy): after each layer in ``layers`` an exit branch (the model's final
+    norm + LM head, after the calibrated adapter when ``calibration`` is given) predicts the next
+    token; the first whose probability reaches the layer's threshold is emitted, and the skipped layers
+    cache k/v computed from the exited state. ``threshold``: one value or one per layer; or
+    ``target_agreement`` with a ``calibration`` (an ExitCalibration or its saved path) picks each
+    layer's threshold from held-out text."""
+
+    layers: tuple[int, ...] | int
+    threshold: tuple[float, ...] | float | None = None
+    calibration: object = None
+    target_agreement: float | None = None
+    name = "earlyexit"
+
+    def __post_init__(self):
+        layers = _layers_ok(self.layers)
+        if layers is None:
+            raise RecipeError("layers must name at least one exit layer")
+        object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        if (self.threshold is None) == (self.target_agreement is None):
+            raise RecipeError("give either threshold (confidence per exit) or target_agreement with a calibration")
+        if self.threshold is not None:
+            th = (self.threshold,) if isinstance(self.threshold, (int, float)) else tuple(self.threshold)
+            if len(th) == 1:
+                th = th * len(self.layers)
+            if len(th) != len(self.layers) or any(not 0.0 < t <= 1.0 for t in th):
+                raise RecipeError(f"threshold must be one probability in (0, 1] or one per exit layer, got "
+                                  f"{self.threshold!r} for layers {list(self.layers)}")
+            object.__setattr__(self, "threshold", th)
+        else:
+            if not 0.0 < self.target_agreement <= 1.0:
+                raise RecipeError(f"target_agreement must be in (0, 1], got {self.target_agreement}")
+            if self.calibration is None:
+                raise RecipeError("target_agreement needs a calibration (skimfx.calibrate_exits)")
+
+    def passes(self, info: ModelInfo) -> list:
+        from .passes.early_exit import early_exit
+        from .runtime.decoding import EarlyExitDecoding
+
+        _exit_layers(info, self.layers)
+        cal = _calibration(self.calibration)
+        if cal is not None:
+            missing = [l for l in self.layers if l not in cal.adapters]
+            if missing:
+                raise RecipeError(f"the calibration has no exit at layers {missing} (it has {list(cal.layers)})")
+        adapters = {l: cal.adapters[l] for l in self.layers if cal.adapters[l] is not None} if cal else {}
+        th = self.threshold or tuple(cal.threshold(l, self.target_agreement) for l in self.layers)
+        mode = EarlyExitDecoding(tuple(zip(self.layers, th)))
+        return [_named(early_exit, "early_exit", layers=self.layers, adapters=adapters),
+                _named(_decode_with, "decode_with", mode=mode)]
+
+
+DRAFT_SOURCES = ("lookahead", "exit")
+
+
+@dataclass(frozen=True)
+class SelfSpeculative(Recipe):
+    """Lossless self-speculative decoding: ``draft`` = "lookahead" (n-gram drafts from the prompt and
+    the text so far), "exit" (LayerSkip: the first ``exit_layer`` + 1 layers and an exit branch draft,
+    the remaining layers verify), or both ("lookahead/exit": an n-gram draft when one is found, else the
+    exit draft). Up to ``draft_tokens`` drafts per step, verified in one pass; the output is the dense
+    greedy output. ``adaptive``: the draft length follows acceptance, and a source slower than plain
+    decoding is switched off for a while. ``calibration``: adapters for the exit branch."""
+
+    draft: str | tuple[str, ...] = "lookahead"
+    draft_tokens: int = 4
+    exit_layer: int | None = None
+    calibration: object = None
+    adaptive: bool = True
+    name = "selfspeculative"
+
+    def __post_init__(self):
+        src = tuple(self.draft.split("/")) if isinstance(self.draft, str) else tuple(self.draft)
+        if not src or any(s not in DRAFT_SOURCES for s in src) or len(set(src)) != len(src):
+            raise RecipeError(f"draft must be one or more of {DRAFT_SOURCES} (e.g. 'lookahead/exit'), got "
+                              f"{self.draft!r}")
+        object.__setattr__(self, "draft", src)
+        _positive("draft_tokens", self.draft_tokens)
+        if ("exit" in src) != (self.exit_layer is not None):
+            raise RecipeError("exit_layer is needed exactly when the draft comes from an exit "
+                              f"(draft={'/'.join(src)}, exit_layer={self.exit_layer})")
+        if self.exit_layer is not None and (not isinstance(self.exit_layer, int) or self.exit_layer < 0):
+            raise RecipeError(f"exit_layer must be a layer index >= 0, got {self.exit_layer!r}")
+
+    def passes(self, info: ModelInfo) -> list:
+        from .passes.early_exit import early_exit
+        from .runtime.decoding import SpeculativeDecoding
+
+        mode = SpeculativeDecoding(self.draft, self.draft_tokens, self.exit_layer, self.adaptive,
+                                   min_gain=1.0 if self.adaptive else 0.0)
+        out = []
+        if self.exit_layer is not None:
+            _exit_layers(info, (self.exit_layer,))
+            cal = _calibration(self.calibration)
+            adapter = cal.adapters.get(self.exit_layer) if cal else None
+            out.append(_named(early_exit, "early_exit", layers=(self.exit_layer,),
+                              adapters={self.exit_layer: adapter} if adapter is not None else {}))
+        return out + [_named(_decode_with, "decode_with", mode=mode)]
+
+
 RECIPES: dict[str, type] = {cls.name: cls for cls in (Dense, GemFilter, PromptDistill, SnapKV, StreamingLLM, H2O,
-                                                      Quest, Delta, SentenceKV)}
+                                                      Quest, Delta, SentenceKV, EarlyExit, SelfSpeculative)}
 
 
 
@@ -519,4 +658,4 @@ def recipe_label(recipes: list[Recipe]) -> str:
 
 
 __all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM", "H2O", "Quest",
-           "Delta", "SentenceKV", "RECIPES", "parse_recipe", "recipe_label", "pyramid_budgets"]
+           "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "RECIPES", "parse_recipe", "recipe_label", "pyramid_budgets"]

@@ -24,12 +24,19 @@ class PasskeyPrompt:
         return any(all(i in kept for i in range(a, b)) for a, b in self.key_spans)
 
 
+def chat_ids(tok, text: str) -> list[int]:
+    """Token ids of one user turn and the assistant's turn opening (the chat template when the
+    tokenizer has one, else the text itself)."""
+    if tok.chat_template:
+        out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return tok(text + "\nAnswer:").input_ids
+
+
 def _chat(tok, text: str, answer_prefix: str = "The pass key is") -> list[int]:
     """The user turn (chat template when the tokenizer has one) followed by the start of the answer."""
     if tok.chat_template:
-        out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-        return ids + tok(answer_prefix, add_special_tokens=False).input_ids
+        return chat_ids(tok, text) + tok(answer_prefix, add_special_tokens=False).input_ids
     return tok(text + "\nAnswer: " + answer_prefix).input_ids
 
 

@@ -21,6 +21,7 @@ import torch
 from .activation import glu
 from .attention import attention
 from .compact import gather_kv
+from .exit_confidence import exit_confidence
 from .kv_pages import page_minmax, page_scores
 from .norm import add_rms_norm, rms_norm
 from .rope import rope
@@ -149,8 +150,21 @@ def _(q, k, cos, sin):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
+@_op("exit_confidence")
+def _exit_confidence(h: torch.Tensor, weight: torch.Tensor,
+                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return exit_confidence(h, weight, softcap)
+
+
+@_exit_confidence.register_fake
+def _(h, weight, softcap=None):
+    n = h.shape[0]
+    return (h.new_empty(n, dtype=torch.long), h.new_empty(n, dtype=torch.float32),
+            h.new_empty(n, dtype=torch.float32))
+
+
 OPS = ("attention", "sparse_attention", "token_scores", "gather_kv", "page_minmax", "page_scores", "rms_norm",
-       "add_rms_norm", "glu", "rope")
+       "add_rms_norm", "glu", "rope", "exit_confidence")
 
 
 __all__ = ["OPS", "NAMESPACE"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..program import Program
+from .early_exit import EarlyExitError, early_exit
 from .fuse import FuseError, fuse, fuse_graph
 from .kv_policy import PolicyError, kv_policy
 from .lower_attention import lower_attention
@@ -49,4 +50,4 @@ def default_passes(fused: bool = True) -> list[PassFn]:
 
 
 __all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers", "prune_tokens", "kv_policy",
-           "PolicyError", "fuse", "fuse_graph", "FuseError"]
+           "PolicyError", "fuse", "fuse_graph", "FuseError", "early_exit", "EarlyExitError"]

@@ -52,6 +52,8 @@ def kv_policy(program: Program, policies: dict[int, CachePolicy]) -> Program:
     L = program.info.num_layers
     if not policies:
         raise PolicyError("no layers given a cache policy")
+    if program.decoding is not None:
+        raise PolicyError(f"{program.decoding} needs the full KV cache of every layer; a cache policy cannot be added")
     for layer, pol in sorted(policies.items()):
         if not 0 <= layer < L:
             raise PolicyError(f"layer {layer} is out of range: valid layers are 0..{L - 1}")

@@ -111,6 +111,16 @@ class KVCache:
         self.k[layer].scatter_(2, idx, k_new.to(self.dtype))
         self.v[layer].scatter_(2, idx, v_new.to(self.dtype))
 
+    def truncate(self, layer: int, lengths: list[int]) -> None:
+        """Forget the slots past ``lengths[b]`` (rejected speculative tokens): the next write goes there.
+        Only for layers without a cache policy (their per-slot state would go stale)."""
+        if any(n > m for n, m in zip(lengths, self._lengths[layer])):
+            raise ValueError(f"layer {layer}: cannot truncate {self._lengths[layer]} up to {lengths}")
+        if self.meta[layer]:
+            raise ValueError(f"layer {layer} has cache-policy state; it cannot be rolled back")
+        self._lengths[layer] = list(lengths)
+        self._lengths_dev[layer] = None
+
     def reset(self, headroom: int, tokens: int) -> None:
         """Empty the cache and reallocate every layer to ``tokens + headroom`` slots."""
         for buf in (self.k, self.v):

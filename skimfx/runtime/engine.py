@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -331,6 +331,7 @@ class Stats:
     selected: dict[int, list[list[int]]] = field(default_factory=dict)  # selection layer -> kept indices
     kv_kept: dict[int, list[list[list[int]]]] = field(default_factory=dict)  # evicting layer -> [b][head] slots
     reads: dict[int, list[int]] = field(default_factory=dict)  # layer -> [keys read, keys cached] in decode
+    decoding: Any = None                # what an early-exit / speculative decoding mode did (DecodeStats)
 
     @property
     def attended_fraction(self) -> float:
@@ -383,6 +384,9 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
     ``callback(batch_index, token_id)`` is called for every token as soon as it is chosen.
     Stopping: a sequence stops after emitting a stop token (which is kept) or ``max_new_tokens``.
     """
+    if program.decoding is not None:     # early exit / self-speculation: their own decode loop
+        return program.decoding.generate(program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len,
+                                         callback)
     info = program.info
     lens = [len(p) for p in prompts]
     capacity = max(lens) + max_new_tokens

@@ -91,6 +91,10 @@ def fused_cases(r):
            lambda: G.glu_triton(gu[:, :24], gu[:, 24:], "silu"), lambda: G.glu_ref(gu[:, :24], gu[:, 24:], "silu"))
     yield ("rope", R._rope_kernel, R._configs,
            lambda: R.rope_triton(q, k, cos, sin), lambda: R.rope_ref(q, k, cos, sin))
+    E = module("exit_confidence")
+    h, lm = r(2, 72), r(700, 72)
+    yield ("exit_confidence", E._exit_confidence_kernel, E._configs,
+           lambda: E.exit_confidence_triton(h, lm), lambda: E.exit_confidence_ref(h, lm))
 
 
 CASES = list(cases()) if HAS_TRITON else []

@@ -38,6 +38,7 @@ def _cases():
         "add_rms_norm": ((x, r(3, 5, 40), w, 1e-6, 0.0), kernels.add_rms_norm),
         "glu": ((gate_up[:, :24], gate_up[:, 24:], "silu"), kernels.glu),
         "rope": ((q, kk, cos, sin), kernels.rope),
+        "exit_confidence": ((r(3, 40), r(300, 40), None), kernels.exit_confidence),
     }
 
 

@@ -1,0 +1,288 @@
+"""Exit calibration: adapters that map an intermediate layer's state towards the final layer's, and
+the confidence thresholds that reach a target agreement with the final layer on held-out text.
+
+    cal = skimfx.calibrate_exits(model, texts, layers=(16, 24), method="ridge", tokenizer=tok)
+    cal.save("exits.pt")
+    cm = skimfx.compile(model, skimfx.EarlyExit(layers=(16, 24), calibration="exits.pt", target_agreement=0.95))
+
+Methods (the model's weights never change; an adapter is applied on the exit branch only):
+- "none": the model's own final norm + LM head on the layer's output (thresholds only).
+- "ridge": closed form, ``h_final ≈ [h_E, 1] W`` by ridge regression over the training tokens.
+- "distill": a low-rank residual adapter ``h + (h A) B`` trained with the KL divergence from the
+  final layer's next-token distribution to the exit's (the model frozen), a few hundred Adam steps.
+
+Texts are split by document into train and held-out; the thresholds and the reported agreement come
+from the held-out part only.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+
+class ExitAdapter(torch.nn.Module):
+    """Maps a layer's hidden state to a stand-in for the last layer's: a full linear map (ridge) or
+    ``h + (h A) B + b`` of rank ``rank`` (distill)."""
+
+    def __init__(self, hidden: int, rank: int | None = None):
+        super().__init__()
+        self.hidden, self.rank = hidden, rank
+        if rank is None:
+            self.weight = torch.nn.Parameter(torch.eye(hidden))
+            self.A = self.B = None
+        else:
+            self.weight = None
+            self.A = torch.nn.Parameter(torch.randn(hidden, rank) / math.sqrt(hidden))
+            self.B = torch.nn.Parameter(torch.zeros(rank, hidden))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return torch.nn.functional.linear(h, self.weight, self.bias)
+        return h + (h @ self.A) @ self.B + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden}, {'full' if self.rank is None else f'rank {self.rank}'}"
+
+    def __str__(self) -> str:
+        return "a full linear adapter" if self.rank is None else f"a rank-{self.rank} adapter"
+
+
+@dataclass
+class ExitCalibration:
+    """Per exit layer: the adapter (or None), and the held-out curve of agreement with the final
+    layer among the tokens whose exit confidence is at least each threshold."""
+
+    method: str
+    layers: tuple[int, ...]
+    adapters: dict[int, ExitAdapter | None]
+    curves: dict[int, tuple[torch.Tensor, torch.Tensor]]    # layer -> (confidence desc, cumulative agreement)
+    raw_agreement: dict[int, float] = field(default_factory=dict)       # held out, no adapter, every token
+    agreement: dict[int, float] = field(default_factory=dict)           # held out, with the adapter
+    tokens: tuple[int, int] = (0, 0)                                     # train, held-out tokens
+    seconds: float = 0.0
+
+    def threshold(self, layer: int, target: float) -> float:
+        """The lowest confidence threshold at which the held-out tokens that exit agree with the final
+        layer at rate >= ``target`` (inf when none does: the layer never exits)."""
+        conf, cum = self.curves[layer]
+        ok = torch.nonzero(cum >= target).flatten()
+        if len(ok) == 0:
+            return math.inf
+        return float(conf[int(ok.max())])
+
+    def coverage(self, layer: int, threshold: float) -> float:
+        conf, _ = self.curves[layer]
+        return float((conf >= threshold).float().mean()) if len(conf) else 0.0
+
+    def report(self, target: float = 0.95) -> str:
+        lines = [f"exit calibration ({self.method}; {self.tokens[0]} train / {self.tokens[1]} held-out tokens, "
+                 f"{self.seconds:.0f} s)", "| layer | agreement raw | agreement adapted | threshold for "
+                 f"{target:.0%} | tokens that exit |", "|---:|---:|---:|---:|---:|"]
+        for l in self.layers:
+            t = self.threshold(l, target)
+            lines.append(f"| {l} | {self.raw_agreement[l]:.1%} | {self.agreement[l]:.1%} | {t:.3f} | "
+                         f"{self.coverage(l, t):.1%} |")
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"method": self.method, "layers": self.layers, "curves": self.curves,
+                    "raw_agreement": self.raw_agreement, "agreement": self.agreement, "tokens": self.tokens,
+                    "seconds": self.seconds,
+                    "adapters": {l: None if a is None else {"hidden": a.hidden, "rank": a.rank,
+                                                            "state": a.state_dict()}
+                                 for l, a in self.adapters.items()}}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExitCalibration":
+        d = torch.load(path, weights_only=False)
+        adapters = {}
+        for l, a in d["adapters"].items():
+            if a is None:
+                adapters[l] = None
+                continue
+            m = ExitAdapter(a["hidden"], a["rank"])
+            m.load_state_dict(a["state"])
+            adapters[l] = m.requires_grad_(False)
+        return cls(d["method"], tuple(d["layers"]), adapters, d["curves"], d["raw_agreement"], d["agreement"],
+                   tuple(d["tokens"]), d["seconds"])
+
+
+def _states(cm, docs: list[list[int]], layers: list[int], chunk: int):
+    """Hidden states at ``layers`` and the final layer (teacher-forced over the documents)."""
+    from .runtime.cache import KVCache
+    from .runtime.decoding import _Runner
+
+    program = cm.program
+    L = program.info.num_layers
+    want = sorted(set(layers) | {L - 1})
+    out: dict[int, list[torch.Tensor]] = {l: [] for l in want}
+    with torch.inference_mode():
+        for ids in docs:
+            for s in range(0, len(ids) - 1, chunk):
+                piece = ids[s:s + chunk]
+                if len(piece) < 2:
+                    continue
+                run = _Runner(program, KVCache.for_program(program, 1, len(piece)))
+                ctx = run.ctx(len(piece))
+                env = run.embed(ctx, piece, 0)
+                done = 0
+                for l in want:
+                    run.run_layers(ctx, env, done, l + 1, len(piece))
+                    done = l + 1
+                    out[l].append(run.hidden(env, l)[0].float().clone())
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
+def _head(cm):
+    """hidden state -> logits through the model's own epilogue (final norm + LM head)."""
+    epi = cm.program.stage("epilogue")
+    return lambda h: epi.module(None, h[None])[0][0]
+
+
+def _fit_ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> ExitAdapter:
+    H = x.shape[1]
+    X = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    G = X.T @ X
+    G += ridge * G.diagonal().mean() * torch.eye(H + 1, dtype=G.dtype)
+    W = torch.linalg.solve(G, X.T @ y.double())                                    # [H + 1, H]
+    a = ExitAdapter(H)
+    with torch.no_grad():
+        a.weight.copy_(W[:H].T.float())
+        a.bias.copy_(W[H].float())
+    return a.requires_grad_(False)
+
+
+def _fit_distill(x: torch.Tensor, target_logits, head, rank: int, steps: int, batch: int, lr: float,
+                 seed: int) -> ExitAdapter:
+    g = torch.Generator().manual_seed(seed)
+    a = ExitAdapter(x.shape[1], rank)
+    opt = torch.optim.Adam(a.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        with torch.no_grad():
+            p = torch.log_softmax(target_logits(idx), -1)
+        q = torch.log_softmax(head(a(x[idx])).float(), -1)
+        loss = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return a.requires_grad_(False)
+
+
+def calibrate_exits(model, texts: list[str], layers: tuple[int, ...] | list[int], method: str = "ridge", *,
+                    tokenizer=None, held_out: float = 0.25, max_tokens: int = 16384, chunk: int = 512,
+                    ridge: float = 1e-3, rank: int = 64, steps: int = 300, batch: int = 128, lr: float = 3e-3,
+                    seed: int = 0) -> ExitCalibration:
+    """Fit exit adapters for ``layers`` on ``texts`` (documents; the last ``held_out`` fraction of them is
+    held out) and measure the agreement curves. ``model``: a HF model (compiled dense here) or a
+    ``CompiledModel``. ``max_tokens`` caps the training tokens."""
+    from . import compile as _compile
+    from .runtime.hf import CompiledModel
+
+    if method not in ("none", "ridge", "distill"):
+        raise ValueError(f"method must be 'none', 'ridge' or 'distill', got {method!r}")
+    cm = model if isinstance(model, CompiledModel) else _compile(model, tokenizer=tokenizer)
+    tok = tokenizer or cm.tokenizer
+    if tok is None:
+        raise ValueError("calibrate_exits tokenizes the texts: pass tokenizer=tok")
+    L = cm.info.num_layers
+    layers = tuple(sorted(set(layers)))
+    if not layers or any(not 0 <= l < L - 1 for l in layers):
+        raise ValueError(f"exit layers must be in 0..{L - 2}, got {list(layers)}")
+    if not 0.0 < held_out < 1.0 or len(texts) < 2:
+        raise ValueError("give at least two texts and held_out in (0, 1): thresholds come from held-out documents")
+    t0 = time.perf_counter()
+    every = max(2, round(1 / held_out))                   # every k-th document is held out (a mix of sources)
+    test = _tokenize_upto(tok, texts[every - 1::every], max(chunk, max_tokens // 3))
+    train = _tokenize_upto(tok, [t for i, t in enumerate(texts) if i % every != every - 1], max_tokens)
+    head = _head(cm)
+    s_train = _states(cm, train, list(layers), chunk)
+    s_test = _states(cm, test, list(layers), chunk)
+    final = L - 1
+    with torch.no_grad():
+        y_test = _argmax_rows(head, s_test[final])
+    adapters, curves, raw, agree = {}, {}, {}, {}
+    for l in layers:
+        if method == "ridge":
+            adapters[l] = _fit_ridge(s_train[l], s_train[final], ridge)
+        elif method == "distill":
+            h_final = s_train[final]
+            adapters[l] = _fit_distill(s_train[l], lambda idx: head(h_final[idx]).float(), head, rank, steps,
+                                       batch, lr, seed)
+        else:
+            adapters[l] = None
+        with torch.no_grad():
+            raw[l] = float((_argmax_rows(head, s_test[l]) == y_test).float().mean())
+            h = s_test[l] if adapters[l] is None else adapters[l](s_test[l])
+            top, prob = _confidence(head, h)
+        hit = (top == y_test).float()
+        agree[l] = float(hit.mean())
+        order = prob.argsort(descending=True)
+        cum = hit[order].cumsum(0) / torch.arange(1, len(hit) + 1)
+        curves[l] = (prob[order], cum)
+    return ExitCalibration(method, layers, adapters, curves, raw, agree,
+                           (sum(map(len, train)), sum(map(len, test))), time.perf_counter() - t0)
+
+
+def _tokenize_upto(tok, texts: list[str], n: int) -> list[list[int]]:
+    """Token ids of the documents in order until ``n`` tokens (the last one cut)."""
+    out, total = [], 0
+    for t in texts:
+        if total >= n:
+            break
+        ids = tok(t[:8 * (n - total)], add_special_tokens=False).input_ids[:n - total]
+        out.append(ids)
+        total += len(ids)
+    return out
+
+
+def _argmax_rows(head, h: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    return torch.cat([head(h[i:i + rows]).argmax(-1) for i in range(0, len(h), rows)])
+
+
+def _confidence(head, h: torch.Tensor, rows: int = 1024):
+    """(top-1, probability) of the exit branch over hidden states (the model's own norm and head)."""
+    tops, probs = [], []
+    for i in range(0, len(h), rows):
+        z = head(h[i:i + rows]).float()
+        p = torch.softmax(z, -1)
+        pm, top = p.max(-1)
+        tops.append(top)
+        probs.append(pm)
+    return torch.cat(tops), torch.cat(probs)
+
+
+def reference_texts() -> list[str]:
+    """Real English text that ships with the system: the license texts under /usr/share/common-licenses
+    and Python's own LICENSE, then docstrings of standard-library modules (Python's documentation)."""
+    import importlib
+    import inspect
+    import sysconfig
+
+    texts = []
+    lic = Path("/usr/share/common-licenses")
+    if lic.is_dir():
+        for p in sorted(lic.iterdir()):
+            if p.is_file() and p.stat().st_size > 2000:
+                texts.append(p.read_text(errors="ignore"))
+    py_license = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if py_license.exists():
+        texts.append(py_license.read_text(errors="ignore"))
+    for name in ("argparse", "collections", "json", "logging", "pathlib", "re", "subprocess", "typing", "unittest",
+                 "dataclasses", "asyncio", "functools", "itertools", "csv", "sqlite3"):
+        mod = importlib.import_module(name)
+        docs = [inspect.getdoc(mod) or ""] + [inspect.getdoc(getattr(mod, a)) or "" for a in sorted(dir(mod))
+                                              if not a.startswith("_") and callable(getattr(mod, a, None))]
+        text = "\n\n".join(d for d in docs if len(d) > 80)
+        if text:
+            texts.append(text)
+    return texts
+
+
+__all__ = ["calibrate_exits", "ExitCalibration", "ExitAdapter", "reference_texts"]

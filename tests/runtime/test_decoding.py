@@ -1,0 +1,175 @@
+"""Early exit and self-speculation: exit branches and k/v-fill subgraphs (early_exit pass), lossless
+self-speculative decoding token-identical to dense greedy (tiny configs and the real models), CALM
+early exit against a directly computed reference, exit calibration, and the errors."""
+import copy
+
+import pytest
+import torch
+
+import skimfx
+from skimfx import EarlyExit, SelfSpeculative
+from skimfx.eval import chat_ids
+from skimfx.passes import EarlyExitError, early_exit
+from skimfx.runtime import KVCache
+from skimfx.runtime.decoding import NGramDrafts, _Runner
+from tiny import tiny_model
+
+LOSSLESS = ["selfspeculative", "selfspeculative:draft=exit,exit_layer=1",
+            "selfspeculative:draft=lookahead/exit,exit_layer=0,draft_tokens=3",
+            "selfspeculative:adaptive=false,draft_tokens=6"]
+
+
+def prompts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 512, (40,), generator=g).tolist()
+    return [base + base[:20], base[:30], base[5:12] * 4]     # repetition gives the n-gram drafts something
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_lossless_modes_are_token_identical_to_dense_on_tiny_models(arch):
+    model = tiny_model(arch)
+    ps = prompts()
+    dense = skimfx.compile(model).generate(ps, max_new_tokens=30, stop_tokens=[])
+    for r in LOSSLESS:
+        g = skimfx.compile(model, r).generate(ps, max_new_tokens=30, stop_tokens=[])
+        assert g.tokens == dense.tokens, r
+        d = g.stats.decoding
+        assert sum(d.drafted.values()) > 0 and d.tokens == 3 * 29
+        assert 0 <= sum(d.accepted.values()) <= sum(d.drafted.values())
+
+
+def test_exit_branch_and_kv_fill_stages():
+    model = tiny_model("llama")
+    cm = skimfx.compile(model, EarlyExit(layers=(0, 1), threshold=0.5))
+    p = cm.program
+    assert sorted(p.exits) == [0, 1] and sorted(p.kv_fill) == [1, 2]
+    assert ("early_exit", 4) in p.history
+    # the kv-fill graph has no attention call and no MLP (only the q/k/v projection's linear)
+    for st in p.kv_fill.values():
+        targets = [n.target for n in st.module.graph.nodes if n.op == "call_function"]
+        assert sum(t is torch.ops.aten.linear.default for t in targets) == 1
+    # the exit branch = the model's own final norm + head on layer 1's output
+    ids = torch.tensor([prompts()[0]])
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states[2]          # output of layer 1
+        ref = model.lm_head(model.model.norm(hs))[0].softmax(-1)
+    cache = KVCache.for_program(p, 1, ids.shape[1])
+    run = _Runner(p, cache)
+    with torch.inference_mode():
+        ctx = run.ctx(ids.shape[1])
+        env = run.embed(ctx, ids[0].tolist(), 0)
+        run.run_layers(ctx, env, 0, 2, ids.shape[1])
+        top, prob, margin = p.exits[1].module(ctx, *[env[n] for n in p.exits[1].inputs])
+        assert top.tolist() == ref.argmax(-1).tolist()
+        torch.testing.assert_close(prob, ref.max(-1).values, atol=1e-5, rtol=1e-4)
+        # kv fill of layer 2 = what layer 2 itself writes to the cache for the same input
+        k, v = p.kv_fill[2].module(None, *[env[n] for n in p.kv_fill[2].inputs])
+        run.run_layers(ctx, env, 2, 3, ids.shape[1])
+        kc, vc = cache.view(2, ids.shape[1])
+        torch.testing.assert_close(k, kc)
+        torch.testing.assert_close(v, vc)
+
+
+def test_early_exit_at_the_first_layer_is_the_one_layer_model():
+    """Every step exits after layer 0 (threshold tiny): the tokens after the first one are the greedy
+    continuation of the same model cut to its first layer (layers above only get filled k/v)."""
+    model = tiny_model("llama")
+    ids = prompts()[0]
+    g = skimfx.compile(model, EarlyExit(layers=0, threshold=1e-9)).generate([ids], max_new_tokens=12,
+                                                                              stop_tokens=[])
+    assert g.stats.decoding.exits == {0: 11}
+    one = copy.deepcopy(model)
+    one.model.layers = one.model.layers[:1]
+    one.config.num_hidden_layers = 1
+    seq = ids + g.tokens[0][:1]
+    with torch.no_grad():
+        first = model(torch.tensor([ids])).logits[0, -1].argmax().item()
+        for _ in range(11):
+            seq.append(one(torch.tensor([seq])).logits[0, -1].argmax().item())
+    assert g.tokens[0] == [first] + seq[len(ids) + 1:]
+    # a threshold no token reaches is the dense model
+    dense = skimfx.compile(model).generate([ids], max_new_tokens=12, stop_tokens=[])
+    never = skimfx.compile(model, EarlyExit(layers=(0, 1), threshold=1.0)).generate([ids], max_new_tokens=12,
+                                                                                  stop_tokens=[])
+    assert never.tokens == dense.tokens and never.stats.decoding.exits == {2: 11}
+
+
+def test_ngram_drafts_follow_the_latest_earlier_occurrence():
+    d = NGramDrafts(min_n=2, max_n=3)
+    toks = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 1, 2]
+    assert d.propose(toks, 3) == [3, 7, 8]            # "1 2" last seen before the end at positions 6-7
+    assert d.propose(toks + [3], 2) == [7, 8]         # "1 2 3" -> 7 8
+    assert NGramDrafts().propose([5, 6, 7], 4) == []
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_lossless_modes_are_token_identical_to_dense_on_real_models(which, request):
+    model, tok = request.getfixturevalue(which)
+    dense_cm = request.getfixturevalue(f"{which}_compiled")
+    texts = ["Repeat this list exactly: apples, pears, plums, cherries, apples, pears, plums, cherries.",
+             "Write a short story about a lighthouse keeper."]
+    ids = [chat_ids(tok, t) for t in texts]
+    dense = dense_cm.generate(ids, max_new_tokens=32, stop_tokens=[])
+    L = model.config.num_hidden_layers
+    # lookahead drafts where the n-grams match, exit drafts elsewhere (adaptive off: every step drafts)
+    r = SelfSpeculative(draft="lookahead/exit", exit_layer=L * 3 // 4, adaptive=False, draft_tokens=3)
+    g = skimfx.compile(model, r, tokenizer=tok).generate(ids, max_new_tokens=32, stop_tokens=[])
+    assert g.tokens == dense.tokens, which
+    d = g.stats.decoding
+    assert d.drafted.get("lookahead", 0) > 0 and d.drafted.get("exit", 0) > 0 and d.plain_steps == 0
+
+
+def test_calibrated_exits_on_the_real_model(smollm2, smollm2_compiled, tmp_path):
+    model, tok = smollm2
+    texts = skimfx.reference_texts()
+    cal = skimfx.calibrate_exits(smollm2_compiled, texts, layers=(20, 26), method="ridge", max_tokens=2000)
+    for l in (20, 26):
+        assert cal.agreement[l] > cal.raw_agreement[l]            # the adapter helps
+    assert cal.raw_agreement[26] > cal.raw_agreement[20]
+    t = cal.threshold(26, 0.9)
+    conf, cum = cal.curves[26]
+    assert 0 < t <= 1 and cum[conf >= t][-1] >= 0.9
+    cal.save(tmp_path / "exits.pt")
+    back = skimfx.ExitCalibration.load(tmp_path / "exits.pt")
+    assert back.threshold(26, 0.9) == t
+    torch.testing.assert_close(back.adapters[26].weight, cal.adapters[26].weight)
+    cm = skimfx.compile(model, EarlyExit(layers=(20, 26), calibration=str(tmp_path / "exits.pt"),
+                                         target_agreement=0.9), tokenizer=tok)
+    assert "adapter" in str(cm.program)
+    ids = chat_ids(tok, "What is a license?")
+    g = cm.generate([ids], max_new_tokens=24, stop_tokens=[])
+    assert len(g.tokens[0]) == 24 and sum(g.stats.decoding.exits.values()) == 23
+    # the lossless exit draft with the calibrated adapter is still exactly dense
+    spec = skimfx.compile(model, SelfSpeculative(draft="exit", exit_layer=26, calibration=cal), tokenizer=tok)
+    dense = smollm2_compiled.generate([ids], max_new_tokens=24, stop_tokens=[])
+    assert spec.generate([ids], max_new_tokens=24, stop_tokens=[]).tokens == dense.tokens
+
+
+def test_decoding_errors():
+    model = tiny_model("llama")
+    with pytest.raises(skimfx.RecipeError, match="draft must be"):
+        SelfSpeculative(draft="medusa")
+    with pytest.raises(skimfx.RecipeError, match="exit_layer is needed"):
+        SelfSpeculative(draft="exit")
+    with pytest.raises(skimfx.RecipeError, match="either threshold"):
+        EarlyExit(layers=1)
+    with pytest.raises(skimfx.RecipeError, match="needs a calibration"):
+        EarlyExit(layers=1, target_agreement=0.9)
+    with pytest.raises(skimfx.RecipeError, match="threshold must be"):
+        EarlyExit(layers=(0, 1), threshold=(0.5, 0.6, 0.7))
+    with pytest.raises(skimfx.RecipeError, match="out of range"):
+        skimfx.compile(model, EarlyExit(layers=2, threshold=0.5))
+    with pytest.raises(skimfx.PassError, match="full KV cache"):
+        skimfx.compile(model, [skimfx.SnapKV(budget=32), SelfSpeculative()])
+    with pytest.raises(skimfx.PassError, match="policy"):
+        skimfx.compile(model, [SelfSpeculative(), skimfx.SnapKV(budget=32)])
+    with pytest.raises(EarlyExitError, match="out of range"):
+        early_exit(skimfx.compile(model).program, [5])
+    cm = skimfx.compile(model, SelfSpeculative())
+    with pytest.raises(ValueError, match="greedily"):
+        cm.generate([[1, 2, 3]], max_new_tokens=4, temperature=0.8)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        skimfx.compile(model, SelfSpeculative(), max_cache_len=16).generate([[1] * 12], max_new_tokens=8)
+    cache = KVCache(1, 1, 2, 16, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(0, [3])
