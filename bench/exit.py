@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -57,6 +56,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--target", type=float, default=0.95)
+    ap.add_argument("--calibration-dir", help="load the calibrations from here when present, else fit and save them")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     new_tokens = 32 if args.quick else args.new_tokens
@@ -67,9 +67,16 @@ def main() -> None:
     texts = skimfx.reference_texts()
     cals = {}
     for m in methods:
-        cals[m] = skimfx.calibrate_exits(model, texts, layers, method=m, tokenizer=tok,
-                                         max_tokens=4000 if args.quick else 16000,
-                                         steps=60 if args.quick else 250)
+        path = Path(args.calibration_dir) / f"exits_{m}_{'_'.join(map(str, layers))}.pt" if args.calibration_dir else None
+        if path is not None and path.exists():
+            cals[m] = skimfx.ExitCalibration.load(path)
+        else:
+            cals[m] = skimfx.calibrate_exits(model, texts, layers, method=m, tokenizer=tok,
+                                             max_tokens=3000 if args.quick else 8000,
+                                             steps=40 if args.quick else 150)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cals[m].save(path)
         print(cals[m].report(args.target), flush=True)
 
     every = 4                                           # calibrate_exits holds out every 4th document
@@ -86,35 +93,42 @@ def main() -> None:
         f"lookahead + exit L{top} (lossless)": SelfSpeculative(draft="lookahead/exit", exit_layer=top,
                                                                calibration=cals[best]),
     }
+    # lossy: the top exit alone (each exit check costs an LM head, ~8 layers of SmolLM2), and the top two
     for m in methods:
         if m == "none":
             continue
-        modes[f"early exit {'/'.join(map(str, layers))}, {m} @{args.target:.0%}"] = EarlyExit(
-            layers=layers, calibration=cals[m], target_agreement=args.target)
-    raw_th = tuple(cals["none"].threshold(l, args.target) for l in layers)
-    if all(t <= 1.0 for t in raw_th):
-        modes[f"early exit, raw @{args.target:.0%}"] = EarlyExit(layers=layers, threshold=raw_th)
+        modes[f"early exit L{top}, {m} @{args.target:.0%}"] = EarlyExit(
+            layers=(top,), calibration=cals[m], target_agreement=args.target)
+    modes[f"early exit L{layers[-2]}/{top}, {best} @{args.target:.0%}"] = EarlyExit(
+        layers=layers[-2:], calibration=cals[best], target_agreement=args.target)
 
-    rows, ref = [], None
+    rows, ref = [], {}
     for name, recipe in modes.items():
         cm = skimfx.compile(model, recipe, tokenizer=tok)
-        per = {}
         for kind in ("reuse", "open"):
-            sel = [p for p, k in zip(ids, kinds) if k == kind]
-            t0 = time.perf_counter()
-            g = cm.generate(sel, max_new_tokens=new_tokens, stop_tokens=[])
-            per[kind] = (g, time.perf_counter() - t0)
-        if ref is None:
-            ref = {k: v[0] for k, v in per.items()}
-        for kind, (g, _) in per.items():
-            s = g.stats
-            d = s.decoding
-            row = {"mode": name, "prompts": kind, "decode_tok_s": s.decode_tokens_per_s,
-                   "agreement": sum(agreement(a, b) for a, b in zip(g.tokens, ref[kind].tokens)) / len(g.tokens),
-                   "layers_per_token": (d.layer_tokens / d.tokens) if d else float(model.config.num_hidden_layers),
-                   "acceptance": {k: d.acceptance(k) for k in d.drafted} if d else {},
-                   "exits": dict(d.exits) if d else {}}
-            row["speedup"] = row["decode_tok_s"] / ref[kind].stats.decode_tokens_per_s
+            # one prompt at a time for every mode, dense included (the decoding modes are batch-1)
+            outs = [cm.generate([p], max_new_tokens=new_tokens, stop_tokens=[])
+                    for p, k in zip(ids, kinds) if k == kind]
+            toks = [g.tokens[0] for g in outs]
+            tps = sum(g.stats.decode_tokens for g in outs) / sum(g.stats.decode_s for g in outs)
+            ds = [g.stats.decoding for g in outs if g.stats.decoding is not None]
+            drafted, accepted, exits = {}, {}, {}
+            for d in ds:
+                for k2, v in d.drafted.items():
+                    drafted[k2] = drafted.get(k2, 0) + v
+                for k2, v in d.accepted.items():
+                    accepted[k2] = accepted.get(k2, 0) + v
+                for k2, v in d.exits.items():
+                    exits[k2] = exits.get(k2, 0) + v
+            if name == "dense":
+                ref[kind] = (toks, tps)
+            row = {"mode": name, "prompts": kind, "decode_tok_s": tps,
+                   "agreement": sum(agreement(a, b) for a, b in zip(toks, ref[kind][0])) / len(toks),
+                   "layers_per_token": (sum(d.layer_tokens for d in ds) / sum(d.tokens for d in ds)) if ds
+                   else float(model.config.num_hidden_layers),
+                   "acceptance": {k2: accepted.get(k2, 0) / v for k2, v in drafted.items() if v},
+                   "exits": exits}
+            row["speedup"] = tps / ref[kind][1]
             rows.append(row)
             print(f"{name:<42} {kind:<5} {row['decode_tok_s']:6.2f} tok/s ({row['speedup']:.2f}x) layers/token "
                   f"{row['layers_per_token']:5.1f} agreement {row['agreement']:.0%} acceptance {row['acceptance']} "
@@ -143,7 +157,8 @@ def write(cals, rows, args, layers, new_tokens, n_prompts, kinds) -> None:
     fit = ", ".join(f"{m} {c.seconds:.0f} s" for m, c in cals.items())
     lines += ["", f"Calibration time (hidden states + fit + held-out curves): {fit}.", "",
               f"Decoding, greedy {new_tokens} new tokens, {kinds.count('reuse')} context-reuse prompts (copy / re-line / "
-              f"fix typos / quote a held-out paragraph) and {kinds.count('open')} open prompts, one at a time: "
+              f"fix typos / quote a held-out paragraph) and {kinds.count('open')} open prompts, one at a time for "
+              "every mode (dense included): "
               "decode tokens/s and its ratio to dense on the same prompts, layer evaluations per emitted token "
               "(draft and verification passes, rejected drafts included; dense = 30), agreement with dense "
               "position by position, draft acceptance per source.", "",

@@ -144,6 +144,20 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
                             (lambda q=q, k=k, cos=cos, sin=sin: K.rope_triton(q, k, cos, sin),
                              lambda q=q, k=k, cos=cos, sin=sin: K.rope_ref(*f32(q, k, cos, sin))) if tr else None))
 
+    # ---- exit confidence: LM head + online softmax (SmolLM2: hidden 576, vocab 49152) vs full logits + softmax
+    for rows, hdim, vocab in ([(2, 40, 700)] if quick else [(1, 576, 49152), (8, 576, 49152)]):
+        h, wt = r(rows, hdim), r(vocab, hdim) / 8
+
+        def logits_softmax(h=h, wt=wt):
+            p = torch.softmax(F.linear(h, wt).float(), -1)
+            return p.topk(2, dim=-1)
+
+        out.append(Case("exit_confidence", f"N={rows},{hdim}x{vocab}", vocab * hdim * e + rows * hdim * e,
+                        2 * rows * vocab * hdim,
+                        {"skimfx": lambda h=h, wt=wt: K.exit_confidence(h, wt), "logits+softmax+topk": logits_softmax},
+                        (lambda h=h, wt=wt: K.exit_confidence_triton(h, wt),
+                         lambda h=h, wt=wt: K.exit_confidence_ref(*f32(h, wt))) if tr else None))
+
     fa = _flash_attn() if gpu else None
     attn_heads = [(6, 2, 16)] if quick else ([(9, 3, 64)] if not gpu else [(9, 3, 64), (32, 8, 128)])
 

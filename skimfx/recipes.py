@@ -534,11 +534,12 @@ class SelfSpeculative(Recipe):
     the text so far), "exit" (LayerSkip: the first ``exit_layer`` + 1 layers and an exit branch draft,
     the remaining layers verify), or both ("lookahead/exit": an n-gram draft when one is found, else the
     exit draft). Up to ``draft_tokens`` drafts per step, verified in one pass; the output is the dense
-    greedy output. ``adaptive``: the draft length follows acceptance, and a source slower than plain
-    decoding is switched off for a while. ``calibration``: adapters for the exit branch."""
+    greedy output. ``adaptive``: the draft length follows acceptance (n-gram drafts start at
+    ``draft_tokens``, exit drafts at 2), and exit drafting is switched off for a while when it measures
+    slower than plain decoding. ``calibration``: adapters for the exit branch."""
 
     draft: str | tuple[str, ...] = "lookahead"
-    draft_tokens: int = 4
+    draft_tokens: int = 8
     exit_layer: int | None = None
     calibration: object = None
     adaptive: bool = True

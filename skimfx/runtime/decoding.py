@@ -257,11 +257,11 @@ class SpeculativeDecoding:
     """Draft with ``sources`` (tried in order: "lookahead", "exit"), verify with the full model."""
 
     sources: tuple[str, ...]
-    draft_tokens: int = 4
+    draft_tokens: int = 8
     exit_layer: int | None = None
     adaptive: bool = True
     min_gain: float = 1.0            # a source is switched off while its time per token exceeds plain decode's / this
-    retry_after: int = 16            # plain steps before a switched-off source is tried again
+    retry_after: int = 32            # steps before a switched-off source is tried again (doubles each time it fails)
     ngram: tuple[int, int] = (2, 4)
 
     def __str__(self) -> str:
@@ -273,9 +273,12 @@ class SpeculativeDecoding:
         return _decode_loop(self, program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len, callback)
 
     def start(self, run: _Runner, history: list[int]) -> _State:
-        return _State(history, {"ngram": NGramDrafts(*self.ngram), "k": {s: self.draft_tokens for s in self.sources},
+        # n-gram drafts are free to make and cheap to verify: start long; exit drafts cost layers: start short
+        k0 = {"lookahead": self.draft_tokens, "exit": min(2, self.draft_tokens)}
+        return _State(history, {"ngram": NGramDrafts(*self.ngram), "k": {s: k0[s] for s in self.sources},
                                 "clock": {s: _Clock() for s in self.sources}, "plain": _Clock(),
-                                "off": {s: 0 for s in self.sources}, "steps": 0})
+                                "off": {s: 0 for s in self.sources}, "backoff": {s: self.retry_after for s in self.sources},
+                                "steps": 0})
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self, run: _Runner, state: _State, tok: int, ds: DecodeStats) -> list[int]:
@@ -303,11 +306,19 @@ class SpeculativeDecoding:
             clock = x["clock"][src]
             clock.add(dt, len(new))
             if self.adaptive:
+                # all accepted: draft twice as many next time; a miss: as many as were accepted, plus one
                 k = x["k"][src]
-                x["k"][src] = min(self.draft_tokens, k + 2) if n == len(drafts) else max(1, k - 1)
-                if plain.value is not None and clock.n >= 3 and clock.value * self.min_gain > plain.value:
-                    x["off"][src] = self.retry_after
+                x["k"][src] = min(self.draft_tokens, 2 * k) if n == len(drafts) else max(1, n + 1)
+                # a rejected n-gram draft costs one wider verification pass (k falls to 1 after misses); an
+                # exit draft costs exit_layer + 1 layers per drafted token, so only that source is timed
+                if src == "exit" and plain.value is not None and clock.n >= 1 and \
+                        clock.value * self.min_gain > plain.value:
+                    # slower than plain decoding: off for a while, twice as long after each failed retry
+                    x["off"][src] = x["backoff"][src]
+                    x["backoff"][src] *= 2
                     x["clock"][src] = _Clock()
+                elif clock.n >= 4:               # it pays: forget earlier failures
+                    x["backoff"][src] = self.retry_after
             return new
         t0 = time.perf_counter()
         new = self._plain(run, tok)

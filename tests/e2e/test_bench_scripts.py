@@ -17,7 +17,7 @@ def test_gpu_script_cpu_half(tmp_path):
     data = json.loads((tmp_path / "kernels_cpu.json").read_text())
     ops = {r["op"] for r in data["rows"]}
     assert ops == {"rms_norm", "add_rms_norm", "glu(silu)", "rope(q,k)", "attention prefill", "attention decode",
-                   "sparse decode 25%", "gather_kv 25%", "quest page_scores", "token_scores"}
+                   "sparse decode 25%", "gather_kv 25%", "quest page_scores", "token_scores", "exit_confidence"}
     assert all(r["us"] > 0 and r["roofline"] > 0 for r in data["rows"])
     # every op with a Triton kernel was checked against its reference, and passed
     assert {c["op"] for c in data["checks"]} == ops and all(c["ok"] for c in data["checks"])
