@@ -18,17 +18,15 @@ Writes bench/results/exit.md, exit.json and exit.png (agreement vs speed).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
 import torch
 
 import skimfx
+from _results import RESULTS, pyplot, save
 from skimfx import EarlyExit, SelfSpeculative
 from skimfx.eval import chat_ids
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def held_out_prompts(tok, texts: list[str], n_reuse: int, n_open: int) -> list[tuple[str, list[int]]]:
@@ -137,7 +135,6 @@ def main() -> None:
 
 
 def write(cals, rows, args, layers, new_tokens, n_prompts, kinds) -> None:
-    RESULTS.mkdir(exist_ok=True)
     cal0 = next(iter(cals.values()))
     lines = ["# Early exit and self-speculation vs dense — SmolLM2-135M-Instruct (fp32, CPU)", "",
              f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}. One run, dense in the "
@@ -169,19 +166,13 @@ def write(cals, rows, args, layers, new_tokens, n_prompts, kinds) -> None:
         ex = ", ".join(f"{k}: {v}" for k, v in sorted(r["exits"].items())) or "-"
         lines.append(f"| {r['mode']} | {r['prompts']} | {r['decode_tok_s']:.2f} | {r['speedup']:.2f} | "
                      f"{r['layers_per_token']:.1f} | {r['agreement']:.0%} | {acc} | {ex} |")
-    (RESULTS / "exit.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "exit.json").write_text(json.dumps({
+    save("exit", lines, {
         "calibration": {m: {"agreement": c.agreement, "raw_agreement": c.raw_agreement,
                             "threshold": {l: c.threshold(l, args.target) for l in layers},
                             "seconds": c.seconds, "tokens": c.tokens} for m, c in cals.items()},
-        "decoding": rows}, indent=1, default=str))
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        "decoding": rows})
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, marker in (("reuse", "o"), ("open", "s")):

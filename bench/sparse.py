@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import skimfx
+from _results import pyplot, save
 from skimfx.eval import passkey_correct, passkey_prompts
 
 RESULTS = Path(__file__).parent / "results"
@@ -161,7 +162,6 @@ def sentence_grid(args) -> None:
 
 
 def write_grid(dense, grid, speed, args, n_pk, prompt_tokens) -> None:
-    RESULTS.mkdir(exist_ok=True)
     fracs = (0.25, 0.10, 0.05)
     names = list(grid_recipes(0.1))
     lines = ["# Token vs sentence granularity for KV selection — SmolLM2-135M-Instruct (fp32, CPU)", "",
@@ -194,16 +194,9 @@ def write_grid(dense, grid, speed, args, n_pk, prompt_tokens) -> None:
             lines.append(f"| {r['recipe']} | {r['decode_tok_s']:.2f} | {r['decode_speedup']:.2f} | {r['kv_mib']:.1f} | "
                          f"{r['host_mib']:.1f} | {r['moved_kib_per_token']:.0f} | {r['read']:.2f} | "
                          f"{r['agreement']:.0%} | {r['ttft_s']:.1f} |")
-    (RESULTS / "sparse_sentence.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "sparse_sentence.json").write_text(json.dumps({"dense_passkey": dense, "grid": grid, "speed": speed},
-                                                             indent=1))
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    save("sparse_sentence", lines, {"dense_passkey": dense, "grid": grid, "speed": speed})
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for n in names:

@@ -1,0 +1,27 @@
+"""Shared by the benchmark scripts: write a result table (markdown + json) and get pyplot if installed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def save(stem: str, lines: list[str], data) -> None:
+    """bench/results/<stem>.md (the table, also printed) and <stem>.json (the raw rows)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+    print("\n".join(lines))
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
