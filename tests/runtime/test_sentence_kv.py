@@ -110,7 +110,7 @@ def test_sentencekv_with_a_budget_covering_the_prompt_is_dense_on_real_models(sm
                 "The north wing holds the paintings.\nThe south wing holds sculpture. ") * 4
         ids = [tok(text + "When does the museum open?").input_ids, tok(text[:150] + " Which wing?").input_ids]
         dense = dense_cm.generate(ids, max_new_tokens=12, stop_tokens=[])
-        for offload in (True, False) if model is smollm2[0] else (True,):
+        for offload in (True,):          # the on-device read is checked exactly by the unit test above
             g = skimfx.compile(model, skimfx.SentenceKV(budget=4096, offload=offload), tokenizer=tok).generate(
                 ids, max_new_tokens=12, stop_tokens=[])
             assert g.tokens == dense.tokens, (model.config.model_type, offload)
