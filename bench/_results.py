@@ -25,3 +25,10 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def save_figure(plt, fig, stem: str) -> None:
+    """bench/results/<stem>.png."""
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    plt.close(fig)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import skimfx
-from _results import RESULTS, pyplot, save
+from _results import pyplot, save, save_figure
 from skimfx import EarlyExit, SelfSpeculative
 from skimfx.eval import chat_ids
 
@@ -187,9 +187,7 @@ def write(cals, rows, args, layers, new_tokens, n_prompts, kinds) -> None:
     ax.set_xlabel("decode speed vs dense")
     ax.set_ylabel("tokens equal to dense (%)")
     ax.set_title("early exit / self-speculation on SmolLM2-135M (o: context reuse, s: open)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "exit.png", dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, "exit")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import skimfx
-from _results import pyplot, save
+from _results import pyplot, save, save_figure
 from skimfx.eval import passkey_correct, passkey_prompts
 
 RESULTS = Path(__file__).parent / "results"
@@ -209,9 +209,7 @@ def write_grid(dense, grid, speed, args, n_pk, prompt_tokens) -> None:
     ax.set_xticks([5, 10, 25])
     ax.legend(fontsize=8)
     ax.set_title("token vs sentence granularity (SmolLM2-135M, ~1k tokens)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "sparse_sentence.png", dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, "sparse_sentence")
 
 
 def write(speed, quality, args, n_pk) -> None:

@@ -212,7 +212,7 @@ def calibrate_exits(model, texts: list[str], layers: tuple[int, ...] | list[int]
     s_test = _states(cm, test, list(layers), chunk)
     final = L - 1
     with torch.no_grad():
-        y_test = _argmax_rows(head, s_test[final])
+        y_test = _confidence(head, s_test[final])[0]
     adapters, curves, raw, agree = {}, {}, {}, {}
     for l in layers:
         if method == "ridge":
@@ -224,9 +224,10 @@ def calibrate_exits(model, texts: list[str], layers: tuple[int, ...] | list[int]
         else:
             adapters[l] = None
         with torch.no_grad():
-            raw[l] = float((_argmax_rows(head, s_test[l]) == y_test).float().mean())
-            h = s_test[l] if adapters[l] is None else adapters[l](s_test[l])
-            top, prob = _confidence(head, h)
+            top, prob = _confidence(head, s_test[l])                 # the model's own head on the layer's state
+            raw[l] = float((top == y_test).float().mean())
+            if adapters[l] is not None:
+                top, prob = _confidence(head, adapters[l](s_test[l]))
         hit = (top == y_test).float()
         agree[l] = float(hit.mean())
         order = prob.argsort(descending=True)
@@ -246,10 +247,6 @@ def _tokenize_upto(tok, texts: list[str], n: int) -> list[list[int]]:
         out.append(ids)
         total += len(ids)
     return out
-
-
-def _argmax_rows(head, h: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-    return torch.cat([head(h[i:i + rows]).argmax(-1) for i in range(0, len(h), rows)])
 
 
 def _confidence(head, h: torch.Tensor, rows: int = 1024):
