@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 from .passes.kv_policy import kv_policy
 from .passes.prune_tokens import prune_tokens
@@ -451,6 +452,30 @@ def _calibration(cal):
                           f"loading {cal!r} failed: {e}") from None
 
 
+def _skip_set(value) -> tuple[int, ...]:
+    """Draft&Verify's skipped layers: indices, a SkipCalibration, or the path of a saved one."""
+    from .calibrate import SkipCalibration
+
+    if isinstance(value, (str, Path)):
+        try:
+            value = SkipCalibration.load(value)
+        except (OSError, KeyError, TypeError) as e:
+            raise RecipeError(f"skip_layers: loading a SkipCalibration from {value!r} failed: {e}") from None
+    if isinstance(value, SkipCalibration):
+        if not value.skip:
+            raise RecipeError("the SkipCalibration chose no layers: on its text no skipped set drafts well enough to "
+                              f"pay (agreement after skipping 1, 2, .. layers: "
+                              f"{', '.join(f'{a:.0%}' for a in value.agreement[1:])}); pass layer indices to force one")
+        value = value.skip
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not value or \
+            any(not isinstance(l, int) or isinstance(l, bool) or l < 0 for l in value) or len(set(value)) != len(value):
+        raise RecipeError(f"skip_layers must be distinct layer indices >= 0 (at least one), a SkipCalibration or "
+                          f"its saved path, got {value!r}")
+    return tuple(sorted(value))
+
+
 def _exit_layers(info: ModelInfo, layers) -> None:
     bad = [l for l in layers if not 0 <= l < info.num_layers - 1]
     if bad:
@@ -525,24 +550,28 @@ class EarlyExit(Recipe):
                 _named(_decode_with, "decode_with", mode=mode)]
 
 
-DRAFT_SOURCES = ("lookahead", "exit")
+DRAFT_SOURCES = ("lookahead", "exit", "skip")
 
 
 @dataclass(frozen=True)
 class SelfSpeculative(Recipe):
     """Lossless self-speculative decoding: ``draft`` = "lookahead" (n-gram drafts from the prompt and
     the text so far), "exit" (LayerSkip: the first ``exit_layer`` + 1 layers and an exit branch draft,
-    the remaining layers verify), or both ("lookahead/exit": an n-gram draft when one is found, else the
-    exit draft). Up to ``draft_tokens`` drafts per step, verified in one pass; the output is the dense
-    greedy output. ``adaptive``: the draft length follows acceptance (n-gram drafts start at
-    ``draft_tokens``, exit drafts at 2), and exit drafting is switched off for a while when it measures
-    slower than plain decoding. ``calibration``: adapters for the exit branch."""
+    the remaining layers verify), "skip" (Draft&Verify: the model without ``skip_layers`` drafts, the
+    whole model verifies; ``skimfx.calibrate_skip`` chooses the layers), or several tried in order
+    ("lookahead/exit": an n-gram draft when one is found, else the exit draft). Up to ``draft_tokens``
+    drafts per step, verified in one pass; the output is the dense greedy output. ``adaptive``: the draft
+    length follows acceptance (n-gram drafts start at ``draft_tokens``, model drafts at 2), and exit and
+    skip drafting are switched off for a while when they measure slower than plain decoding.
+    ``calibration``: adapters for the exit branch. ``skip_layers``: layer indices, or a
+    ``SkipCalibration`` (or its saved path) whose chosen set is used."""
 
     draft: str | tuple[str, ...] = "lookahead"
     draft_tokens: int = 8
     exit_layer: int | None = None
     calibration: object = None
     adaptive: bool = True
+    skip_layers: object = None
     name = "selfspeculative"
 
     def __post_init__(self):
@@ -557,13 +586,24 @@ class SelfSpeculative(Recipe):
                               f"(draft={'/'.join(src)}, exit_layer={self.exit_layer})")
         if self.exit_layer is not None and (not isinstance(self.exit_layer, int) or self.exit_layer < 0):
             raise RecipeError(f"exit_layer must be a layer index >= 0, got {self.exit_layer!r}")
+        if ("skip" in src) != (self.skip_layers is not None):
+            raise RecipeError("skip_layers is needed exactly when the draft skips layers "
+                              f"(draft={'/'.join(src)}, skip_layers={self.skip_layers!r}); "
+                              "skimfx.calibrate_skip chooses them")
+        if self.skip_layers is not None:
+            object.__setattr__(self, "skip_layers", _skip_set(self.skip_layers))
 
     def passes(self, info: ModelInfo) -> list:
         from .passes.early_exit import early_exit
         from .runtime.decoding import SpeculativeDecoding
 
+        if self.skip_layers is not None:
+            bad = [l for l in self.skip_layers if l >= info.num_layers]
+            if bad or len(self.skip_layers) >= info.num_layers:
+                raise RecipeError(f"skip_layers {list(self.skip_layers)} do not fit this {info.num_layers}-layer "
+                                  "model (indices 0..L-1, at least one layer kept)")
         mode = SpeculativeDecoding(self.draft, self.draft_tokens, self.exit_layer, self.adaptive,
-                                   min_gain=1.0 if self.adaptive else 0.0)
+                                   min_gain=1.0 if self.adaptive else 0.0, skip_layers=self.skip_layers or ())
         out = []
         if self.exit_layer is not None:
             _exit_layers(info, (self.exit_layer,))

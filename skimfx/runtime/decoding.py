@@ -1,5 +1,6 @@
 """Decoding modes that run fewer layers per token: lossy early exit (CALM) and lossless
-self-speculation (LayerSkip-style exit drafts, Lookahead-style n-gram drafts).
+self-speculation (LayerSkip-style exit drafts, Draft&Verify-style layer-skipping drafts, Lookahead-style
+n-gram drafts).
 
 Both run on the stages of a Program that went through the ``early_exit`` pass (for exit drafts and
 early exit) and decode greedily, one sequence at a time (a batch of prompts is decoded prompt by
@@ -14,10 +15,12 @@ prompt; the prefill, with any pruning, is the ordinary one).
   model's own next token; roll the cache back past the rejected drafts. Greedy verification makes
   the output the dense greedy output. Draft sources: "exit" (the first E+1 layers and the exit
   branch; their k/v are kept and the verification runs only layers E+1.. on the drafted tokens'
-  layer-E states, as LayerSkip does) and "lookahead" (the tokens that followed the latest earlier
-  occurrence of the last n tokens in the prompt or the text so far). The number of drafts adapts to
-  acceptance, and a source whose measured time per token is worse than plain decoding is switched
-  off for a while and retried later.
+  layer-E states, as LayerSkip does), "skip" (the model without a calibrated set of layers,
+  ``calibrate_skip``, as Draft&Verify does; the verification runs every layer) and "lookahead" (the
+  tokens that followed the latest earlier
+  occurrence of the last n tokens in the prompt or the text so far). The number of drafts is chosen
+  each step for the best expected tokens per second from the measured step times and the acceptance
+  so far; a source that does not beat plain decoding is passed over and retried later.
 """
 from __future__ import annotations
 
@@ -61,10 +64,16 @@ class _Runner:
         env.update(zip(self.prologue.outputs, self.prologue.module(ctx, *[env[n] for n in self.prologue.inputs])))
         return env
 
-    def run_layers(self, ctx: Ctx, env: dict, lo: int, hi: int, T: int) -> dict:
-        for st in self.layers[lo:hi]:
+    def run_layers(self, ctx: Ctx, env: dict, lo: int, hi: int, T: int, skip: tuple[int, ...] = ()) -> dict:
+        """Layers lo..hi-1 on ``env``; a layer in ``skip`` passes its input hidden state through (and caches
+        nothing)."""
+        for l in range(lo, hi):
+            st = self.layers[l]
+            if l in skip:
+                env[st.outputs[0]] = env[st.inputs[0]]
+                continue
             env.update(zip(st.outputs, st.module(ctx, *[env[n] for n in st.inputs])))
-        self.layer_tokens += (hi - lo) * T
+            self.layer_tokens += T
         return env
 
     def hidden(self, env: dict, layer: int) -> torch.Tensor:
@@ -216,12 +225,14 @@ class EarlyExitDecoding:
 # ----------------------------------------------------------------------------------------------
 class NGramDrafts:
     """Lookahead drafts: the tokens after the latest earlier occurrence of the last n tokens (n from
-    ``max_n`` down to ``min_n``) in the prompt and the text so far."""
+    ``max_n`` down to ``min_n``) in the prompt and the text so far. ``order`` is the n of the last
+    proposal (longer matches are better drafts; the schedule keeps their acceptance apart)."""
 
     def __init__(self, min_n: int = 2, max_n: int = 4):
         self.min_n, self.max_n = min_n, max_n
         self.index: dict[tuple[int, ...], int] = {}          # n-gram -> end position of its latest occurrence
         self.upto = 0                                        # n-grams ending before this position are indexed
+        self.order = 0
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         end = len(tokens) - 1                                # index every n-gram that ends before the last token
@@ -235,37 +246,87 @@ class NGramDrafts:
                 continue
             j = self.index.get(tuple(tokens[-n:]))
             if j is not None:
+                self.order = n
                 return tokens[j + 1:j + 1 + k]
+        self.order = 0
         return []
 
 
-class _Clock:
-    """Seconds per emitted token, exponentially averaged."""
+class _Costs:
+    """Measured time of a whole draft-and-verify step by the number of drafts k (exponentially averaged).
+
+    How the cost grows with k is the machine's business: on a GPU a wider verification is almost free,
+    on a few CPU cores a pass over 2 tokens can cost twice a pass over 1 while 9 tokens cost little
+    more than 2, so it is measured, not modelled. An unmeasured k is assumed to cost what the nearest
+    measured smaller k costs, so that a longer draft is tried once."""
 
     def __init__(self):
-        self.value: float | None = None
-        self.n = 0
+        self.seconds: dict[int, float] = {}
 
-    def add(self, seconds: float, tokens: int) -> None:
-        x = seconds / max(1, tokens)
-        self.value = x if self.value is None else 0.7 * self.value + 0.3 * x
-        self.n += 1
+    def add(self, k: int, seconds: float) -> None:
+        old = self.seconds.get(k)
+        self.seconds[k] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    def __call__(self, k: int) -> float | None:
+        if k in self.seconds:
+            return self.seconds[k]
+        below = [j for j in self.seconds if j < k]
+        return self.seconds[max(below)] if below else None
+
+
+class _Acceptance:
+    """The probability that a draft token is accepted given that its predecessors were: a geometric
+    model with decayed counts and a prior. A step with k drafts then emits ``(1 - p^(k+1)) / (1 - p)``
+    tokens on average."""
+
+    def __init__(self, prior: float, decay: float = 0.9):
+        self.hits, self.misses = 2.0 * prior, 2.0 * (1 - prior)
+        self.decay = decay
+        self.idle = 0                                         # steps since this kind of draft was last tried
+
+    def observe(self, k: int, accepted: int) -> None:
+        self.hits = self.decay * self.hits + accepted
+        self.misses = self.decay * self.misses + (accepted < k)
+        self.idle = 0
+
+    def best(self, k_max: int, cost: _Costs) -> tuple[int, float | None]:
+        """(k, expected tokens per second) at the best k; the rate is None while no step is measured."""
+        p = min(self.hits / (self.hits + self.misses), 0.999)
+        best: tuple[int, float | None] = (k_max, None)
+        for k in range(1, k_max + 1):
+            c = cost(k)
+            if c is None:
+                return k_max, None
+            rate = (1 - p ** (k + 1)) / (1 - p) / c
+            if best[1] is None or rate > best[1]:
+                best = (k, rate)
+        return best
 
 
 @dataclass(frozen=True)
 class SpeculativeDecoding:
-    """Draft with ``sources`` (tried in order: "lookahead", "exit"), verify with the full model."""
+    """Draft with ``sources`` (tried in order: "lookahead", "exit", "skip"), verify with the full model.
+
+    Adaptive (the default): each step, each source in turn is used with the number of drafts that
+    maximises its expected tokens per second (measured step times ``_Costs``, acceptance so far
+    ``_Acceptance``);
+    a source whose best rate is below plain decoding's is passed over, and tried again after
+    ``retry_after`` idle steps so that its acceptance estimate can recover. Not adaptive: every step
+    drafts ``draft_tokens`` tokens from the first source that has a draft."""
 
     sources: tuple[str, ...]
     draft_tokens: int = 8
     exit_layer: int | None = None
     adaptive: bool = True
-    min_gain: float = 1.0            # a source is switched off while its time per token exceeds plain decode's / this
-    retry_after: int = 32            # steps before a switched-off source is tried again (doubles each time it fails)
+    min_gain: float = 1.0            # a source drafts when its expected rate exceeds plain decoding's x this
+    retry_after: int = 16            # idle steps before a passed-over source drafts again
     ngram: tuple[int, int] = (2, 4)
+    skip_layers: tuple[int, ...] = ()   # the layers a "skip" draft pass leaves out (Draft&Verify)
+    prior: tuple[tuple[str, float], ...] = (("lookahead", 0.7), ("exit", 0.5), ("skip", 0.5))
 
     def __str__(self) -> str:
-        src = " then ".join(s + (f" (layer {self.exit_layer})" if s == "exit" else "") for s in self.sources)
+        where = {"exit": f" (layer {self.exit_layer})", "skip": f" (skipping layers {list(self.skip_layers)})"}
+        src = " then ".join(s + where.get(s, "") for s in self.sources)
         return (f"self-speculative (lossless): drafts from {src}, up to {self.draft_tokens} tokens"
                 + (", adaptive" if self.adaptive else ""))
 
@@ -273,56 +334,48 @@ class SpeculativeDecoding:
         return _decode_loop(self, program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len, callback)
 
     def start(self, run: _Runner, history: list[int]) -> _State:
-        # n-gram drafts are free to make and cheap to verify: start long; exit drafts cost layers: start short
-        k0 = {"lookahead": self.draft_tokens, "exit": min(2, self.draft_tokens)}
-        return _State(history, {"ngram": NGramDrafts(*self.ngram), "k": {s: k0[s] for s in self.sources},
-                                "clock": {s: _Clock() for s in self.sources}, "plain": _Clock(),
-                                "off": {s: 0 for s in self.sources}, "backoff": {s: self.retry_after for s in self.sources},
-                                "steps": 0})
+        prior = dict(self.prior)
+        # acceptance by source, and for n-gram drafts by match length (a 2-gram match is a weaker hint than
+        # a 4-gram one); step costs by source (they depend on the verification's width, not on the match)
+        acc = {s: _Acceptance(prior[s]) for s in self.sources if s != "lookahead"}
+        acc |= {("lookahead", n): _Acceptance(prior["lookahead"]) for n in range(self.ngram[0], self.ngram[1] + 1)}
+        return _State(history, {"ngram": NGramDrafts(*self.ngram), "plain": None, "acceptance": acc,
+                                "cost": {s: _Costs() for s in self.sources}})
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self, run: _Runner, state: _State, tok: int, ds: DecodeStats) -> list[int]:
         x = state.extra
-        x["steps"] += 1
-        plain = x["plain"]
         for src in self.sources:
-            if x["off"][src] > 0:
-                x["off"][src] -= 1
-                continue
-            if plain.value is None and self.min_gain > 0:
-                break                                            # measure plain decoding once first
+            if self.adaptive and x["plain"] is None:
+                break                                            # time one plain step first
             t0 = time.perf_counter()
+            drafts = x["ngram"].propose(state.history, self.draft_tokens) if src == "lookahead" else None
+            if drafts == []:
+                continue                                         # no earlier occurrence of the suffix
+            acc: _Acceptance = x["acceptance"][src if drafts is None else (src, x["ngram"].order)]
+            k = self.draft_tokens if drafts is None else len(drafts)
+            if self.adaptive:
+                k, rate = acc.best(k, x["cost"][src])
+                if rate is not None and rate * x["plain"] < self.min_gain and acc.idle < self.retry_after:
+                    acc.idle += 1
+                    continue                                     # not worth it now
             if src == "lookahead":
-                drafts = x["ngram"].propose(state.history, x["k"][src])
-                if not drafts:
-                    continue
+                drafts = drafts[:k]
                 new, n = self._verify_full(run, tok, drafts)
+            elif src == "exit":
+                new, n, drafts = self._exit_draft_and_verify(run, tok, k)
             else:
-                new, n, drafts = self._exit_draft_and_verify(run, tok, x["k"][src])
-            dt = time.perf_counter() - t0
+                new, n, drafts = self._skip_draft_and_verify(run, tok, k)
+            acc.observe(len(drafts), n)
+            x["cost"][src].add(len(drafts), time.perf_counter() - t0)
             ds.drafted[src] = ds.drafted.get(src, 0) + len(drafts)
             ds.accepted[src] = ds.accepted.get(src, 0) + n
             ds.verify_steps[src] = ds.verify_steps.get(src, 0) + 1
-            clock = x["clock"][src]
-            clock.add(dt, len(new))
-            if self.adaptive:
-                # all accepted: draft twice as many next time; a miss: as many as were accepted, plus one
-                k = x["k"][src]
-                x["k"][src] = min(self.draft_tokens, 2 * k) if n == len(drafts) else max(1, n + 1)
-                # a rejected n-gram draft costs one wider verification pass (k falls to 1 after misses); an
-                # exit draft costs exit_layer + 1 layers per drafted token, so only that source is timed
-                if src == "exit" and plain.value is not None and clock.n >= 1 and \
-                        clock.value * self.min_gain > plain.value:
-                    # slower than plain decoding: off for a while, twice as long after each failed retry
-                    x["off"][src] = x["backoff"][src]
-                    x["backoff"][src] *= 2
-                    x["clock"][src] = _Clock()
-                elif clock.n >= 4:               # it pays: forget earlier failures
-                    x["backoff"][src] = self.retry_after
             return new
         t0 = time.perf_counter()
         new = self._plain(run, tok)
-        plain.add(time.perf_counter() - t0, 1)
+        dt = time.perf_counter() - t0
+        x["plain"] = dt if x["plain"] is None else 0.7 * x["plain"] + 0.3 * dt
         ds.plain_steps += 1
         return new
 
@@ -371,6 +424,22 @@ class SpeculativeDecoding:
         env[run.layers[E].outputs[0]] = torch.cat(hs, dim=1)
         run.run_layers(ctx, env, E + 1, run.L, T)
         new, n = self._accept(run, base, pos, drafts, run.logits(ctx, env))
+        return new, n, drafts
+
+
+    def _skip_draft_and_verify(self, run: _Runner, tok: int, k: int):
+        """Draft&Verify: k drafts from the model without ``skip_layers`` (the kept layers cache the drafts'
+        k/v, overwritten by the verification), then one full pass over the last token and the drafts."""
+        base, pos = run.lengths(), run.pos
+        drafts, x = [], tok
+        for i in range(k):
+            ctx = run.ctx(1)
+            env = run.embed(ctx, [x], pos + i)
+            run.run_layers(ctx, env, 0, run.L, 1, skip=self.skip_layers)
+            x = int(run.logits(ctx, env)[-1].argmax())
+            drafts.append(x)
+        run.rollback(base, 0)
+        new, n = self._verify_full(run, tok, drafts)
         return new, n, drafts
 
 

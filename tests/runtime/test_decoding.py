@@ -2,6 +2,7 @@
 self-speculative decoding token-identical to dense greedy (tiny configs and the real models), CALM
 early exit against a directly computed reference, exit calibration, and the errors."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,12 +12,14 @@ from skimfx import EarlyExit, SelfSpeculative
 from skimfx.eval import chat_ids
 from skimfx.passes import EarlyExitError, early_exit
 from skimfx.runtime import KVCache
-from skimfx.runtime.decoding import NGramDrafts, _Runner
+from skimfx.runtime.decoding import NGramDrafts, _Acceptance, _Costs, _Runner
 from tiny import tiny_model
 
 LOSSLESS = ["selfspeculative", "selfspeculative:draft=exit,exit_layer=1",
             "selfspeculative:draft=lookahead/exit,exit_layer=0,draft_tokens=3",
-            "selfspeculative:adaptive=false,draft_tokens=6"]
+            "selfspeculative:adaptive=false,draft_tokens=6",
+            "selfspeculative:draft=skip,skip_layers=1,adaptive=false,draft_tokens=3",
+            "selfspeculative:draft=lookahead/skip,skip_layers=0/2"]
 
 
 def prompts(seed=0):
@@ -97,9 +100,32 @@ def test_early_exit_at_the_first_layer_is_the_one_layer_model():
 def test_ngram_drafts_follow_the_latest_earlier_occurrence():
     d = NGramDrafts(min_n=2, max_n=3)
     toks = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 1, 2]
-    assert d.propose(toks, 3) == [3, 7, 8]            # "1 2" last seen before the end at positions 6-7
-    assert d.propose(toks + [3], 2) == [7, 8]         # "1 2 3" -> 7 8
+    assert d.propose(toks, 3) == [3, 7, 8] and d.order == 2   # "1 2" last seen before the end at positions 6-7
+    assert d.propose(toks + [3], 2) == [7, 8] and d.order == 3   # "1 2 3" -> 7 8
     assert NGramDrafts().propose([5, 6, 7], 4) == []
+
+
+def test_draft_length_follows_measured_costs_and_acceptance():
+    cost = _Costs()
+    assert cost(3) is None
+    cost.add(1, 2.0)
+    cost.add(8, 2.2)
+    assert cost(4) == 2.0 and cost(8) == 2.2 and cost(12) == 2.2     # unmeasured: the nearest smaller k
+    cost.add(8, 3.2)
+    assert cost(8) == pytest.approx(0.7 * 2.2 + 0.3 * 3.2)
+    assert _Acceptance(0.99).best(8, cost)[0] == 7    # k=7 is unmeasured, so assumed as cheap as k=1: tried once
+    for k in range(2, 8):
+        cost.add(k, 2.0 + 0.01 * k)
+    good, bad = _Acceptance(0.9), _Acceptance(0.9)
+    for _ in range(30):
+        good.observe(8, 8)          # every draft accepted
+        bad.observe(8, 0)           # every first draft rejected
+    k, rate = good.best(8, cost)
+    p = good.hits / (good.hits + good.misses)
+    assert k == 8 and rate == pytest.approx((1 - p ** 9) / (1 - p) / cost(8))
+    k, rate = bad.best(8, cost)     # at p ~ 0 every k emits ~1 token: the cheapest k wins, below plain's rate
+    assert k < 8 and rate < 1 / 1.0
+    assert _Acceptance(0.5).best(8, _Costs()) == (8, None)             # nothing measured: draft the most
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
@@ -145,12 +171,64 @@ def test_calibrated_exits_on_the_real_model(smollm2, smollm2_compiled, tmp_path)
     assert spec.generate([ids], max_new_tokens=24, stop_tokens=[]).tokens == dense.tokens
 
 
+def test_skip_calibration_and_draft_on_the_real_model(smollm2, smollm2_compiled, tmp_path):
+    model, tok = smollm2
+    cal = skimfx.calibrate_skip(smollm2_compiled, skimfx.reference_texts(), max_tokens=128, max_skip=4,
+                                draft_tokens=4)
+    L = model.config.num_hidden_layers
+    assert sorted(cal.order) == list(range(L)) and cal.agreement[0] == 1.0 and cal.tokens == 128
+    # the ranking is by single-layer ablation, best first; skipping the whole first prefix is measured
+    assert [cal.ablation[l] for l in cal.order] == sorted(cal.ablation.values(), reverse=True)
+    assert 2 <= len(cal.agreement) <= 5 and all(0 <= a <= 1 for a in cal.agreement)
+    assert cal.ablation[cal.order[0]] == cal.agreement[1]
+    # the modelled speed-up is the best over the measured prefixes, and the chosen set is that prefix
+    best = max(range(len(cal.expected)), key=lambda s: cal.expected[s])
+    assert cal.skip == tuple(sorted(cal.order[:best]))
+    # skipping layer 0 (the embedding's first transform) hurts more than skipping the most redundant layer
+    assert cal.ablation[0] < cal.ablation[cal.order[0]]
+    # this thin model has no redundant layer: skipping the most redundant one costs ~20% agreement, so no
+    # set pays for itself at a full verification per step (the calibration says so, and the recipe refuses it)
+    assert cal.agreement[1] < 0.9 and cal.skip == ()
+    with pytest.raises(skimfx.RecipeError, match="chose no layers"):
+        SelfSpeculative(draft="skip", skip_layers=cal)
+    forced = dataclasses.replace(cal, skip=tuple(sorted(cal.order[:2])))
+    forced.save(tmp_path / "skip.pt")
+    assert skimfx.SkipCalibration.load(tmp_path / "skip.pt").skip == forced.skip
+    # lossless with the calibrated set, every step drafting (adaptive off)
+    skip = cal.order[:3]
+    r = SelfSpeculative(draft="skip", skip_layers=skip, adaptive=False, draft_tokens=3)
+    ids = chat_ids(tok, "Copy this sentence exactly: The old lighthouse keeper walked slowly down to the harbour.")
+    dense = smollm2_compiled.generate([ids], max_new_tokens=12, stop_tokens=[])
+    g = skimfx.compile(model, r, tokenizer=tok).generate([ids], max_new_tokens=12, stop_tokens=[])
+    assert g.tokens == dense.tokens
+    d = g.stats.decoding
+    assert d.drafted["skip"] > 0 and d.plain_steps == 0
+    # a draft token costs L - 3 layers, a verification L per verified token
+    steps = d.verify_steps["skip"]
+    assert d.layer_tokens == d.drafted["skip"] * (L - 3) + (d.drafted["skip"] + steps) * L
+    assert SelfSpeculative(draft="skip", skip_layers=str(tmp_path / "skip.pt")).skip_layers == forced.skip
+
+
 def test_decoding_errors():
     model = tiny_model("llama")
     with pytest.raises(skimfx.RecipeError, match="draft must be"):
         SelfSpeculative(draft="medusa")
     with pytest.raises(skimfx.RecipeError, match="exit_layer is needed"):
         SelfSpeculative(draft="exit")
+    with pytest.raises(skimfx.RecipeError, match="skip_layers is needed"):
+        SelfSpeculative(draft="skip")
+    with pytest.raises(skimfx.RecipeError, match="skip_layers is needed"):
+        SelfSpeculative(skip_layers=(1,))
+    with pytest.raises(skimfx.RecipeError, match="distinct layer indices"):
+        SelfSpeculative(draft="skip", skip_layers=(1, 1))
+    with pytest.raises(skimfx.RecipeError, match="loading a SkipCalibration"):
+        SelfSpeculative(draft="skip", skip_layers="/nonexistent/skip.pt")
+    with pytest.raises(skimfx.RecipeError, match="do not fit"):
+        skimfx.compile(model, SelfSpeculative(draft="skip", skip_layers=(0, 1, 2)))
+    with pytest.raises(skimfx.RecipeError, match="do not fit"):
+        skimfx.compile(model, SelfSpeculative(draft="skip", skip_layers=(7,)))
+    with pytest.raises(ValueError, match="max_skip"):
+        skimfx.calibrate_skip(skimfx.compile(model), ["some text here"], tokenizer=object(), max_skip=0)
     with pytest.raises(skimfx.RecipeError, match="either threshold"):
         EarlyExit(layers=1)
     with pytest.raises(skimfx.RecipeError, match="needs a calibration"):
