@@ -10,7 +10,7 @@
    tokens/s and its ratio to dense, layer evaluations per emitted token (drafts that were rejected
    count), agreement with dense position by position, draft acceptance.
 
-    python bench/exit.py            # about 15 minutes on 2 cores
+    python bench/exit.py            # about 20 minutes on 2 cores
     python bench/exit.py --quick    # fewer tokens and prompts, 2 layers, no distillation
 
 Writes bench/results/exit.md, exit.json and exit.png (agreement vs speed).
@@ -77,9 +77,20 @@ def main() -> None:
                 cals[m].save(path)
         print(cals[m].report(args.target), flush=True)
 
+    # Draft&Verify: which layers a draft may skip (single-layer ablation, then growing prefixes)
+    path = Path(args.calibration_dir) / "skip.pt" if args.calibration_dir else None
+    if path is not None and path.exists():
+        skip_cal = skimfx.SkipCalibration.load(path)
+    else:
+        skip_cal = skimfx.calibrate_skip(model, texts, tokenizer=tok, max_tokens=256 if args.quick else 512,
+                                         max_skip=4 if args.quick else 8)
+        if path is not None:
+            skip_cal.save(path)
+    print(skip_cal.report(), flush=True)
+
     every = 4                                           # calibrate_exits holds out every 4th document
     held = [t for i, t in enumerate(texts) if i % every == every - 1]
-    prompts = held_out_prompts(tok, held, 2 if args.quick else 4, 1 if args.quick else 2)
+    prompts = held_out_prompts(tok, held, 2 if args.quick else 6, 1 if args.quick else 3)
     ids = [p for _, p in prompts]
     kinds = [k for k, _ in prompts]
     top = layers[-1]
@@ -91,6 +102,9 @@ def main() -> None:
         f"lookahead + exit L{top} (lossless)": SelfSpeculative(draft="lookahead/exit", exit_layer=top,
                                                                calibration=cals[best]),
     }
+    # the calibration keeps every layer when no skipped set pays; the two most redundant layers show why
+    forced = skip_cal.skip or tuple(sorted(skip_cal.order[:2]))
+    modes[f"skip {'/'.join(map(str, forced))} draft (lossless)"] = SelfSpeculative(draft="skip", skip_layers=forced)
     # lossy: the top exit alone (each exit check costs an LM head, ~8 layers of SmolLM2), and the top two
     for m in methods:
         if m == "none":
@@ -100,13 +114,31 @@ def main() -> None:
     modes[f"early exit L{layers[-2]}/{top}, {best} @{args.target:.0%}"] = EarlyExit(
         layers=layers[-2:], calibration=cals[best], target_agreement=args.target)
 
+    # every prompt runs through every mode back to back (dense first), so that the machine's drift over the
+    # run falls on all modes alike; one prompt at a time (the decoding modes are batch-1)
+    compiled = {name: skimfx.compile(model, recipe, tokenizer=tok) for name, recipe in modes.items()}
+    runs = {name: [] for name in modes}
+    for i, p in enumerate(ids):
+        for name, cm in compiled.items():
+            runs[name].append(cm.generate([p], max_new_tokens=new_tokens, stop_tokens=[]))
+        print(f"prompt {i + 1}/{len(ids)} ({kinds[i]}): " + ", ".join(
+            f"{name.split(' (')[0]} {runs[name][-1].stats.decode_tokens_per_s / runs['dense'][-1].stats.decode_tokens_per_s:.2f}x"
+            for name in modes if name != "dense"), flush=True)
+    # per prompt: how much of the dense answer is copied from the prompt (answer tokens that end a 4-gram
+    # also found in the prompt) against the lossless modes' speed-up on that prompt
+    per_prompt = []
+    for i, p in enumerate(ids):
+        ans = runs["dense"][i].tokens[0]
+        grams = {tuple(p[j:j + 4]) for j in range(len(p) - 3)}
+        copied = sum(tuple((p + ans)[len(p) + j - 3:len(p) + j + 1]) in grams for j in range(len(ans))) / len(ans)
+        per_prompt.append({"prompt": i + 1, "kind": kinds[i], "prompt_tokens": len(p), "copied": copied,
+                           "speedup": {name: runs[name][i].stats.decode_tokens_per_s /
+                                       runs["dense"][i].stats.decode_tokens_per_s
+                                       for name in modes if name != "dense" and "lossless" in name}})
     rows, ref = [], {}
-    for name, recipe in modes.items():
-        cm = skimfx.compile(model, recipe, tokenizer=tok)
+    for name in modes:
         for kind in ("reuse", "open"):
-            # one prompt at a time for every mode, dense included (the decoding modes are batch-1)
-            outs = [cm.generate([p], max_new_tokens=new_tokens, stop_tokens=[])
-                    for p, k in zip(ids, kinds) if k == kind]
+            outs = [g for g, k in zip(runs[name], kinds) if k == kind]
             toks = [g.tokens[0] for g in outs]
             tps = sum(g.stats.decode_tokens for g in outs) / sum(g.stats.decode_s for g in outs)
             ds = [g.stats.decoding for g in outs if g.stats.decoding is not None]
@@ -131,10 +163,10 @@ def main() -> None:
             print(f"{name:<42} {kind:<5} {row['decode_tok_s']:6.2f} tok/s ({row['speedup']:.2f}x) layers/token "
                   f"{row['layers_per_token']:5.1f} agreement {row['agreement']:.0%} acceptance {row['acceptance']} "
                   f"exits {row['exits']}", flush=True)
-    write(cals, rows, args, layers, new_tokens, len(ids), kinds)
+    write(cals, skip_cal, rows, per_prompt, args, layers, new_tokens, len(ids), kinds)
 
 
-def write(cals, rows, args, layers, new_tokens, n_prompts, kinds) -> None:
+def write(cals, skip_cal, rows, per_prompt, args, layers, new_tokens, n_prompts, kinds) -> None:
     cal0 = next(iter(cals.values()))
     lines = ["# Early exit and self-speculation vs dense — SmolLM2-135M-Instruct (fp32, CPU)", "",
              f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}. One run, dense in the "
@@ -153,9 +185,13 @@ def write(cals, rows, args, layers, new_tokens, n_prompts, kinds) -> None:
                      + " |")
     fit = ", ".join(f"{m} {c.seconds:.0f} s" for m, c in cals.items())
     lines += ["", f"Calibration time (hidden states + fit + held-out curves): {fit}.", "",
+              "Layer skipping (Draft&Verify), `skimfx.calibrate_skip` on the start of the same text: top-1 agreement "
+              "with the full model when the most redundant layers (single-layer ablation, best first) are skipped "
+              "together, and the modelled speed-up of drafting with them (best k, one full verification per step):", "",
+              *skip_cal.report().splitlines()[1:], "",
               f"Decoding, greedy {new_tokens} new tokens, {kinds.count('reuse')} context-reuse prompts (copy / re-line / "
-              f"fix typos / quote a held-out paragraph) and {kinds.count('open')} open prompts, one at a time for "
-              "every mode (dense included): "
+              f"fix typos / quote a held-out paragraph) and {kinds.count('open')} open prompts, one at a time, each "
+              "prompt through every mode back to back (dense first): "
               "decode tokens/s and its ratio to dense on the same prompts, layer evaluations per emitted token "
               "(draft and verification passes, rejected drafts included; dense = 30), agreement with dense "
               "position by position, draft acceptance per source.", "",
@@ -166,10 +202,21 @@ def write(cals, rows, args, layers, new_tokens, n_prompts, kinds) -> None:
         ex = ", ".join(f"{k}: {v}" for k, v in sorted(r["exits"].items())) or "-"
         lines.append(f"| {r['mode']} | {r['prompts']} | {r['decode_tok_s']:.2f} | {r['speedup']:.2f} | "
                      f"{r['layers_per_token']:.1f} | {r['agreement']:.0%} | {acc} | {ex} |")
+    names = list(per_prompt[0]["speedup"])
+    lines += ["", "Per prompt: the share of the dense answer copied from the prompt (answer tokens ending a 4-gram that "
+              "also occurs in the prompt) and each lossless mode's speed-up on that prompt:", "",
+              "| prompt | kind | prompt tokens | answer copied | " + " | ".join(n.replace(" (lossless)", "") for n in names)
+              + " |", "|---:|---|---:|---:|" + "---:|" * len(names)]
+    for r in per_prompt:
+        lines.append(f"| {r['prompt']} | {r['kind']} | {r['prompt_tokens']} | {r['copied']:.0%} | "
+                     + " | ".join(f"{r['speedup'][n]:.2f}" for n in names) + " |")
     save("exit", lines, {
+        "per_prompt": per_prompt,
         "calibration": {m: {"agreement": c.agreement, "raw_agreement": c.raw_agreement,
                             "threshold": {l: c.threshold(l, args.target) for l in layers},
                             "seconds": c.seconds, "tokens": c.tokens} for m, c in cals.items()},
+        "skip_calibration": {"order": skip_cal.order, "ablation": skip_cal.ablation, "agreement": skip_cal.agreement,
+                             "expected": skip_cal.expected, "skip": skip_cal.skip, "seconds": skip_cal.seconds},
         "decoding": rows})
     plt = pyplot()
     if plt is None:

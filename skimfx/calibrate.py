@@ -280,7 +280,7 @@ class SkipCalibration:
 
 def _skip_speedup(a: float, s: int, L: int, k_max: int, verify_cost: float) -> tuple[float, int]:
     """(modelled tokens per forward-equivalent, best k) for per-token agreement ``a`` and ``s`` skipped layers."""
-    best = (1.0, 0)
+    best = (0.0, 0)
     for k in range(1, k_max + 1):
         kept = k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
         cost = k * (L - s) / L + 1 + verify_cost * k
@@ -360,7 +360,8 @@ def calibrate_skip(model, texts: list[str], *, tokenizer=None, max_tokens: int =
             agree.append(agreement(order[:s]))
             if agree[-1] < min_agreement:
                 break
-    expected = [_skip_speedup(a, s, L, draft_tokens, verify_cost)[0] for s, a in enumerate(agree)]
+    # s = 0 is plain decoding (1.0); a set is chosen only when its drafting is modelled to beat that
+    expected = [1.0] + [_skip_speedup(a, s, L, draft_tokens, verify_cost)[0] for s, a in enumerate(agree) if s]
     best = max(range(len(agree)), key=lambda s: (expected[s], -s))
     return SkipCalibration(L, order, ablation, tuple(agree), tuple(expected), tuple(sorted(order[:best])),
                            draft_tokens, verify_cost, n, time.perf_counter() - t0)

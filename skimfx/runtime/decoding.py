@@ -257,8 +257,9 @@ class _Costs:
 
     How the cost grows with k is the machine's business: on a GPU a wider verification is almost free,
     on a few CPU cores a pass over 2 tokens can cost twice a pass over 1 while 9 tokens cost little
-    more than 2, so it is measured, not modelled. An unmeasured k is assumed to cost what the nearest
-    measured smaller k costs, so that a longer draft is tried once."""
+    more than 2, so it is measured, not modelled. An unmeasured k is interpolated linearly between the
+    measured ones, a plain step standing for k = 0, and extrapolated along the line through the two
+    largest (a model draft costs its layers once per token)."""
 
     def __init__(self):
         self.seconds: dict[int, float] = {}
@@ -267,11 +268,17 @@ class _Costs:
         old = self.seconds.get(k)
         self.seconds[k] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
-    def __call__(self, k: int) -> float | None:
+    def __call__(self, k: int, plain: float) -> float:
         if k in self.seconds:
             return self.seconds[k]
-        below = [j for j in self.seconds if j < k]
-        return self.seconds[max(below)] if below else None
+        lo = max((j for j in self.seconds if j < k), default=0)
+        hi = min((j for j in self.seconds if j > k), default=None)
+        c_lo = self.seconds.get(lo, plain)
+        if hi is None:                                       # above every measured k
+            lo2 = max((j for j in self.seconds if j < lo), default=0)
+            c_lo2 = self.seconds.get(lo2, plain)
+            return c_lo + max(0.0, c_lo - c_lo2) * (k - lo) / (lo - lo2) if lo > 0 else c_lo
+        return c_lo + (self.seconds[hi] - c_lo) * (k - lo) / (hi - lo)
 
 
 class _Acceptance:
@@ -282,25 +289,23 @@ class _Acceptance:
     def __init__(self, prior: float, decay: float = 0.9):
         self.hits, self.misses = 2.0 * prior, 2.0 * (1 - prior)
         self.decay = decay
-        self.idle = 0                                         # steps since this kind of draft was last tried
+        self.idle = 0                                         # steps passed over since this kind last drafted
+        self.patience: int | None = None                      # idle steps before a retry (doubles while it fails)
 
     def observe(self, k: int, accepted: int) -> None:
         self.hits = self.decay * self.hits + accepted
         self.misses = self.decay * self.misses + (accepted < k)
         self.idle = 0
 
-    def best(self, k_max: int, cost: _Costs) -> tuple[int, float | None]:
-        """(k, expected tokens per second) at the best k; the rate is None while no step is measured."""
+    def best(self, k_max: int, cost: _Costs, plain: float, first: int) -> tuple[int, float]:
+        """(k, expected tokens per second) at the best k, given a plain step's time. Drafts grow at most
+        to twice the longest measured one (``first`` before any is measured): exploring a long draft
+        that turns out slow costs one step, and doubling bounds that step."""
         p = min(self.hits / (self.hits + self.misses), 0.999)
-        best: tuple[int, float | None] = (k_max, None)
-        for k in range(1, k_max + 1):
-            c = cost(k)
-            if c is None:
-                return k_max, None
-            rate = (1 - p ** (k + 1)) / (1 - p) / c
-            if best[1] is None or rate > best[1]:
-                best = (k, rate)
-        return best
+        k_max = min(k_max, 2 * max(cost.seconds, default=first // 2))
+        rates = [((1 - p ** (k + 1)) / (1 - p) / cost(k, plain), k) for k in range(1, k_max + 1)]
+        rate, k = max(rates)
+        return k, rate
 
 
 @dataclass(frozen=True)
@@ -311,7 +316,8 @@ class SpeculativeDecoding:
     maximises its expected tokens per second (measured step times ``_Costs``, acceptance so far
     ``_Acceptance``);
     a source whose best rate is below plain decoding's is passed over, and tried again after
-    ``retry_after`` idle steps so that its acceptance estimate can recover. Not adaptive: every step
+    ``retry_after`` idle steps (twice as many after each retry that still does not pay) so that its
+    acceptance estimate can recover. Not adaptive: every step
     drafts ``draft_tokens`` tokens from the first source that has a draft."""
 
     sources: tuple[str, ...]
@@ -355,10 +361,17 @@ class SpeculativeDecoding:
             acc: _Acceptance = x["acceptance"][src if drafts is None else (src, x["ngram"].order)]
             k = self.draft_tokens if drafts is None else len(drafts)
             if self.adaptive:
-                k, rate = acc.best(k, x["cost"][src])
-                if rate is not None and rate * x["plain"] < self.min_gain and acc.idle < self.retry_after:
-                    acc.idle += 1
-                    continue                                     # not worth it now
+                # n-gram drafts cost little to make: start long; model drafts cost layers: start short
+                first = self.draft_tokens if src == "lookahead" else 2
+                k, rate = acc.best(k, x["cost"][src], x["plain"], first)
+                patience = acc.patience or self.retry_after
+                if rate * x["plain"] < self.min_gain:
+                    if acc.idle < patience:
+                        acc.idle += 1
+                        continue                                 # not worth it now
+                    acc.patience = 2 * patience                  # a retry; the next one waits twice as long
+                else:
+                    acc.patience = None
             if src == "lookahead":
                 drafts = drafts[:k]
                 new, n = self._verify_full(run, tok, drafts)

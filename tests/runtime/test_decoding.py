@@ -106,27 +106,33 @@ def test_ngram_drafts_follow_the_latest_earlier_occurrence():
 
 
 def test_draft_length_follows_measured_costs_and_acceptance():
-    cost = _Costs()
-    assert cost(3) is None
-    cost.add(1, 2.0)
+    cost, plain = _Costs(), 1.0
+    assert cost(3, plain) == plain                         # nothing measured: a plain step's cost
+    cost.add(4, 3.0)
+    assert cost(2, plain) == 2.0                           # between a plain step (k = 0) and k = 4
+    assert cost(6, plain) == 4.0                           # above the longest: along the line through k = 0 and 4
     cost.add(8, 2.2)
-    assert cost(4) == 2.0 and cost(8) == 2.2 and cost(12) == 2.2     # unmeasured: the nearest smaller k
+    assert cost(6, plain) == pytest.approx(2.6)
+    assert cost(10, plain) == 2.2                          # the last two measured fall: flat, not falling
     cost.add(8, 3.2)
-    assert cost(8) == pytest.approx(0.7 * 2.2 + 0.3 * 3.2)
-    assert _Acceptance(0.99).best(8, cost)[0] == 7    # k=7 is unmeasured, so assumed as cheap as k=1: tried once
-    cost = _Costs()
-    for k in range(1, 9):           # a verification's cost grows slowly with its width
-        cost.add(k, 2.0 + 0.01 * k)
+    assert cost(8, plain) == pytest.approx(0.7 * 2.2 + 0.3 * 3.2)
     good, bad = _Acceptance(0.9), _Acceptance(0.9)
     for _ in range(30):
         good.observe(8, 8)          # every draft accepted
         bad.observe(8, 0)           # every first draft rejected
-    k, rate = good.best(8, cost)
+    flat = _Costs()
+    for k in range(1, 9):           # a verification's cost grows slowly with its width
+        flat.add(k, 2.0 + 0.01 * k)
+    k, rate = good.best(8, flat, plain, first=8)
     p = min(good.hits / (good.hits + good.misses), 0.999)
-    assert k == 8 and rate == pytest.approx((1 - p ** 9) / (1 - p) / cost(8))
-    k, rate = bad.best(8, cost)     # at p ~ 0 every k emits ~1 token: the cheapest k wins, below plain's rate
-    assert k < 8 and rate < 1 / 1.0
-    assert _Acceptance(0.5).best(8, _Costs()) == (8, None)             # nothing measured: draft the most
+    assert k == 8 and rate == pytest.approx((1 - p ** 9) / (1 - p) / flat(8, plain))
+    k, rate = bad.best(8, flat, plain, first=8)  # at p ~ 0 every k emits ~1 token: the cheapest k, slower than plain
+    assert k == 1 and rate < 1 / plain
+    # drafts grow by doubling: 2 first, then up to twice the longest measured
+    assert good.best(8, _Costs(), plain, first=2)[0] == 2
+    two = _Costs()
+    two.add(2, 1.5)
+    assert good.best(8, two, plain, first=2)[0] == 4
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
