@@ -7,11 +7,12 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def save(stem: str, lines: list[str], data) -> None:
-    """bench/results/<stem>.md (the table, also printed) and <stem>.json (the raw rows)."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+def save(stem: str, lines: list[str], data, out: str | Path | None = None) -> None:
+    """<out>/<stem>.md (the table, also printed) and <stem>.json (the raw rows); out: bench/results."""
+    out = Path(out) if out is not None else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
     print("\n".join(lines))
 
 

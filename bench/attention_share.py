@@ -10,7 +10,8 @@ agreement with dense over the same 64 tokens.
     python bench/attention_share.py              # about 8 minutes on 2 cores
     python bench/attention_share.py --quick      # 64 / 1k / 2k tokens
 
-Writes bench/results/attention_share.md and .json.
+Writes bench/results/attention_share.md and .json (attention_share_cuda.* with ``--device cuda``; bench/gpu.sh
+runs it there in bf16 when the embedded model is installed).
 """
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", help="folder for the table (default bench/results)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lengths = (1024, 2048) if args.quick else (1024, 2048, 4096, 8000)
     policy_lengths = (2048,) if args.quick else (4096, 8000)
-    model, tok = skimfx.load_model("smollm2-135m")
+    model, tok = skimfx.load_model("smollm2-135m", dtype=getattr(torch, args.dtype), device=args.device)
     dense = skimfx.compile(model, tokenizer=tok)
     policies = {name: skimfx.compile(model, r, tokenizer=tok) for name, r in POLICIES.items()}
 
@@ -70,8 +74,10 @@ def main() -> None:
             print(f"{len(ids):>5} {name} {1000 * tp:.1f} ms/token ({t / tp:.2f}x, bound {bound:.2f}x) agreement "
                   f"{rows[-1]['agreement']:.0%}", flush=True)
 
-    lines = ["# Attention's share of a decode step — SmolLM2-135M-Instruct (fp32, CPU)", "",
-             f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}. One run, batch 1, "
+    where = (f"{platform.machine()}, {args.threads} threads" if args.device == "cpu" else
+             f"{torch.cuda.get_device_name()}")
+    lines = [f"# Attention's share of a decode step — SmolLM2-135M-Instruct ({args.dtype}, {args.device})", "",
+             f"Machine: {where}, torch {torch.__version__}. One run, batch 1, "
              f"greedy {args.new_tokens} new tokens after a passkey prompt. bound = dense time per token at this context "
              f"/ at {len(short)} tokens: the most any KV selection can speed decoding up here, since every projection, "
              "MLP and the LM head still run. DELTA: layers 0-1 full, selection at 2, 10, 20, recent 32.", "",
@@ -82,7 +88,7 @@ def main() -> None:
         lines.append(f"| {r['context']} | {r['recipe']} | {r['ms_per_token']:.1f} | {r['speedup']:.2f} | "
                      f"{r['bound']:.2f} | {'-' if gain is None else f'{gain:.0%}'} | {r['agreement']:.0%} |")
     lines += ["", "share of bound: the part of the possible gain (bound - 1) the policy realises."]
-    save("attention_share", lines, rows)
+    save("attention_share" if args.device == "cpu" else f"attention_share_{args.device}", lines, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,16 @@ def test_second_load_reads_the_cache_not_the_gguf(smollm2, monkeypatch):
     assert model.config.num_hidden_layers == 30 and tok.eos_token == "<|im_end|>"
 
 
+@pytest.fixture
+def cli_model(smollm2, monkeypatch):
+    """The CLI loads the embedded model by name: hand it this session's copy (loading itself is tested
+    above), so that its compiles reuse the session's export instead of capturing a fresh model."""
+    real = skimfx.load_model
+    monkeypatch.setattr(skimfx, "load_model", lambda name: smollm2 if name == "smollm2-135m" else real(name))
+
+
 @pytest.mark.slow
-def test_cli_generate_streams_text(capsys):
+def test_cli_generate_streams_text(capsys, cli_model):
     assert main(["generate", "--model", "smollm2-135m", "--prompt", "What is the capital of France?",
                  "--max-new-tokens", "8"]) == 0
     out, err = capsys.readouterr()
@@ -41,7 +49,7 @@ def test_cli_generate_streams_text(capsys):
 
 
 @pytest.mark.slow
-def test_cli_show_prints_the_program_before_and_after(capsys):
+def test_cli_show_prints_the_program_before_and_after(capsys, cli_model):
     assert main(["show", "--model", "smollm2-135m"]) == 0
     out = capsys.readouterr().out
     assert "== captured ==" in out and "not split into stages" in out
@@ -49,14 +57,14 @@ def test_cli_show_prints_the_program_before_and_after(capsys):
 
 
 @pytest.mark.slow
-def test_cli_bad_input_is_one_line_error(capsys):
+def test_cli_bad_input_is_one_line_error(capsys, cli_model):
     assert main(["generate", "--model", "smollm2-135m", "--prompt", "", "--no-chat"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("skimfx: error:") and "empty" in err[0]
 
 
 @pytest.mark.slow
-def test_cli_demo_prints_one_row_per_recipe(capsys):
+def test_cli_demo_prints_one_row_per_recipe(capsys, cli_model):
     assert main(["demo", "--prompt-tokens", "300", "--max-new-tokens", "6",
                  "--recipe", "promptdistill:layers=14,keep=75"]) == 0
     out = capsys.readouterr().out
@@ -66,7 +74,7 @@ def test_cli_demo_prints_one_row_per_recipe(capsys):
 
 
 @pytest.mark.slow
-def test_cli_eval_writes_table_and_plot(tmp_path, capsys):
+def test_cli_eval_writes_table_and_plot(tmp_path, capsys, cli_model):
     assert main(["eval", "--task", "passkey", "--length", "300", "--prompts", "5",
                  "--recipe", "gemfilter:layer=14,keep=75", "--out", str(tmp_path)]) == 0
     import json
@@ -93,7 +101,7 @@ def test_cli_bad_arguments_are_one_line_errors(argv, match, capsys):
 
 
 @pytest.mark.slow
-def test_cli_bench_table(capsys):
+def test_cli_bench_table(capsys, cli_model):
     assert main(["bench", "--lengths", "200", "--max-new-tokens", "4", "--recipe", "snapkv:budget=0.5",
                  "--recipe", "quest:token_budget=64"]) == 0
     lines = capsys.readouterr().out.splitlines()

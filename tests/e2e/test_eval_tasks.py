@@ -41,8 +41,8 @@ def test_passkey_needle_positions(smollm2):
 def test_perplexity_and_agreement_separate_dense_from_heavy_pruning(smollm2, smollm2_compiled):
     model, tok = smollm2
     heavy = skimfx.compile(model, "promptdistill:layers=1,keep=16", tokenizer=tok)
-    dense_ppl = perplexity(smollm2_compiled.program, tok, context_tokens=400, continuation_tokens=48)
-    heavy_ppl = perplexity(heavy.program, tok, context_tokens=400, continuation_tokens=48)
+    dense_ppl = perplexity(smollm2_compiled.program, tok, context_tokens=300, continuation_tokens=32)
+    heavy_ppl = perplexity(heavy.program, tok, context_tokens=300, continuation_tokens=32)
     assert 1.0 < dense_ppl < 50 and heavy_ppl > dense_ppl
     ids = [p.ids for p in passkey_prompts(tok, 300, depths=(0.5,), keys_per_depth=2)]
     same = agreement(smollm2_compiled.program, smollm2_compiled.program, ids, n_tokens=8)

@@ -19,9 +19,9 @@ def test_fused_counts_and_logits_equal_unfused(request, name):
     hist = {k: v for k, v in fused.program.history if k.startswith("fuse.")}
     assert hist == {"fuse.rms_norm": PLAIN_NORMS[name] * L + 1, "fuse.add_rms_norm": L, "fuse.rope": L,
                     "fuse.glu": L, "fuse.qkv": L, "fuse.gate_up": L}
-    text = "Fusion must not change what the model computes. " * 12
+    text = "Fusion must not change what the model computes. " * 8
     ids = tok(text, return_tensors="pt").input_ids
     for batch in (ids, ids[:, :1]):
         a, b = plain(batch).logits, fused(batch).logits
         assert (a - b).abs().max().item() <= 1e-4
-    assert plain.generate(input_ids=ids, max_new_tokens=16).tokens == fused.generate(input_ids=ids, max_new_tokens=16).tokens
+    assert plain.generate(input_ids=ids, max_new_tokens=8).tokens == fused.generate(input_ids=ids, max_new_tokens=8).tokens
