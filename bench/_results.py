@@ -16,6 +16,12 @@ def save(stem: str, lines: list[str], data, out: str | Path | None = None) -> No
     print("\n".join(lines))
 
 
+def agreement(a: list[int], b: list[int]) -> float:
+    """Share of positions where two generations agree, over the shorter one."""
+    n = min(len(a), len(b))
+    return sum(x == y for x, y in zip(a, b)) / n if n else float("nan")
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (plots are optional)."""
     try:

@@ -21,15 +21,10 @@ import platform
 import torch
 
 import skimfx
-from _results import save
+from _results import agreement, save
 from skimfx.eval import passkey_prompts
 
 POLICIES = {"DELTA 25%": "delta:budget=0.25", "DELTA 10%": "delta:budget=0.1"}
-
-
-def agreement(a: list[int], b: list[int]) -> float:
-    n = min(len(a), len(b))
-    return sum(x == y for x, y in zip(a, b)) / n if n else float("nan")
 
 
 def main() -> None:

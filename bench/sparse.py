@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import skimfx
-from _results import pyplot, save, save_figure
+from _results import agreement, pyplot, save, save_figure
 from skimfx.eval import passkey_correct, passkey_prompts
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,11 +42,6 @@ RECIPES = {
     "SentenceKV": "sentencekv:budget=0.25",
 }
 BATCH_RECIPES = ("dense", "Quest", "DELTA")   # batch-4 decode: where reading less of the cache pays on a CPU
-
-
-def agreement(a: list[int], b: list[int]) -> float:
-    n = min(len(a), len(b))
-    return sum(x == y for x, y in zip(a, b)) / n if n else float("nan")
 
 
 def main() -> None:

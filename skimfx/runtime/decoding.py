@@ -17,10 +17,10 @@ prompt; the prefill, with any pruning, is the ordinary one).
   branch; their k/v are kept and the verification runs only layers E+1.. on the drafted tokens'
   layer-E states, as LayerSkip does), "skip" (the model without a calibrated set of layers,
   ``calibrate_skip``, as Draft&Verify does; the verification runs every layer) and "lookahead" (the
-  tokens that followed the latest earlier
-  occurrence of the last n tokens in the prompt or the text so far). The number of drafts is chosen
-  each step for the best expected tokens per second from the measured step times and the acceptance
-  so far; a source that does not beat plain decoding is passed over and retried later.
+  tokens that followed the latest earlier occurrence of the last n tokens in the prompt or the text
+  so far). The number of drafts is chosen each step for the best expected tokens per second from the
+  measured step times and the acceptance so far; a source that does not beat plain decoding is passed
+  over and retried later.
 """
 from __future__ import annotations
 
@@ -314,11 +314,10 @@ class SpeculativeDecoding:
 
     Adaptive (the default): each step, each source in turn is used with the number of drafts that
     maximises its expected tokens per second (measured step times ``_Costs``, acceptance so far
-    ``_Acceptance``);
-    a source whose best rate is below plain decoding's is passed over, and tried again after
-    ``retry_after`` idle steps (twice as many after each retry that still does not pay) so that its
-    acceptance estimate can recover. Not adaptive: every step
-    drafts ``draft_tokens`` tokens from the first source that has a draft."""
+    ``_Acceptance``); a source whose best rate is below plain decoding's is passed over, and tried
+    again after ``retry_after`` idle steps (twice as many after each retry that still does not pay) so
+    that its acceptance estimate can recover. Not adaptive: every step drafts ``draft_tokens`` tokens
+    from the first source that has a draft."""
 
     sources: tuple[str, ...]
     draft_tokens: int = 8
