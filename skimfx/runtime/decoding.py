@@ -31,7 +31,7 @@ import torch
 
 from ..program import Program
 from .cache import KVCache
-from .engine import Ctx, Generation, Stats, extend, plan_capacity, prefill
+from .engine import Ctx, Generation, Stats, plan_capacity, prefill
 
 
 # ----------------------------------------------------------------------------------------------
