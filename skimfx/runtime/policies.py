@@ -301,7 +301,7 @@ def delta_index(pol: CachePolicy, q, keys, kv_len: torch.Tensor, scale: float, b
     p = p.masked_fill(j >= (kv_len - pol.recent)[:, None], float("inf"))
     p = p.masked_fill(j >= kv_len[:, None], float("-inf"))
     K = min(keys.shape[2], budget + pol.recent)
-    return p.topk(K, dim=-1).indices
+    return p.topk(K, dim=-1).indices.sort(dim=-1).values        # slot order: the gathers read forward
 
 
 # ----------------------------------------------------------------------------------------------
