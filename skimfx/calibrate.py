@@ -188,15 +188,9 @@ def calibrate_exits(model, texts: list[str], layers: tuple[int, ...] | list[int]
     """Fit exit adapters for ``layers`` on ``texts`` (documents; the last ``held_out`` fraction of them is
     held out) and measure the agreement curves. ``model``: a HF model (compiled dense here) or a
     ``CompiledModel``. ``max_tokens`` caps the training tokens."""
-    from . import compile as _compile
-    from .runtime.hf import CompiledModel
-
     if method not in ("none", "ridge", "distill"):
         raise ValueError(f"method must be 'none', 'ridge' or 'distill', got {method!r}")
-    cm = model if isinstance(model, CompiledModel) else _compile(model, tokenizer=tokenizer)
-    tok = tokenizer or cm.tokenizer
-    if tok is None:
-        raise ValueError("calibrate_exits tokenizes the texts: pass tokenizer=tok")
+    cm, tok = _compiled(model, tokenizer, "calibrate_exits")
     L = cm.info.num_layers
     layers = tuple(sorted(set(layers)))
     if not layers or any(not 0 <= l < L - 1 for l in layers):
@@ -278,14 +272,11 @@ class SkipCalibration:
         return cls(**torch.load(path, weights_only=False))
 
 
-def _skip_speedup(a: float, s: int, L: int, k_max: int, verify_cost: float) -> tuple[float, int]:
-    """(modelled tokens per forward-equivalent, best k) for per-token agreement ``a`` and ``s`` skipped layers."""
-    best = (0.0, 0)
-    for k in range(1, k_max + 1):
-        kept = k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
-        cost = k * (L - s) / L + 1 + verify_cost * k
-        best = max(best, (kept / cost, k))
-    return best
+def _skip_speedup(a: float, s: int, L: int, k_max: int, verify_cost: float) -> float:
+    """Modelled tokens per forward-equivalent at the best k, for per-token agreement ``a`` and ``s``
+    skipped layers."""
+    return max((k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)) / (k * (L - s) / L + 1 + verify_cost * k)
+               for k in range(1, k_max + 1))
 
 
 def calibrate_skip(model, texts: list[str], *, tokenizer=None, max_tokens: int = 512, chunk: int = 256,
@@ -300,15 +291,10 @@ def calibrate_skip(model, texts: list[str], *, tokenizer=None, max_tokens: int =
     maximises the modelled speed-up (see ``SkipCalibration``); ``verify_cost`` is the cost of one more
     token in a verification pass relative to a one-token forward (small when decoding is bound by
     reading the weights)."""
-    from . import compile as _compile
     from .runtime.cache import KVCache
     from .runtime.decoding import _Runner
-    from .runtime.hf import CompiledModel
 
-    cm = model if isinstance(model, CompiledModel) else _compile(model, tokenizer=tokenizer)
-    tok = tokenizer or cm.tokenizer
-    if tok is None:
-        raise ValueError("calibrate_skip tokenizes the texts: pass tokenizer=tok")
+    cm, tok = _compiled(model, tokenizer, "calibrate_skip")
     if not texts:
         raise ValueError("calibrate_skip needs at least one text")
     L = cm.info.num_layers
@@ -361,10 +347,22 @@ def calibrate_skip(model, texts: list[str], *, tokenizer=None, max_tokens: int =
             if agree[-1] < min_agreement:
                 break
     # s = 0 is plain decoding (1.0); a set is chosen only when its drafting is modelled to beat that
-    expected = [1.0] + [_skip_speedup(a, s, L, draft_tokens, verify_cost)[0] for s, a in enumerate(agree) if s]
+    expected = [1.0] + [_skip_speedup(a, s, L, draft_tokens, verify_cost) for s, a in enumerate(agree) if s]
     best = max(range(len(agree)), key=lambda s: (expected[s], -s))
     return SkipCalibration(L, order, ablation, tuple(agree), tuple(expected), tuple(sorted(order[:best])),
                            draft_tokens, verify_cost, n, time.perf_counter() - t0)
+
+
+def _compiled(model, tokenizer, caller: str):
+    """(CompiledModel, tokenizer): ``model`` compiled dense unless it already is compiled."""
+    from . import compile as _compile
+    from .runtime.hf import CompiledModel
+
+    cm = model if isinstance(model, CompiledModel) else _compile(model, tokenizer=tokenizer)
+    tok = tokenizer or cm.tokenizer
+    if tok is None:
+        raise ValueError(f"{caller} tokenizes the texts: pass tokenizer=tok")
+    return cm, tok
 
 
 def _tokenize_upto(tok, texts: list[str], n: int) -> list[list[int]]:
