@@ -12,7 +12,7 @@ import torch
 
 from .capture import UnsupportedModelError, capture
 from .models import EMBEDDED, load_model
-from .passes import PassError, PassManager, default_passes
+from .passes import PassError, PassManager, default_passes, final_passes
 from .program import Program
 from .recipes import (RECIPES, H2O, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError,
                       SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, parse_recipe, recipe_label)
@@ -39,7 +39,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
             [] if recipe is None else [recipe] if isinstance(recipe, Recipe) else list(recipe)
         # recipes read what lowering found (e.g. which layers are sliding-window layers)
         program = PassManager(default_passes(fuse))(program)
-        passes = [p for r in recipes for p in r.passes(program.info)]
+        passes = [p for r in recipes for p in r.passes(program.info)] + final_passes()
     program = PassManager(passes)(program)
     if any(s.granularity == "sentence" for s in (*program.selections.values(), *program.policies.values())):
         if tokenizer is None:

@@ -61,14 +61,14 @@ def cmd_generate(args) -> None:
 
 def cmd_show(args) -> None:
     import skimfx
-    from skimfx.passes import PassManager, default_passes
+    from skimfx.passes import PassManager, default_passes, final_passes
 
     recipes = skimfx.parse_recipe(args.recipe or "")
     model, _ = skimfx.load_model(args.model)
     program = skimfx.capture(model)
     print("== captured ==")
     print(program)
-    program = PassManager(default_passes() + [p for r in recipes for p in r.passes(program.info)])(program)
+    program = PassManager(default_passes() + [p for r in recipes for p in r.passes(program.info)] + final_passes())(program)
     print("\n== after passes ==")
     print(program)
 

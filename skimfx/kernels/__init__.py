@@ -13,6 +13,7 @@ from .token_scores import token_scores, token_scores_ref, token_scores_triton, c
 from .norm import add_rms_norm, add_rms_norm_ref, add_rms_norm_triton, rms_norm, rms_norm_ref, rms_norm_triton
 from .activation import glu, glu_ref, glu_triton
 from .rope import rope, rope_ref, rope_triton
+from .linear import linear
 from .exit_confidence import exit_confidence, exit_confidence_ref, exit_confidence_triton
 from . import library  # noqa: E402  registers torch.ops.skimfx.* (after the modules it wraps)
 
@@ -22,4 +23,4 @@ __all__ = ["HAS_TRITON", "use_triton", "attention", "attention_ref", "attention_
            "gather_kv_triton", "page_minmax", "page_minmax_ref", "page_minmax_triton", "page_scores",
            "page_scores_ref", "page_scores_triton", "rms_norm", "rms_norm_ref", "rms_norm_triton", "add_rms_norm",
            "add_rms_norm_ref", "add_rms_norm_triton", "glu", "glu_ref", "glu_triton", "rope", "rope_ref",
-           "rope_triton", "exit_confidence", "exit_confidence_ref", "exit_confidence_triton", "library"]
+           "rope_triton", "exit_confidence", "exit_confidence_ref", "exit_confidence_triton", "linear", "library"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, autotune_configs, launch, tl, triton, use_triton
+from .linear import linear
 
 
 def _check(h: torch.Tensor, weight: torch.Tensor) -> None:
@@ -30,7 +31,7 @@ def _check(h: torch.Tensor, weight: torch.Tensor) -> None:
 def exit_confidence_ref(h: torch.Tensor, weight: torch.Tensor, softcap: float | None = None):
     """Reference: full logits in fp32, softmax, top-2."""
     _check(h, weight)
-    z = (h.float() @ weight.float().T) if h.dtype != weight.dtype else torch.nn.functional.linear(h, weight).float()
+    z = (h.float() @ weight.float().T) if h.dtype != weight.dtype else linear(h, weight).float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     p = torch.softmax(z, -1)

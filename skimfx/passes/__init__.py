@@ -12,6 +12,7 @@ from .early_exit import EarlyExitError, early_exit
 from .fuse import FuseError, fuse, fuse_graph
 from .kv_policy import PolicyError, kv_policy
 from .lower_attention import lower_attention
+from .lower_linear import lower_linear
 from .prune_tokens import prune_tokens
 from .split_layers import split_layers
 
@@ -49,5 +50,10 @@ def default_passes(fused: bool = True) -> list[PassFn]:
     return [lower_attention, split_layers] + ([fuse] if fused else [])
 
 
-__all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers", "prune_tokens", "kv_policy",
+def final_passes() -> list[PassFn]:
+    """Run after every rewrite (they match ``aten.linear`` as a pattern): the remaining linears are lowered."""
+    return [lower_linear]
+
+
+__all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers", "final_passes", "lower_linear", "prune_tokens", "kv_policy",
            "PolicyError", "fuse", "fuse_graph", "FuseError", "early_exit", "EarlyExitError"]

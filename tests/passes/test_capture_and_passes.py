@@ -7,6 +7,7 @@ import transformers as tf
 import skimfx
 from skimfx.capture import UnsupportedModelError, capture
 from skimfx.passes import PassError, PassManager, lower_attention, split_layers
+from skimfx.kernels.linear import linear
 from skimfx.program import cached_attention
 from tiny import tiny_configs, tiny_model
 
@@ -39,7 +40,12 @@ def test_rewrite_counts_and_stages(compiled, arch):
     model, cm = compiled[arch]
     p = cm.program
     L = model.config.num_hidden_layers
-    assert {k: v for k, v in p.history if not k.startswith("fuse.")} == {"lower_attention": L, "split_layers": L + 2}
+    # every projection, MLP and LM-head linear ends on the decode-shaped linear kernel (qkv, o, gate_up, down
+    # per layer after fusion, plus the head); no aten.linear is left to run
+    calls = [n.target for s in p.stages for n in s.module.graph.nodes if n.op == "call_function"]
+    assert calls.count(linear) == 4 * L + 1 and torch.ops.aten.linear.default not in calls
+    assert {k: v for k, v in p.history if not k.startswith("fuse.")} == \
+        {"lower_attention": L, "split_layers": L + 2, "lower_linear": 4 * L + 1}
     assert [s.name for s in p.stages] == ["prologue"] + [f"layer.{i}" for i in range(L)] + ["epilogue"]
     gm = p.graph_module
     calls = [n for n in gm.graph.nodes if n.target is cached_attention]

@@ -1,0 +1,34 @@
+"""lower_linear: every ``aten.linear`` left in the executable graphs -> ``kernels.linear.linear``.
+
+Why: the model's projections, MLP and LM head are most of a decode step, and their cost at decode
+shapes (a few rows against every weight) depends on which GEMM path runs; ``kernels.linear`` picks
+one that streams the weight (see its docstring for the measurements). The math is ``F.linear``'s.
+
+It runs last, after the passes that read linears as graph patterns (fuse merges q/k/v and gate/up,
+early_exit finds the LM head), over every stage, exit branch and KV-fill graph. ``program.history``
+records the number of linears lowered.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.linear import linear
+from ..program import Program
+
+aten = torch.ops.aten
+
+
+def lower_linear(program: Program) -> Program:
+    if program.stages is None:
+        raise ValueError("lower_linear runs on a Program split into stages (run split_layers first)")
+    modules = [s.module for s in (*program.stages, *program.exits.values(), *program.kv_fill.values())]
+    count = 0
+    for gm in modules:
+        hits = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
+        for n in hits:
+            n.target = linear
+        if hits:
+            gm.recompile()
+        count += len(hits)
+    program.history.append(("lower_linear", count))
+    return program
