@@ -141,7 +141,9 @@ class Ctx:
         elif pol.role == "select":
             self.delta_set = None
             if max(lengths) > budget + pol.recent:
-                self.delta_set = P.delta_index(pol, q, keys, kv_len, scale, budget)
+                out, self.delta_set = P.delta_select(pol, q, keys, values, kv_len, scale, softcap, budget)
+                self._count(layer, lengths)
+                return out
         elif self.delta_set is not None:
             index = self.delta_set
             self._count(layer, [min(m, index.shape[-1]) for m in lengths], lengths)

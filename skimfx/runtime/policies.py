@@ -40,7 +40,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import attention, choose_sentences, gather_kv, page_minmax, page_scores, sparse_attention, token_scores
+from ..kernels import (attention, choose_sentences, decode_attention_scores, gather_kv, page_minmax, page_scores,
+                       sparse_attention, token_scores)
 from ..program import CachePolicy
 
 
@@ -293,14 +294,21 @@ def quest_index(pol: CachePolicy, cache, layer: int, q: torch.Tensor, budget: in
     return slots.flatten(2)
 
 
-def delta_index(pol: CachePolicy, q, keys, kv_len: torch.Tensor, scale: float, budget: int) -> torch.Tensor:
-    """DELTA's token set for the layers above a "select" layer: the ``budget`` slots with the highest
-    attention from the new query summed over all heads, plus the ``recent`` newest -> [B, K]."""
-    p = token_scores(q, keys, kv_len - 1, kv_len, scale, softmax=True, heads="sum")      # [B, S]
-    j = torch.arange(keys.shape[2], device=q.device)[None]
+def delta_select(pol: CachePolicy, q, keys, values, kv_len: torch.Tensor, scale: float, softcap,
+                 budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DELTA "select" layer's decode step: its own full attention output and the token set for the
+    layers above it (``delta_index``), from one pass over its keys -> (output [B, Hq, 1, D], index [B, K])."""
+    out, p = decode_attention_scores(q, keys, values, kv_len, scale, softcap)
+    return out, delta_index(pol, p, kv_len, budget)
+
+
+def delta_index(pol: CachePolicy, p: torch.Tensor, kv_len: torch.Tensor, budget: int) -> torch.Tensor:
+    """DELTA's token set: the ``budget`` slots with the highest attention ``p [B, S]`` from the new query
+    (summed over all heads), plus the ``recent`` newest -> [B, K] in slot order."""
+    j = torch.arange(p.shape[1], device=p.device)[None]
     p = p.masked_fill(j >= (kv_len - pol.recent)[:, None], float("inf"))
     p = p.masked_fill(j >= kv_len[:, None], float("-inf"))
-    K = min(keys.shape[2], budget + pol.recent)
+    K = min(p.shape[1], budget + pol.recent)
     return p.topk(K, dim=-1).indices.sort(dim=-1).values        # slot order: the gathers read forward
 
 

@@ -87,3 +87,40 @@ def test_bad_arguments():
         token_scores_ref(q, k, qp, kl, 1.0, heads="median")
     with pytest.raises(ValueError, match="pool_kernel must be odd"):
         token_scores_ref(q, k, qp, kl, 1.0, pool="avg", pool_kernel=4)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_decode_attention_scores_is_attention_and_scores_in_one_pass(softcap):
+    """DELTA's select layers: the output equals cached decode attention, the probabilities equal
+    token_scores(softmax, heads="sum") (0 instead of -inf past each sequence's keys)."""
+    from skimfx.kernels import attention_ref, decode_attention_scores, decode_attention_scores_ref
+
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, S, D = 3, 9, 3, 70, 16
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    kv_len = torch.tensor([70, 41, 1])
+    out, p = decode_attention_scores_ref(q, k, v, kv_len, 0.25, softcap)
+    torch.testing.assert_close(out, attention_ref(q, k, v, kv_len - 1, kv_len, 0.25, None, softcap))
+    assert p.shape == (B, S) and bool((p[1, 41:] == 0).all()) and bool((p[2, 1:] == 0).all())
+    torch.testing.assert_close(p.sum(-1), torch.full((B,), float(Hq)))               # each head's softmax sums to 1
+    if softcap is None:
+        ref = token_scores_ref(q, k, kv_len - 1, kv_len, 0.25, softmax=True, heads="sum")
+        torch.testing.assert_close(p, ref.clamp(min=0.0))
+    got = decode_attention_scores(q, k, v, kv_len, 0.25, softcap)                    # the dispatcher on CPU
+    assert torch.equal(got[0], out) and torch.equal(got[1], p)
+
+
+@needs_triton
+def test_decode_attention_scores_triton_matches_reference():
+    from skimfx.kernels.token_scores import decode_attention_scores_ref, decode_attention_scores_triton
+
+    g = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, S, D = 2, 9, 3, 133, 64
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    kv_len = torch.tensor([133, 60])
+    out, p = decode_attention_scores_triton(q, k, v, kv_len, 0.125)
+    ref_out, ref_p = decode_attention_scores_ref(q, k, v, kv_len, 0.125)
+    torch.testing.assert_close(out, ref_out, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(p, ref_p, atol=2e-4, rtol=2e-4)

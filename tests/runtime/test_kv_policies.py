@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import skimfx
 from skimfx import H2O, Delta, PromptDistill, Quest, RecipeError, SnapKV, StreamingLLM
-from skimfx.kernels import page_minmax_ref, page_scores_ref
+from skimfx.kernels import attention_ref, page_minmax_ref, page_scores_ref
 from skimfx.passes import PolicyError
 from skimfx.program import CachePolicy
 from skimfx.recipes import pyramid_budgets
@@ -271,10 +271,12 @@ def test_quest_and_delta_read_a_fraction_of_the_cache(llama):
 def test_delta_set_is_the_top_attention_summed_over_heads():
     torch.manual_seed(2)
     B, Hq, H, D, S = 2, 6, 2, 8, 50
-    q, keys = torch.randn(B, Hq, 1, D), torch.randn(B, H, S, D)
+    q, keys, values = torch.randn(B, Hq, 1, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
     kv_len = torch.tensor([50, 33])
     pol = CachePolicy("delta", "sparse", 10, recent=4, role="select")
-    idx = P.delta_index(pol, q, keys, kv_len, 0.3, 10)
+    out, idx = P.delta_select(pol, q, keys, values, kv_len, 0.3, None, 10)
+    # the select layer's own output is its full attention (same pass that scored the tokens)
+    torch.testing.assert_close(out, attention_ref(q, keys, values, kv_len - 1, kv_len, 0.3))
     for b in range(B):
         n = int(kv_len[b])
         s = torch.einsum("hd,hsd->hs", q[b, :, 0], keys[b].repeat_interleave(3, 0)[:, :n]) * 0.3
@@ -282,6 +284,7 @@ def test_delta_set_is_the_top_attention_summed_over_heads():
         p[n - 4:] = float("inf")
         want = set(p.topk(14).indices.tolist())
         assert {int(i) for i in idx[b] if i < n} == want
+        assert idx[b].tolist() == sorted(idx[b].tolist())                          # slot order
 
 
 # ---------------------------------------------------------------------------------------------- validation
