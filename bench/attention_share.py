@@ -9,6 +9,12 @@ agreement with dense over the same 64 tokens.
 
     python bench/attention_share.py              # about 15 minutes on 2 cores
     python bench/attention_share.py --quick      # 64 / 1k / 2k tokens
+    python bench/attention_share.py --batch 4 --lengths 4096   # 4 sequences a step
+
+Agreement is measured two ways on the same 64 tokens: "agreement" compares each free-running
+generation with dense's position by position (one differing token usually ends the match for good),
+"top-1 (forced)" / "KL" feed dense's own tokens to both and compare the next-token predictions at every
+step (how often the policy would pick dense's token given the same text).
 
 Writes bench/results/attention_share.md and .json (attention_share_cuda.* with ``--device cuda``; bench/gpu.sh
 runs it there in bf16 when the embedded model is installed).
@@ -22,7 +28,7 @@ import torch
 
 import skimfx
 from _results import agreement, save
-from skimfx.eval import passkey_prompts
+from skimfx.eval import logit_agreement, passkey_prompts, teacher_forced_logits
 
 POLICIES = {"DELTA 25%": "delta:budget=0.25", "DELTA 10%": "delta:budget=0.1"}
 
@@ -35,63 +41,79 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest counts")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step (passkeys at different depths)")
+    ap.add_argument("--lengths", help="comma-separated contexts (default 1k, 2k, 4k, 8k); policies run at >= 4k")
     ap.add_argument("--out", help="folder for the table (default bench/results)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lengths = (1024, 2048) if args.quick else (1024, 2048, 4096, 8000)
-    policy_lengths = (2048,) if args.quick else (4096, 8000)
+    if args.lengths:
+        lengths = tuple(int(x) for x in args.lengths.split(","))
+    policy_lengths = [L for L in lengths if L >= (2048 if args.quick else 4096)]
+    B = args.batch
+    depths = (0.5,) if B == 1 else tuple((i + 1) / (B + 1) for i in range(B))
     model, tok = skimfx.load_model("smollm2-135m", dtype=getattr(torch, args.dtype), device=args.device)
     dense = skimfx.compile(model, tokenizer=tok)
     policies = {name: skimfx.compile(model, r, tokenizer=tok) for name, r in POLICIES.items()}
 
-    def run(cm, ids):
-        """(tokens, seconds per decoded token): the fastest of ``--repeats`` runs (this machine's timing
-        varies by +-10% between runs of one configuration; the minimum is the least disturbed)."""
-        cm.generate([ids[:16]], max_new_tokens=4, stop_tokens=[])                      # warm-up
+    def run(cm, prompts):
+        """(tokens per sequence, seconds per decode step): the fastest of ``--repeats`` runs (this machine's
+        timing varies by +-10% between runs of one configuration; the minimum is the least disturbed)."""
+        cm.generate([p[:16] for p in prompts], max_new_tokens=4, stop_tokens=[])     # warm-up
         best = None
         for _ in range(args.repeats):
-            g = cm.generate([ids], max_new_tokens=args.new_tokens, stop_tokens=[])
-            t = g.stats.decode_s / g.stats.decode_tokens
-            best = (g.tokens[0], t) if best is None or t < best[1] else best
+            g = cm.generate(prompts, max_new_tokens=args.new_tokens, stop_tokens=[])
+            t = g.stats.decode_s / (g.stats.decode_tokens / len(prompts))
+            best = (g.tokens, t) if best is None or t < best[1] else best
         return best
 
-    short = tok("Write a short story about a lighthouse keeper.").input_ids
+    short = [tok("Write a short story about a lighthouse keeper.").input_ids] * B
     _, t_short = run(dense, short)
-    rows = [{"context": len(short), "recipe": "dense", "ms_per_token": 1000 * t_short, "bound": 1.0,
-             "speedup": 1.0, "agreement": 1.0}]
-    print(f"{len(short):>5} dense {1000 * t_short:.1f} ms/token", flush=True)
+    rows = [{"context": len(short[0]), "batch": B, "recipe": "dense", "ms_per_token": 1000 * t_short, "bound": 1.0,
+             "speedup": 1.0, "agreement": 1.0, "top1_forced": 1.0, "kl": 0.0}]
+    print(f"{len(short[0]):>5} dense {1000 * t_short:.1f} ms/step", flush=True)
     for L in lengths:
-        ids = passkey_prompts(tok, L - args.new_tokens - 8, depths=(0.5,), keys_per_depth=1, seed=1)[0].ids
-        ref, t = run(dense, ids)
+        prompts = [p.ids for p in passkey_prompts(tok, L - args.new_tokens - 8, depths=depths, keys_per_depth=1,
+                                                  seed=1)]
+        ref, t = run(dense, prompts)
         bound = t / t_short
-        rows.append({"context": len(ids), "recipe": "dense", "ms_per_token": 1000 * t, "bound": bound,
-                     "speedup": 1.0, "agreement": 1.0})
-        print(f"{len(ids):>5} dense {1000 * t:.1f} ms/token, bound {bound:.2f}x", flush=True)
+        n = max(map(len, prompts))
+        rows.append({"context": n, "batch": B, "recipe": "dense", "ms_per_token": 1000 * t, "bound": bound,
+                     "speedup": 1.0, "agreement": 1.0, "top1_forced": 1.0, "kl": 0.0})
+        print(f"{n:>5} dense {1000 * t:.1f} ms/step, bound {bound:.2f}x", flush=True)
         if L not in policy_lengths:
             continue
+        ref_logits = teacher_forced_logits(dense.program, prompts, ref)
         for name, cm in policies.items():
-            out, tp = run(cm, ids)
-            rows.append({"context": len(ids), "recipe": name, "ms_per_token": 1000 * tp, "bound": bound,
-                         "speedup": t / tp, "agreement": agreement(out, ref)})
-            print(f"{len(ids):>5} {name} {1000 * tp:.1f} ms/token ({t / tp:.2f}x, bound {bound:.2f}x) agreement "
-                  f"{rows[-1]['agreement']:.0%}", flush=True)
+            out, tp = run(cm, prompts)
+            forced = logit_agreement(ref_logits, teacher_forced_logits(cm.program, prompts, ref))
+            rows.append({"context": n, "batch": B, "recipe": name, "ms_per_token": 1000 * tp, "bound": bound,
+                         "speedup": t / tp, "agreement": sum(map(agreement, out, ref)) / B,
+                         "top1_forced": forced["top1"], "kl": forced["kl"]})
+            print(f"{n:>5} {name} {1000 * tp:.1f} ms/step ({t / tp:.2f}x, bound {bound:.2f}x) agreement "
+                  f"{rows[-1]['agreement']:.0%}, forced top-1 {forced['top1']:.0%}, KL {forced['kl']:.3f}", flush=True)
 
     where = (f"{platform.machine()}, {args.threads} threads" if args.device == "cpu" else
              f"{torch.cuda.get_device_name()}")
     lines = [f"# Attention's share of a decode step — SmolLM2-135M-Instruct ({args.dtype}, {args.device})", "",
-             f"Machine: {where}, torch {torch.__version__}. One process, batch 1, "
-             f"greedy {args.new_tokens} new tokens after a passkey prompt, the fastest of {args.repeats} runs of each "
-             "configuration. bound = dense time per token at this context "
-             f"/ at {len(short)} tokens: the most any KV selection can speed decoding up here, since every projection, "
-             "MLP and the LM head still run. DELTA: layers 0-1 full, selection at 2, 10, 20, recent 32.", "",
-             "| context | recipe | ms / token | × dense | bound | share of bound | agreement |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             f"Machine: {where}, torch {torch.__version__}. One process, batch {B}, "
+             f"greedy {args.new_tokens} new tokens after {'a passkey prompt' if B == 1 else f'{B} passkey prompts'}, "
+             f"the fastest of {args.repeats} runs of each configuration. bound = dense time per step at this context "
+             f"/ at {len(short[0])} tokens: the most any KV selection can speed decoding up here, since every "
+             "projection, MLP and the LM head still run. DELTA: layers 0-1 full, selection at 2, 10, 20, recent 32.", "",
+             "| context | recipe | ms / step | × dense | bound | share of bound | agreement | top-1 (forced) | KL |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gain = (r["speedup"] - 1) / (r["bound"] - 1) if r["bound"] > 1.001 and r["recipe"] != "dense" else None
         lines.append(f"| {r['context']} | {r['recipe']} | {r['ms_per_token']:.1f} | {r['speedup']:.2f} | "
-                     f"{r['bound']:.2f} | {'-' if gain is None else f'{gain:.0%}'} | {r['agreement']:.0%} |")
-    lines += ["", "share of bound: the part of the possible gain (bound - 1) the policy realises."]
-    save("attention_share" if args.device == "cpu" else f"attention_share_{args.device}", lines, rows, args.out)
+                     f"{r['bound']:.2f} | {'-' if gain is None else f'{gain:.0%}'} | {r['agreement']:.0%} | "
+                     f"{r['top1_forced']:.0%} | {r['kl']:.3f} |")
+    lines += ["", "share of bound: the part of the possible gain (bound - 1) the policy realises. agreement: the "
+              "free-running tokens equal to dense's, position by position. top-1 (forced) / KL: dense's tokens fed to "
+              "both; the share of steps whose next-token argmax equals dense's, and the mean KL(dense || policy) in "
+              "nats."]
+    stem = "attention_share" + ("" if args.device == "cpu" else f"_{args.device}") + ("" if B == 1 else f"_b{B}")
+    save(stem, lines, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Evaluation tasks with seeded generators (shared by the benchmarks and tests)."""
-from .agreement import agreement
+from .agreement import agreement, logit_agreement, teacher_forced_logits
 from .passkey import PasskeyPrompt, chat_ids, passkey_correct, passkey_prompts
 from .run import TASKS, evaluate
 
-__all__ = ["PasskeyPrompt", "chat_ids", "passkey_prompts", "passkey_correct", "agreement", "evaluate", "TASKS"]
+__all__ = ["PasskeyPrompt", "chat_ids", "passkey_prompts", "passkey_correct", "agreement", "logit_agreement", "teacher_forced_logits", "evaluate", "TASKS"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .agreement import _teacher_forced_logits
+from .agreement import teacher_forced_logits
 
 SOURCES = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt", Path("/usr/share/common-licenses/GPL-3"))
 
@@ -28,6 +28,6 @@ def perplexity(program, tok, context_tokens: int, continuation_tokens: int = 128
     if len(ids) < context_tokens + continuation_tokens:
         raise ValueError(f"the text has {len(ids)} tokens; need {context_tokens + continuation_tokens}")
     ctx, cont = ids[:context_tokens], ids[context_tokens:context_tokens + continuation_tokens]
-    logits = _teacher_forced_logits(program, [ctx], [cont])[0]                    # [N, V]
+    logits = teacher_forced_logits(program, [ctx], [cont])[0]                    # [N, V]
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(cont, device=logits.device))
     return math.exp(nll.item())
