@@ -23,10 +23,11 @@ from .attention import attention
 from .compact import gather_kv
 from .exit_confidence import exit_confidence
 from .kv_pages import page_minmax, page_scores
+from .linear import linear
 from .norm import add_rms_norm, rms_norm
 from .rope import rope
 from .sparse_attention import sparse_attention
-from .token_scores import token_scores
+from .token_scores import decode_attention_scores, token_scores
 
 NAMESPACE = "skimfx"
 
@@ -163,8 +164,29 @@ def _(h, weight, softcap=None):
             h.new_empty(n, dtype=torch.float32))
 
 
+@_op("decode_attention_scores")
+def _decode_attention_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor, scale: float,
+                             softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return decode_attention_scores(q, k, v, kv_len, scale, softcap)
+
+
+@_decode_attention_scores.register_fake
+def _(q, k, v, kv_len, scale, softcap=None):
+    return torch.empty_like(q), q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
+
+
+@_op("linear")
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return linear(x, weight, bias)
+
+
+@_linear.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 OPS = ("attention", "sparse_attention", "token_scores", "gather_kv", "page_minmax", "page_scores", "rms_norm",
-       "add_rms_norm", "glu", "rope", "exit_confidence")
+       "add_rms_norm", "glu", "rope", "exit_confidence", "decode_attention_scores", "linear")
 
 
 __all__ = ["OPS", "NAMESPACE"]

@@ -39,6 +39,8 @@ def _cases():
         "glu": ((gate_up[:, :24], gate_up[:, 24:], "silu"), kernels.glu),
         "rope": ((q, kk, cos, sin), kernels.rope),
         "exit_confidence": ((r(3, 40), r(300, 40), None), kernels.exit_confidence),
+        "decode_attention_scores": ((q1, k, v, kv_len, 0.25, None), kernels.decode_attention_scores),
+        "linear": ((r(2, 3, 40), r(24, 40), r(24)), kernels.linear),
     }
 
 
