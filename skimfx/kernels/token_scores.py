@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, autotune_configs, launch, tl, triton, use_triton
+from .attention import attention_triton
 
 HEAD_AGG = ("sum", "mean", "max", "none")
 POOLS = (None, "avg", "max")
@@ -293,13 +294,14 @@ def decode_attention_scores(q, k, v, kv_len, scale: float, softcap: float | None
     still need the softmax statistics before it could write probabilities). The token-scores kernel has
     no soft-capping, so soft-capped attention takes the reference."""
     if use_triton(q) and softcap is None:
-        return decode_attention_scores_triton(q, k, v, kv_len, scale)
+        return launch("decode_attention_scores", decode_attention_scores_triton, q, k, v, kv_len, scale, softcap)
     return decode_attention_scores_ref(q, k, v, kv_len, scale, softcap)
 
 
-def decode_attention_scores_triton(q, k, v, kv_len, scale: float):
-    from .attention import attention_triton
-
+def decode_attention_scores_triton(q, k, v, kv_len, scale: float, softcap: float | None = None):
+    if softcap is not None:
+        raise ValueError("decode_attention_scores_triton: the token-scores kernel has no soft-capping; "
+                         "call decode_attention_scores (it takes the reference for soft-capped attention)")
     out = attention_triton(q, k, v, kv_len - 1, kv_len, scale)
     return out, token_scores_triton(q, k, kv_len - 1, kv_len, scale, softmax=True, heads="sum").clamp(min=0.0)
 
