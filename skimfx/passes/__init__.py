@@ -55,5 +55,6 @@ def final_passes() -> list[PassFn]:
     return [lower_linear]
 
 
-__all__ = ["PassManager", "PassError", "default_passes", "lower_attention", "split_layers", "final_passes", "lower_linear", "prune_tokens", "kv_policy",
-           "PolicyError", "fuse", "fuse_graph", "FuseError", "early_exit", "EarlyExitError"]
+__all__ = ["PassManager", "PassError", "default_passes", "final_passes", "lower_attention", "lower_linear",
+           "split_layers", "prune_tokens", "kv_policy", "PolicyError", "fuse", "fuse_graph", "FuseError", "early_exit",
+           "EarlyExitError"]
