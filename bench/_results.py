@@ -39,3 +39,19 @@ def save_figure(plt, fig, stem: str) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / f"{stem}.png", dpi=110)
     plt.close(fig)
+
+
+def delta_calibration(path: str, dense, tok) -> "skimfx.DeltaCalibration":
+    """The calibrated DELTA placement: loaded from ``path``, or made and saved there. Made on two 4k passkey
+    prompts of seeds 101 and 102, held out from every measured prompt (attention_share.py uses seed 1,
+    sparse.py and delta_placement.py seeds 0 and 11), 10% budget."""
+    import skimfx
+    from skimfx.eval import passkey_prompts
+
+    if Path(path).exists():
+        return skimfx.DeltaCalibration.load(path)
+    prompts = [passkey_prompts(tok, 4096, depths=(0.5,), keys_per_depth=1, seed=s)[0].ids for s in (101, 102)]
+    cal = skimfx.calibrate_delta(dense, prompts, budget=0.1, steps=16)
+    cal.save(path)
+    print(cal.report(), flush=True)
+    return cal

@@ -10,6 +10,11 @@ agreement with dense over the same 64 tokens.
     python bench/attention_share.py              # about 15 minutes on 2 cores
     python bench/attention_share.py --quick      # 64 / 1k / 2k tokens
     python bench/attention_share.py --batch 4 --lengths 4096   # 4 sequences a step
+    python bench/attention_share.py --delta-calibration cal.pt  # + DELTA with calibrated select layers
+
+``--delta-calibration FILE`` adds DELTA rows whose select layers come from ``skimfx.calibrate_delta``
+(loaded from FILE, or run and saved there: on two 4k passkey prompts with other seeds than the ones
+measured here, 10% budget, about 10 minutes).
 
 Agreement is measured two ways on the same 64 tokens: "agreement" compares each free-running
 generation with dense's position by position (one differing token usually ends the match for good),
@@ -27,7 +32,7 @@ import platform
 import torch
 
 import skimfx
-from _results import agreement, save
+from _results import agreement, delta_calibration, save
 from skimfx.eval import logit_agreement, passkey_prompts, teacher_forced_logits
 
 POLICIES = {"DELTA 25%": "delta:budget=0.25", "DELTA 10%": "delta:budget=0.1"}
@@ -43,6 +48,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch", type=int, default=1, help="sequences per step (passkeys at different depths)")
     ap.add_argument("--lengths", help="comma-separated contexts (default 1k, 2k, 4k, 8k); policies run at >= 4k")
+    ap.add_argument("--delta-calibration", help="DeltaCalibration file (made here when missing): adds DELTA rows "
+                    "with calibrated select layers")
     ap.add_argument("--out", help="folder for the table (default bench/results)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,27 +62,36 @@ def main() -> None:
     model, tok = skimfx.load_model("smollm2-135m", dtype=getattr(torch, args.dtype), device=args.device)
     dense = skimfx.compile(model, tokenizer=tok)
     policies = {name: skimfx.compile(model, r, tokenizer=tok) for name, r in POLICIES.items()}
+    cal = delta_calibration(args.delta_calibration, dense, tok) if args.delta_calibration else None
+    if cal is not None:
+        for b in (0.25, 0.1):
+            policies[f"DELTA {b:.0%} cal."] = skimfx.compile(model, cal.recipe(budget=b), tokenizer=tok)
 
-    def run(cm, prompts):
-        """(tokens per sequence, seconds per decode step): the fastest of ``--repeats`` runs (this machine's
-        timing varies by +-10% between runs of one configuration; the minimum is the least disturbed)."""
-        cm.generate([p[:16] for p in prompts], max_new_tokens=4, stop_tokens=[])     # warm-up
-        best = None
+    def run_all(cms: dict, prompts) -> dict:
+        """name -> (tokens per sequence, seconds per decode step): the fastest of ``--repeats`` runs. The
+        repeats go round the configurations (dense, policy, policy, ..., dense, ...) so that a slow spell
+        of this machine (its timing varies by +-10-15%) hits every configuration alike."""
+        best = {}
+        for cm in cms.values():
+            cm.generate([p[:16] for p in prompts], max_new_tokens=4, stop_tokens=[])     # warm-up
         for _ in range(args.repeats):
-            g = cm.generate(prompts, max_new_tokens=args.new_tokens, stop_tokens=[])
-            t = g.stats.decode_s / (g.stats.decode_tokens / len(prompts))
-            best = (g.tokens, t) if best is None or t < best[1] else best
+            for name, cm in cms.items():
+                g = cm.generate(prompts, max_new_tokens=args.new_tokens, stop_tokens=[])
+                t = g.stats.decode_s / (g.stats.decode_tokens / len(prompts))
+                if name not in best or t < best[name][1]:
+                    best[name] = (g.tokens, t)
         return best
 
     short = [tok("Write a short story about a lighthouse keeper.").input_ids] * B
-    _, t_short = run(dense, short)
+    _, t_short = run_all({"dense": dense}, short)["dense"]
     rows = [{"context": len(short[0]), "batch": B, "recipe": "dense", "ms_per_token": 1000 * t_short, "bound": 1.0,
              "speedup": 1.0, "agreement": 1.0, "top1_forced": 1.0, "kl": 0.0}]
     print(f"{len(short[0]):>5} dense {1000 * t_short:.1f} ms/step", flush=True)
     for L in lengths:
         prompts = [p.ids for p in passkey_prompts(tok, L - args.new_tokens - 8, depths=depths, keys_per_depth=1,
                                                   seed=1)]
-        ref, t = run(dense, prompts)
+        timed = run_all({"dense": dense, **(policies if L in policy_lengths else {})}, prompts)
+        ref, t = timed["dense"]
         bound = t / t_short
         n = max(map(len, prompts))
         rows.append({"context": n, "batch": B, "recipe": "dense", "ms_per_token": 1000 * t, "bound": bound,
@@ -85,7 +101,7 @@ def main() -> None:
             continue
         ref_logits = teacher_forced_logits(dense.program, prompts, ref)
         for name, cm in policies.items():
-            out, tp = run(cm, prompts)
+            out, tp = timed[name]
             forced = logit_agreement(ref_logits, teacher_forced_logits(cm.program, prompts, ref))
             rows.append({"context": n, "batch": B, "recipe": name, "ms_per_token": 1000 * tp, "bound": bound,
                          "speedup": t / tp, "agreement": sum(map(agreement, out, ref)) / B,
@@ -98,9 +114,12 @@ def main() -> None:
     lines = [f"# Attention's share of a decode step — SmolLM2-135M-Instruct ({args.dtype}, {args.device})", "",
              f"Machine: {where}, torch {torch.__version__}. One process, batch {B}, "
              f"greedy {args.new_tokens} new tokens after {'a passkey prompt' if B == 1 else f'{B} passkey prompts'}, "
-             f"the fastest of {args.repeats} runs of each configuration. bound = dense time per step at this context "
+             f"the fastest of {args.repeats} runs of each configuration (runs taken in turn across the configurations). bound = dense time per step at this context "
              f"/ at {len(short[0])} tokens: the most any KV selection can speed decoding up here, since every "
-             "projection, MLP and the LM head still run. DELTA: layers 0-1 full, selection at 2, 10, 20, recent 32.", "",
+             "projection, MLP and the LM head still run. DELTA: layers 0-1 full, selection at 2, 10, 20, recent 32." +
+             ("" if cal is None else f" DELTA cal.: layers 0-{cal.full_layers - 1} full, selection at "
+              f"{', '.join(map(str, cal.selection_layers))} (skimfx.calibrate_delta on two 4k passkey prompts of other "
+              f"seeds, 10% budget: KL {cal.kl:.4f} against the default placement's {cal.default_kl:.4f})."), "",
              "| context | recipe | ms / step | × dense | bound | share of bound | agreement | top-1 (forced) | KL |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -17,7 +17,8 @@ from .program import Program
 from .recipes import (RECIPES, H2O, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError,
                       SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, parse_recipe, recipe_label)
 from .runtime import CompiledModel, Generation, KVCache, Stats
-from .calibrate import ExitAdapter, ExitCalibration, SkipCalibration, calibrate_exits, calibrate_skip, reference_texts
+from .calibrate import (DeltaCalibration, ExitAdapter, ExitCalibration, SkipCalibration, calibrate_delta, calibrate_exits,
+                        calibrate_skip, reference_texts)
 
 __version__ = "0.1.0"
 
@@ -55,5 +56,5 @@ __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManag
            "default_passes", "CompiledModel", "Generation", "Stats", "KVCache", "UnsupportedModelError",
            "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM",
            "H2O", "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "calibrate_exits",
-           "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "reference_texts", "parse_recipe",
+           "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "calibrate_delta", "DeltaCalibration", "reference_texts", "parse_recipe",
            "recipe_label"]

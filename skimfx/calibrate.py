@@ -354,6 +354,153 @@ def calibrate_skip(model, texts: list[str], *, tokenizer=None, max_tokens: int =
                            draft_tokens, verify_cost, n, time.perf_counter() - t0)
 
 
+@dataclass
+class DeltaCalibration:
+    """Where DELTA's select layers go, chosen by the output error on prompts like the ones to serve.
+
+    ``full_layers`` dense layers, then ``selection_layers`` (the first is ``full_layers``); each layer
+    above a select layer reads that layer's tokens. The search moves one select layer at a time to the
+    position that lowers the mean KL divergence of the next-token distribution from the dense model's
+    (teacher-forced on the dense model's own continuation), until no move helps. ``tried`` maps every
+    placement evaluated to its KL; ``default_kl`` is ``Delta``'s default placement's."""
+
+    num_layers: int
+    budget: int | float
+    recent: int
+    full_layers: int
+    selection_layers: tuple[int, ...]
+    kl: float
+    top1: float
+    default_layers: tuple[int, ...]
+    default_kl: float
+    default_top1: float
+    tried: dict
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def recipe(self, budget: int | float | None = None, **kw):
+        """A ``Delta`` recipe with this placement (``budget`` defaults to the calibration budget)."""
+        from .recipes import Delta
+
+        return Delta(budget=self.budget if budget is None else budget, full_layers=self.full_layers,
+                     selection_layers=self.selection_layers, recent=self.recent, **kw)
+
+    def report(self) -> str:
+        return "\n".join([
+            f"DELTA placement calibration ({self.tokens} tokens, {len(self.tried)} placements, {self.seconds:.0f} s, "
+            f"budget {self.budget})",
+            f"chosen: full_layers={self.full_layers}, selection_layers={list(self.selection_layers)}: KL {self.kl:.4f}, "
+            f"top-1 {self.top1:.1%}",
+            f"default: full_layers={self.default_layers[0]}, selection_layers={list(self.default_layers[1:])}: "
+            f"KL {self.default_kl:.4f}, top-1 {self.default_top1:.1%}"])
+
+    def save(self, path: str | Path) -> None:
+        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DeltaCalibration":
+        return cls(**torch.load(path, weights_only=False))
+
+
+def calibrate_delta(model, prompts: list, *, tokenizer=None, budget: int | float = 0.1, full_layers: int = 2,
+                    selections: int = 3, recent: int = 32, steps: int = 16, max_rounds: int = 3) -> DeltaCalibration:
+    """Place DELTA's ``selections`` select layers above ``full_layers`` dense ones for a model and a
+    kind of prompt (``prompts``: token-id lists or strings; long ones, as DELTA will serve).
+
+    Each prompt is prefilled once (dense, as DELTA prefills) and the dense model continues it by
+    ``steps`` greedy tokens; a placement is scored by the mean KL(dense || DELTA) of the next-token
+    distributions over those steps, fed the same tokens. Coordinate descent from ``Delta``'s default:
+    each round moves every select layer above the first to its best position between its neighbours;
+    it stops when a round changes nothing or after ``max_rounds``. The same number of layers reads
+    the whole cache whatever the placement, so the cost per step does not change; only the quality."""
+    import copy
+
+    from .eval.agreement import logit_agreement
+    from .recipes import Delta
+    from .runtime.cache import KVCache
+    from .runtime.engine import decode_step, prefill
+
+    from . import compile as _compile
+    from .runtime.hf import CompiledModel
+
+    cm = model if isinstance(model, CompiledModel) else _compile(model, tokenizer=tokenizer)
+    tok = tokenizer or cm.tokenizer
+    default = Delta(budget=budget, full_layers=full_layers, recent=recent)       # checks budget / recent / full_layers
+    L = cm.info.num_layers
+    if not prompts:
+        raise ValueError("calibrate_delta needs at least one prompt")
+    if not 1 <= selections <= L - 1 - full_layers:
+        raise ValueError(f"selections must be in 1..{L - 1 - full_layers} for a {L}-layer model with "
+                         f"full_layers={full_layers}, got {selections}")
+    if steps < 1 or max_rounds < 0:
+        raise ValueError(f"steps must be >= 1 and max_rounds >= 0, got {steps}, {max_rounds}")
+    if any(w is not None for w in cm.info.sliding_window):
+        raise ValueError("calibrate_delta places select layers among full-attention layers only; this model "
+                         "has sliding-window layers (give Delta's selection_layers by hand)")
+    if tok is None and any(isinstance(p, str) for p in prompts):
+        raise ValueError("calibrate_delta tokenizes the text prompts: pass tokenizer=tok (or token ids)")
+    ids = [tok(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts]
+    if min(map(len, ids)) < 2:
+        raise ValueError("every prompt needs at least two tokens")
+    t0 = time.perf_counter()
+    dense = cm.program
+    runs = []                                   # (cache after prefill, continuation, dense logits [steps, V])
+    with torch.inference_mode():
+        for p in ids:
+            cache = KVCache.for_program(dense, 1, len(p) + steps)
+            tok_ = prefill(dense, cache, [p]).argmax(-1)
+            after = copy.deepcopy(cache)
+            cont, ref = [], []
+            for _ in range(steps):
+                cont.append(tok_)
+                logits = decode_step(dense, cache, tok_)
+                ref.append(logits[0].float())
+                tok_ = logits.argmax(-1)
+            runs.append((after, cont, torch.stack(ref)))
+
+    from .passes.kv_policy import kv_policy
+
+    tried: dict[tuple[int, ...], tuple[float, float]] = {}
+
+    def score(sel: tuple[int, ...]) -> float:
+        if sel not in tried:
+            # the dense program with DELTA's policies added by the pass itself (the graphs are shared)
+            program = copy.copy(dense)
+            program.policies, program.history = {}, list(dense.history)
+            kv_policy(program, Delta(budget=budget, full_layers=full_layers, selection_layers=sel,
+                                     recent=recent).policies(cm.info))
+            kls, top1 = [], []
+            with torch.inference_mode():
+                for after, cont, ref in runs:
+                    cache = copy.deepcopy(after)
+                    got = torch.stack([decode_step(program, cache, t)[0].float() for t in cont])
+                    a = logit_agreement(ref, got)
+                    kls.append(a["kl"])
+                    top1.append(a["top1"])
+            tried[sel] = (sum(kls) / len(kls), sum(top1) / len(top1))
+        return tried[sel][0]
+
+    d_sel = default.policies(cm.info)
+    d_sel = tuple(l for l, pol in sorted(d_sel.items()) if pol.role == "select")
+    if len(d_sel) != selections:      # the default has three; otherwise start evenly spaced (reported as the default)
+        step = (L - 1 - full_layers) / selections
+        d_sel = tuple(full_layers + round(i * step) for i in range(selections))
+    sel = d_sel
+    score(sel)
+    for _ in range(max_rounds):
+        before = sel
+        for j in range(1, len(sel)):
+            lo = sel[j - 1] + 1
+            hi = sel[j + 1] if j + 1 < len(sel) else L - 1
+            sel = min((sel[:j] + (pos,) + sel[j + 1:] for pos in range(lo, hi)), key=lambda c: (score(c), c != sel))
+        if sel == before:
+            break
+    kl, top1 = tried[sel]
+    return DeltaCalibration(L, budget, recent, full_layers, sel, kl, top1, (full_layers,) + d_sel, *tried[d_sel],
+                            {k: v[0] for k, v in tried.items()}, sum(len(p) + steps for p in ids),
+                            time.perf_counter() - t0)
+
+
 def _compiled(model, tokenizer, caller: str):
     """(CompiledModel, tokenizer): ``model`` compiled dense unless it already is compiled."""
     from . import compile as _compile
@@ -417,4 +564,5 @@ def reference_texts() -> list[str]:
     return texts
 
 
-__all__ = ["calibrate_exits", "ExitCalibration", "ExitAdapter", "reference_texts"]
+__all__ = ["calibrate_exits", "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "calibrate_delta",
+           "DeltaCalibration", "reference_texts"]
