@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..kernels import attention, decode_attention_scores, sparse_attention, token_scores, topk_sentences, topk_tokens
+from ..kernels import attention, sparse_attention, token_scores, topk_sentences, topk_tokens
 from ..program import Program
 from . import policies as P
 from .cache import KVCache
@@ -47,9 +47,6 @@ class Ctx:
         self.kv_kept: dict[int, list[list[list[int]]]] = {}  # evicting layer -> [b][kv head] kept prompt slots
         self.sentence_ids: torch.Tensor | None = None    # [B, T] sentence of each token (sentence granularity)
         self.moved = 0                                   # bytes copied host -> device (offloaded KV)
-        # single-token steps of full-attention layers: layer -> the new query's attention summed over
-        # heads [B, S] (what a DELTA select layer ranks tokens by; read by ``calibrate_delta``)
-        self.probe: dict[int, torch.Tensor] | None = None
 
     def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Score this prefill's tokens with the last queries of ``layer`` and pick the kept ones.
@@ -100,9 +97,6 @@ class Ctx:
         cache.advance(layer, self.n_valid)
         if T == 1:
             self._count(layer, cache.lengths(layer))
-            if self.probe is not None and window is None:
-                kv_len = cache.lengths_tensor(layer)
-                self.probe[layer] = decode_attention_scores(q, keys, values, kv_len, scale, softcap)[1]
         if pol is not None and pol.method == "quest":
             P.quest_update_pages(pol, cache, layer, list(starts))
         elif pol is not None and pol.method == "sentencekv" and self.compress and T > 1:
@@ -235,7 +229,7 @@ def forward(program: Program, ctx: Ctx, input_ids: torch.Tensor, position_ids: t
 
 def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: list[int] | None = None,
            all_logits: bool = False, record: dict | None = None, record_kv: dict | None = None,
-           reads: dict | None = None, moved: list[int] | None = None, probe: dict | None = None) -> torch.Tensor:
+           reads: dict | None = None, moved: list[int] | None = None) -> torch.Tensor:
     """Feed T new tokens per sequence (``input_ids [B, T]``, right-padded to ``n_valid``).
 
     Returns the logits at each sequence's last real token, [B, V] (or [B, T, V] with
@@ -243,8 +237,7 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
     ``select`` stages) runs when this is the first prefill of the cache and ``all_logits`` is off.
     ``record`` receives the kept token indices of each selection layer, ``record_kv`` the prompt
     slots each evicting layer kept, ``reads`` per layer [keys read, keys cached] of single-token steps,
-    ``moved[0]`` the bytes copied from offloaded (host) KV to the device, ``probe`` (single-token steps)
-    per full-attention layer the new query's attention summed over heads [B, S].
+    ``moved[0]`` the bytes copied from offloaded (host) KV to the device.
     """
     B, T = input_ids.shape
     n_valid = [T] * B if n_valid is None else list(n_valid)
@@ -255,7 +248,6 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
     # GemFilter's first pass is thrown away (the re-run rebuilds the cache): no eviction in it
     rerun = prune and any(sel.mode == "rerun" for sel in program.selections.values())
     ctx = Ctx(cache, n_valid, program, prune=prune, compress=fresh and not rerun)
-    ctx.probe = probe
     out = forward(program, ctx, input_ids, position_ids, last_only=not all_logits)
     if record is not None:
         record.update(ctx.selected)
@@ -295,10 +287,9 @@ def prefill(program: Program, cache: KVCache, prompts: list[list[int]], record: 
 
 
 def decode_step(program: Program, cache: KVCache, tokens: torch.Tensor, reads: dict | None = None,
-                moved: list[int] | None = None, probe: dict | None = None) -> torch.Tensor:
-    """One token per sequence (``tokens [B]``); returns the next-token logits [B, V]. ``probe``, when
-    given, receives per full-attention layer the new query's attention summed over heads [B, S]."""
-    return extend(program, cache, tokens[:, None], reads=reads, moved=moved, probe=probe)
+                moved: list[int] | None = None) -> torch.Tensor:
+    """One token per sequence (``tokens [B]``); returns the next-token logits [B, V]."""
+    return extend(program, cache, tokens[:, None], reads=reads, moved=moved)
 
 
 def pad_right(prompts: list[list[int]], device, pad_id: int = 0) -> torch.Tensor:
