@@ -420,11 +420,8 @@ def calibrate_delta(model, prompts: list, *, tokenizer=None, budget: int | float
     from .runtime.cache import KVCache
     from .runtime.engine import decode_step, prefill
 
-    from . import compile as _compile
-    from .runtime.hf import CompiledModel
-
-    cm = model if isinstance(model, CompiledModel) else _compile(model, tokenizer=tokenizer)
-    tok = tokenizer or cm.tokenizer
+    text = any(isinstance(p, str) for p in prompts)
+    cm, tok = _compiled(model, tokenizer, "calibrate_delta", need_tokenizer=text)
     default = Delta(budget=budget, full_layers=full_layers, recent=recent)       # checks budget / recent / full_layers
     L = cm.info.num_layers
     if not prompts:
@@ -437,8 +434,6 @@ def calibrate_delta(model, prompts: list, *, tokenizer=None, budget: int | float
     if any(w is not None for w in cm.info.sliding_window):
         raise ValueError("calibrate_delta places select layers among full-attention layers only; this model "
                          "has sliding-window layers (give Delta's selection_layers by hand)")
-    if tok is None and any(isinstance(p, str) for p in prompts):
-        raise ValueError("calibrate_delta tokenizes the text prompts: pass tokenizer=tok (or token ids)")
     ids = [tok(p, add_special_tokens=False).input_ids if isinstance(p, str) else list(p) for p in prompts]
     if min(map(len, ids)) < 2:
         raise ValueError("every prompt needs at least two tokens")
@@ -501,14 +496,15 @@ def calibrate_delta(model, prompts: list, *, tokenizer=None, budget: int | float
                             time.perf_counter() - t0)
 
 
-def _compiled(model, tokenizer, caller: str):
-    """(CompiledModel, tokenizer): ``model`` compiled dense unless it already is compiled."""
+def _compiled(model, tokenizer, caller: str, need_tokenizer: bool = True):
+    """(CompiledModel, tokenizer): ``model`` compiled dense unless it already is compiled; the tokenizer
+    must be known when ``need_tokenizer`` (the caller has text to tokenize)."""
     from . import compile as _compile
     from .runtime.hf import CompiledModel
 
     cm = model if isinstance(model, CompiledModel) else _compile(model, tokenizer=tokenizer)
     tok = tokenizer or cm.tokenizer
-    if tok is None:
+    if tok is None and need_tokenizer:
         raise ValueError(f"{caller} tokenizes the texts: pass tokenizer=tok")
     return cm, tok
 

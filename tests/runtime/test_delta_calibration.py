@@ -66,7 +66,7 @@ def test_calibration_errors(deep):
         skimfx.calibrate_delta(deep, ok, steps=0)
     with pytest.raises(skimfx.RecipeError, match="budget"):
         skimfx.calibrate_delta(deep, ok, budget=1.5)
-    with pytest.raises(ValueError, match="pass tokenizer"):
+    with pytest.raises(ValueError, match="pass tokenizer=tok"):
         skimfx.calibrate_delta(deep, ["a text prompt"])
     with pytest.raises(ValueError, match="two tokens"):
         skimfx.calibrate_delta(deep, [[5]])
