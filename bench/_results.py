@@ -1,8 +1,11 @@
-"""Shared by the benchmark scripts: write a result table (markdown + json) and get pyplot if installed."""
+"""Shared by the benchmark scripts: write a result table (markdown + json), load a model (the embedded
+one, or its architecture with random weights), get pyplot if installed."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -14,6 +17,47 @@ def save(stem: str, lines: list[str], data, out: str | Path | None = None) -> No
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
     print("\n".join(lines))
+
+
+# The embedded models' architectures, for random-weight runs (values from their GGUF configs): speed does not
+# depend on the weights, so a GPU machine without the GGUF packages still measures the real shapes.
+SHAPES = {
+    "smollm2-135m": ("LlamaConfig", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                         head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
+                                         rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "gemma3-270m": ("Gemma3TextConfig", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048,
+                                             num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+                                             head_dim=256, max_position_embeddings=32768, sliding_window=512,
+                                             query_pre_attn_scalar=256)),
+}
+
+
+def load_model(name: str, random_weights: bool, device: str, dtype: torch.dtype):
+    """``(model, tokenizer)``: the embedded model, or (``random_weights``) its architecture with seeded
+    random weights and no tokenizer."""
+    import skimfx
+
+    if not random_weights:
+        return skimfx.load_model(name, dtype=dtype, device=device)
+    import transformers as tf
+
+    cls, kw = SHAPES[name]
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(getattr(tf, cls)(**kw), dtype=dtype).to(device).eval(), None
+
+
+def embedded_model_installed(name: str = "smollm2-135m") -> bool:
+    """Can ``skimfx.load_model(name)`` load the real weights here (GGUF package installed, or cached)?"""
+    import skimfx.models as m
+
+    if (m.cache_root() / name / "model.safetensors").exists():
+        return True
+    try:
+        m._gguf_path(m.EMBEDDED[name])
+    except (ModuleNotFoundError, FileNotFoundError):
+        return False
+    return True
 
 
 def agreement(a: list[int], b: list[int]) -> float:

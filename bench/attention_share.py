@@ -11,6 +11,7 @@ agreement with dense over the same 64 tokens.
     python bench/attention_share.py --quick      # 64 / 1k / 2k tokens
     python bench/attention_share.py --batch 4 --lengths 4096   # 4 sequences a step
     python bench/attention_share.py --delta-calibration cal.pt  # + DELTA with calibrated select layers
+    python bench/attention_share.py --device cuda --dtype bfloat16 --random-weights --batch 32   # GPU, no GGUF
 
 ``--delta-calibration FILE`` adds DELTA rows whose select layers come from ``skimfx.calibrate_delta``
 (loaded from FILE, or run and saved there: on two 4k passkey prompts with other seeds than the ones
@@ -20,6 +21,9 @@ Agreement is measured two ways on the same 64 tokens: "agreement" compares each 
 generation with dense's position by position (one differing token usually ends the match for good),
 "top-1 (forced)" / "KL" feed dense's own tokens to both and compare the next-token predictions at every
 step (how often the policy would pick dense's token given the same text).
+
+``--random-weights`` runs SmolLM2's architecture with random weights on random token prompts (a GPU machine
+without the GGUF package): the times are the real model's, the quality columns are left out.
 
 Writes bench/results/attention_share.md and .json (attention_share_cuda.* with ``--device cuda``; bench/gpu.sh
 runs it there in bf16 when the embedded model is installed).
@@ -32,7 +36,7 @@ import platform
 import torch
 
 import skimfx
-from _results import agreement, delta_calibration, save
+from _results import agreement, delta_calibration, load_model, save
 from skimfx.eval import logit_agreement, passkey_prompts, teacher_forced_logits
 
 POLICIES = {"DELTA 25%": "delta:budget=0.25", "DELTA 10%": "delta:budget=0.1"}
@@ -50,8 +54,12 @@ def main() -> None:
     ap.add_argument("--lengths", help="comma-separated contexts (default 1k, 2k, 4k, 8k); policies run at >= 4k")
     ap.add_argument("--delta-calibration", help="DeltaCalibration file (made here when missing): adds DELTA rows "
                     "with calibrated select layers")
+    ap.add_argument("--random-weights", action="store_true", help="SmolLM2's architecture, random weights and "
+                    "prompts: times only")
     ap.add_argument("--out", help="folder for the table (default bench/results)")
     args = ap.parse_args()
+    if args.random_weights and args.delta_calibration:
+        ap.error("--delta-calibration needs the real weights: leave out --random-weights")
     torch.set_num_threads(args.threads)
     lengths = (1024, 2048) if args.quick else (1024, 2048, 4096, 8000)
     if args.lengths:
@@ -59,7 +67,11 @@ def main() -> None:
     policy_lengths = [L for L in lengths if L >= (2048 if args.quick else 4096)]
     B = args.batch
     depths = (0.5,) if B == 1 else tuple((i + 1) / (B + 1) for i in range(B))
-    model, tok = skimfx.load_model("smollm2-135m", dtype=getattr(torch, args.dtype), device=args.device)
+    model, tok = load_model("smollm2-135m", args.random_weights, args.device, getattr(torch, args.dtype))
+    rng = torch.Generator().manual_seed(1)
+
+    def random_ids(n: int) -> list[int]:
+        return torch.randint(0, model.config.vocab_size, (n,), generator=rng).tolist()
     dense = skimfx.compile(model, tokenizer=tok)
     policies = {name: skimfx.compile(model, r, tokenizer=tok) for name, r in POLICIES.items()}
     cal = delta_calibration(args.delta_calibration, dense, tok) if args.delta_calibration else None
@@ -82,14 +94,15 @@ def main() -> None:
                     best[name] = (g.tokens, t)
         return best
 
-    short = [tok("Write a short story about a lighthouse keeper.").input_ids] * B
+    short = [tok("Write a short story about a lighthouse keeper.").input_ids if tok else random_ids(9)] * B
     _, t_short = run_all({"dense": dense}, short)["dense"]
     rows = [{"context": len(short[0]), "batch": B, "recipe": "dense", "ms_per_token": 1000 * t_short, "bound": 1.0,
              "speedup": 1.0, "agreement": 1.0, "top1_forced": 1.0, "kl": 0.0}]
     print(f"{len(short[0]):>5} dense {1000 * t_short:.1f} ms/step", flush=True)
     for L in lengths:
-        prompts = [p.ids for p in passkey_prompts(tok, L - args.new_tokens - 8, depths=depths, keys_per_depth=1,
-                                                  seed=1)]
+        prompts = ([random_ids(L - args.new_tokens - 8) for _ in range(B)] if tok is None else
+                   [p.ids for p in passkey_prompts(tok, L - args.new_tokens - 8, depths=depths, keys_per_depth=1,
+                                                   seed=1)])
         timed = run_all({"dense": dense, **(policies if L in policy_lengths else {})}, prompts)
         ref, t = timed["dense"]
         bound = t / t_short
@@ -99,21 +112,25 @@ def main() -> None:
         print(f"{n:>5} dense {1000 * t:.1f} ms/step, bound {bound:.2f}x", flush=True)
         if L not in policy_lengths:
             continue
-        ref_logits = teacher_forced_logits(dense.program, prompts, ref)
+        ref_logits = teacher_forced_logits(dense.program, prompts, ref) if tok else None
         for name, cm in policies.items():
             out, tp = timed[name]
-            forced = logit_agreement(ref_logits, teacher_forced_logits(cm.program, prompts, ref))
+            forced = (logit_agreement(ref_logits, teacher_forced_logits(cm.program, prompts, ref)) if tok else
+                      {"top1": None, "kl": None})                     # random weights: no quality to speak of
             rows.append({"context": n, "batch": B, "recipe": name, "ms_per_token": 1000 * tp, "bound": bound,
-                         "speedup": t / tp, "agreement": sum(map(agreement, out, ref)) / B,
+                         "speedup": t / tp, "agreement": sum(map(agreement, out, ref)) / B if tok else None,
                          "top1_forced": forced["top1"], "kl": forced["kl"]})
-            print(f"{n:>5} {name} {1000 * tp:.1f} ms/step ({t / tp:.2f}x, bound {bound:.2f}x) agreement "
-                  f"{rows[-1]['agreement']:.0%}, forced top-1 {forced['top1']:.0%}, KL {forced['kl']:.3f}", flush=True)
+            print(f"{n:>5} {name} {1000 * tp:.1f} ms/step ({t / tp:.2f}x, bound {bound:.2f}x)" +
+                  (f" agreement {rows[-1]['agreement']:.0%}, forced top-1 {forced['top1']:.0%}, KL {forced['kl']:.3f}"
+                   if tok else ""), flush=True)
 
     where = (f"{platform.machine()}, {args.threads} threads" if args.device == "cpu" else
              f"{torch.cuda.get_device_name()}")
-    lines = [f"# Attention's share of a decode step — SmolLM2-135M-Instruct ({args.dtype}, {args.device})", "",
+    what = "random token prompts" if tok is None else "a passkey prompt" if B == 1 else f"{B} passkey prompts"
+    lines = [f"# Attention's share of a decode step — SmolLM2-135M-Instruct{' architecture, random weights' if tok is None else ''}"
+             f" ({args.dtype}, {args.device})", "",
              f"Machine: {where}, torch {torch.__version__}. One process, batch {B}, "
-             f"greedy {args.new_tokens} new tokens after {'a passkey prompt' if B == 1 else f'{B} passkey prompts'}, "
+             f"greedy {args.new_tokens} new tokens after {what}, "
              f"the fastest of {args.repeats} runs of each configuration (runs taken in turn across the configurations). bound = dense time per step at this context "
              f"/ at {len(short[0])} tokens: the most any KV selection can speed decoding up here, since every "
              "projection, MLP and the LM head still run. DELTA: layers 0-1 full, selection at 2, 10, 20, recent 32." +
@@ -122,11 +139,14 @@ def main() -> None:
               f"seeds, 10% budget: KL {cal.kl:.4f} against the default placement's {cal.default_kl:.4f})."), "",
              "| context | recipe | ms / step | × dense | bound | share of bound | agreement | top-1 (forced) | KL |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def pct(x):
+        return "-" if x is None else f"{x:.0%}"
+
     for r in rows:
         gain = (r["speedup"] - 1) / (r["bound"] - 1) if r["bound"] > 1.001 and r["recipe"] != "dense" else None
         lines.append(f"| {r['context']} | {r['recipe']} | {r['ms_per_token']:.1f} | {r['speedup']:.2f} | "
-                     f"{r['bound']:.2f} | {'-' if gain is None else f'{gain:.0%}'} | {r['agreement']:.0%} | "
-                     f"{r['top1_forced']:.0%} | {r['kl']:.3f} |")
+                     f"{r['bound']:.2f} | {'-' if gain is None else f'{gain:.0%}'} | {pct(r['agreement'])} | "
+                     f"{pct(r['top1_forced'])} | {'-' if r['kl'] is None else format(r['kl'], '.3f')} |")
     lines += ["", "share of bound: the part of the possible gain (bound - 1) the policy realises. agreement: the "
               "free-running tokens equal to dense's, position by position. top-1 (forced) / KL: dense's tokens fed to "
               "both; the share of steps whose next-token argmax equals dense's, and the mean KL(dense || policy) in "

@@ -24,34 +24,10 @@ from pathlib import Path
 import torch
 
 import skimfx
+from _results import load_model
 from e2e_dense import prompt_ids, run_hf    # the same prompt text and HF timing as the dense benchmark
 
 RESULTS = Path(__file__).parent / "results"
-
-
-# The embedded models' architectures, for --random-weights (values from their GGUF configs).
-SHAPES = {
-    "smollm2-135m": ("LlamaConfig", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                         head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
-                                         rms_norm_eps=1e-5, tie_word_embeddings=True)),
-    "gemma3-270m": ("Gemma3TextConfig", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048,
-                                             num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
-                                             head_dim=256, max_position_embeddings=32768, sliding_window=512,
-                                             query_pre_attn_scalar=256)),
-}
-
-
-def load(name: str, random_weights: bool, device: str, dtype: torch.dtype):
-    if not random_weights:
-        model, tok = skimfx.load_model(name, dtype=dtype, device=device)
-        return model, tok
-    import transformers as tf
-
-    cls, kw = SHAPES[name]
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(getattr(tf, cls)(**kw), dtype=dtype).to(device).eval()
-    return model, None
 
 
 def main(argv=None) -> int:
@@ -71,7 +47,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     rows = []
     for name in args.models.split(","):
-        model, tok = load(name, args.random_weights, args.device, dtype)
+        model, tok = load_model(name, args.random_weights, args.device, dtype)
         progs = {"unfused": skimfx.compile(model, tokenizer=tok, fuse=False), "fused": skimfx.compile(model, tokenizer=tok)}
         counts = {k: v for k, v in progs["fused"].program.history if k.startswith("fuse.")}
         for n in map(int, args.lengths.split(",")):
@@ -83,6 +59,7 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 for k, cm in progs.items():
                     logits[k] = cm(ids).logits
+                logits["hf"] = model(ids).logits.float()
                 # prefill: many short interleaved runs, the median (one prefill is ~1 s and noisy here)
                 ttfts = {k: [] for k in best}
                 for _ in range(args.prefill_repeats):
@@ -103,6 +80,8 @@ def main(argv=None) -> int:
                              prefill_fused_s=best["fused"]["prefill"], decode_unfused=best["unfused"]["decode"],
                              decode_fused=best["fused"]["decode"],
                              max_logit_diff=(logits["fused"] - logits["unfused"]).abs().max().item(),
+                             hf_logit_diff=(logits["fused"].float() - logits["hf"]).abs().max().item(),
+                             hf_top1=(logits["fused"].argmax(-1) == logits["hf"].argmax(-1)).float().mean().item(),
                              token_agreement=same, counts=counts))
             print(rows[-1], flush=True)
     where = (f"{args.device}" + (f", {torch.get_num_threads()} threads" if args.device == "cpu" else
@@ -110,16 +89,19 @@ def main(argv=None) -> int:
     lines = [f"# Fused vs unfused graph vs HF generate ({where})", "",
              f"Same model object, same prompts ({'random weights and tokens' if args.random_weights else 'Python license text'}),"
              f" interleaved: prefill time is the median of {args.prefill_repeats} runs, decode the best of {args.repeats} runs "
-             f"of {args.new_tokens} greedy tokens. Speedups are fused vs unfused.", "",
+             f"of {args.new_tokens} greedy tokens. Speedups are fused vs unfused. vs HF: the fused program's prompt logits "
+             "against the HF model's own forward on the same ids (largest difference, share of positions with the same argmax).", "",
              "| model | prompt | HF prefill (s) | prefill unfused (s) | prefill fused (s) | speedup | HF decode (tok/s) | "
-             "decode unfused (tok/s) | decode fused (tok/s) | speedup | max logit diff | tokens equal |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "decode unfused (tok/s) | decode fused (tok/s) | speedup | max logit diff | tokens equal | vs HF: max diff | "
+             "vs HF: argmax equal |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['prompt']} | {r['prefill_hf_s']:.3f} | {r['prefill_unfused_s']:.3f} | "
                      f"{r['prefill_fused_s']:.3f} | "
                      f"{r['prefill_unfused_s'] / r['prefill_fused_s']:.2f}x | {r['decode_hf']:.1f} | {r['decode_unfused']:.1f} | "
                      f"{r['decode_fused']:.1f} | {r['decode_fused'] / r['decode_unfused']:.2f}x | "
-                     f"{r['max_logit_diff']:.1e} | {100 * r['token_agreement']:.0f}% |")
+                     f"{r['max_logit_diff']:.1e} | {100 * r['token_agreement']:.0f}% | {r['hf_logit_diff']:.1e} | "
+                     f"{100 * r['hf_top1']:.1f}% |")
     lines += ["", "Rewrites: " + "; ".join(f"{m}: " + ", ".join(f"{k.removeprefix('fuse.')} {v}" for k, v in c.items())
                                         for m, c in {r["model"]: r["counts"] for r in rows}.items())]
     text = "\n".join(lines) + "\n"

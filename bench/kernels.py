@@ -63,13 +63,15 @@ def _flash_attn():
         return None
 
 
-def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
+def cases(device: str, dtype: torch.dtype, quick: bool, gpu_shapes: bool | None = None,
+          with_triton: bool | None = None) -> list[Case]:
     """The sweep: shapes of the embedded models (SmolLM2: hidden 576, 9/3 heads of 64) and, on a GPU,
-    of an 8B Llama (hidden 4096, 32/8 heads of 128)."""
+    of an 8B Llama (hidden 4096, 32/8 heads of 128). ``gpu_shapes`` / ``with_triton`` (the Triton
+    check of each case) default to what ``device`` can run."""
     from skimfx import kernels as K
     from skimfx.kernels.attention import attention_flops
 
-    gpu = device == "cuda"
+    gpu = device == "cuda" if gpu_shapes is None else gpu_shapes
     e = torch.tensor([], dtype=dtype).element_size()
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -79,7 +81,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
     def f32(*ts):
         return [t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in ts]
 
-    tr = K.HAS_TRITON and (gpu or os.environ.get("TRITON_INTERPRET") == "1")
+    tr = K.HAS_TRITON and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    tr = tr if with_triton is None else with_triton
     out: list[Case] = []
 
     # ---- RMSNorm / residual RMSNorm
@@ -158,7 +161,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
                         (lambda h=h, wt=wt: K.exit_confidence_triton(h, wt),
                          lambda h=h, wt=wt: K.exit_confidence_ref(*f32(h, wt))) if tr else None))
 
-    fa = _flash_attn() if gpu else None
+    fa = _flash_attn() if device == "cuda" else None
     attn_heads = [(6, 2, 16)] if quick else ([(9, 3, 64)] if not gpu else [(9, 3, 64), (32, 8, 128)])
 
     # ---- prefill attention (causal, GQA)
@@ -182,7 +185,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
 
     # ---- decode attention: dense, and sparse over 25% of the cache (one index set per KV head)
     for hq, hkv, d in attn_heads:
-        for b, s in ([(2, 70)] if quick else [(1, 4096), (4, 16384)] if not gpu else [(1, 32768), (16, 8192)]):
+        for b, s in ([(2, 70)] if quick else [(1, 4096), (4, 16384)] if not gpu else [(1, 32768), (16, 8192), (64, 8192)]):
             q1, k, v = r(b, hq, 1, d), r(b, hkv, s, d), r(b, hkv, s, d)
             pos = torch.full((b,), s - 1, device=device, dtype=torch.int32)
             kvl = torch.full((b,), s, device=device, dtype=torch.int32)
@@ -240,7 +243,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
                             (lambda qw=qw, k=k, qpos=qpos, kvl=kvl, sc=sc: K.token_scores_triton(qw, k, qpos, kvl, sc, **kw),
                              lambda qw=qw, k=k, qpos=qpos, kvl=kvl, sc=sc: K.token_scores_ref(*f32(qw, k), qpos, kvl, sc, **kw))
                             if tr else None))
-    if not gpu:  # on CPU the skimfx path *is* the torch reference: drop the duplicate column
+    if device != "cuda":  # on CPU the skimfx path *is* the torch reference: drop the duplicate column
         for c in out:
             c.impls.pop("torch reference", None)
     return out
@@ -321,10 +324,27 @@ def time_cpu(args) -> dict[tuple[str, str], float]:
     return {(b["extra_info"]["case"], b["extra_info"]["impl"]): b["stats"]["median"] for b in data["benchmarks"]}
 
 
-def time_cuda(all_cases: list[Case]) -> dict[tuple[str, str], float]:
+STARTED = time.perf_counter()
+
+
+def time_cuda(all_cases: list[Case], budget_s: float | None = None) -> dict[tuple[str, str], float | str]:
+    """(case, impl) -> seconds, or the reason it has no time: an error (a kernel that fails to build on this
+    Triton is reported in the table, and the sweep goes on) or the time budget (counted from the start of
+    the script, checks included) running out."""
     from triton.testing import do_bench
 
-    return {(c.key, name): do_bench(fn, return_mode="median") * 1e-3 for c in all_cases for name, fn in c.impls.items()}
+    out = {}
+    for c in all_cases:
+        for name, fn in c.impls.items():
+            if budget_s is not None and time.perf_counter() - STARTED > budget_s:
+                out[(c.key, name)] = f"not timed: --time-budget {budget_s:.0f} s spent"
+                continue
+            try:
+                out[(c.key, name)] = do_bench(fn, return_mode="median") * 1e-3
+            except Exception as e:  # noqa: BLE001 - one failing impl must not lose the sweep
+                out[(c.key, name)] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                print(f"{c.key} {name}: {out[(c.key, name)]}", file=sys.stderr, flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ correctness
@@ -337,7 +357,13 @@ def check(all_cases: list[Case], dtype: torch.dtype) -> list[dict]:
     for c in all_cases:
         if c.check is None:
             continue
-        got, ref = c.check[0](), c.check[1]()
+        try:
+            got, ref = c.check[0](), c.check[1]()
+        except Exception as e:  # noqa: BLE001 - reported as a failed check, the others still run
+            rows.append(dict(op=c.op, shape=c.shape, dtype=str(dtype).replace("torch.", ""), rel_err=float("nan"),
+                             ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
+            print(f"check {c.key}: {rows[-1]['error']}", file=sys.stderr, flush=True)
+            continue
         got = got if isinstance(got, tuple) else (got,)
         ref = ref if isinstance(ref, tuple) else (ref,)
         err = max((a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
@@ -367,7 +393,9 @@ def targets(rows: list[dict]) -> list[str]:
         out.append(f"prefill attention, head dim 128: {r['tflops']:.0f} TFLOP/s at {r['shape']} "
                    f"({'met' if r['tflops'] >= 400 else 'NOT met'}, target 400)")
     for r in [r for r in rows if r["op"] == "attention prefill" and r["impl"] == "torch SDPA" and "x64" in r["shape"]]:
-        ours = next(x for x in rows if x["op"] == r["op"] and x["shape"] == r["shape"] and x["impl"] == "skimfx")
+        ours = next((x for x in rows if x["op"] == r["op"] and x["shape"] == r["shape"] and x["impl"] == "skimfx"), None)
+        if ours is None:
+            continue
         ratio = r["us"] / ours["us"]
         out.append(f"prefill attention, head dim 64, {r['shape']}: {ratio:.2f}x SDPA's speed "
                    f"({'met' if ratio >= 0.8 else 'NOT met'}, target 0.8x)")
@@ -382,7 +410,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="timing dtype (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds")
     ap.add_argument("--check", action="store_true", help="check Triton vs reference (fp16 and bf16 on CUDA)")
+    ap.add_argument("--ops", help="comma-separated op names to run (default: all), e.g. 'attention decode,sparse decode 25%%'")
+    ap.add_argument("--check-dtypes", default="float16,bfloat16", help="CUDA: the dtypes --check runs in")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-budget", type=float, help="CUDA: time no new case once the script has run this many seconds")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -391,21 +422,35 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    def chosen(cs: list[Case]) -> list[Case]:
+        if not args.ops:
+            return cs
+        ops = {o.strip() for o in args.ops.split(",")}
+        unknown = ops - {c.op for c in cs}
+        if unknown:
+            ap.error(f"--ops: unknown {sorted(unknown)}; the ops are {sorted({c.op for c in cs})}")
+        return [c for c in cs if c.op in ops]
+
     with torch.inference_mode():
         checks = []
         if args.check:
-            for dt in ((torch.float16, torch.bfloat16) if args.device == "cuda" else (torch.float32,)):
-                checks += check(cases(args.device, dt, args.quick or args.device != "cuda"), dt)
-        all_cases = cases(args.device, dtype, args.quick)
+            for dt in ((getattr(torch, d) for d in args.check_dtypes.split(",")) if args.device == "cuda" else
+                       (torch.float32,)):
+                checks += check(chosen(cases(args.device, dt, args.quick or args.device != "cuda")), dt)
+        all_cases = chosen(cases(args.device, dtype, args.quick))
         name, peak_bw, peak_fl, src = device_peaks(args.device, dtype)
-    times = time_cuda(all_cases) if args.device == "cuda" else time_cpu(args)
+    times = time_cuda(all_cases, args.time_budget) if args.device == "cuda" else time_cpu(args)
 
-    rows = []
+    rows, missing = [], []
     for c in all_cases:
         bound = max(c.bytes / peak_bw, c.flops / peak_fl)
         base = times.get((c.key, "skimfx"))
+        base = base if isinstance(base, float) else None
         for impl in c.impls:
             t = times[(c.key, impl)]
+            if not isinstance(t, float):
+                missing.append(f"{c.key} {impl}: {t}")
+                continue
             rows.append(dict(op=c.op, shape=c.shape, impl=impl, us=t * 1e6, gbps=c.bytes / t / 1e9,
                              tflops=c.flops / t / 1e12, roofline=bound / t, vs_skimfx=t / base if base else None))
     tag = "cuda" if args.device == "cuda" else "cpu"
@@ -417,14 +462,16 @@ def main(argv=None) -> int:
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['us']:.1f} | {r['gbps']:.1f} | {r['tflops']:.3f} | "
-                     f"{100 * r['roofline']:.1f} | {r['vs_skimfx']:.2f} |")
+                     f"{100 * r['roofline']:.1f} | {'-' if r['vs_skimfx'] is None else format(r['vs_skimfx'], '.2f')} |")
+    if missing:
+        lines += ["", "Not timed:", ""] + [f"- {m}" for m in missing]
     if tag == "cuda":
         lines += ["", "Targets (H100-class):", ""] + [f"- {t}" for t in targets(rows)]
     if checks:
         lines += ["", "Triton vs fp32 reference (max |err| / max(1, max |ref|)):", "",
                   "| op | shape | dtype | rel. error | ok |", "|---|---|---|---:|---|"]
-        lines += [f"| {c['op']} | {c['shape']} | {c['dtype']} | {c['rel_err']:.2e} | {'yes' if c['ok'] else 'NO'} |"
-                  for c in checks]
+        lines += [f"| {c['op']} | {c['shape']} | {c['dtype']} | {c['rel_err']:.2e} | "
+                  f"{'yes' if c['ok'] else 'NO' + (': ' + c['error'] if 'error' in c else '')} |" for c in checks]
     text = "\n".join(lines) + "\n"
     (out_dir / f"kernels_{tag}.md").write_text(text)
     (out_dir / f"kernels_{tag}.json").write_text(json.dumps(dict(device=name, dtype=args.dtype, peak_bw=peak_bw,

@@ -171,9 +171,19 @@ def _export(model: torch.nn.Module, info: ModelInfo, example_tokens: int):
     tokens = torch.export.Dim("T", min=2, max=max(info.max_positions, example_tokens + 1))
     with _export_mode(model), torch.no_grad():
         try:
-            ep = torch.export.export(
-                _LogitsOnly(model), (ids, pos),
-                dynamic_shapes=({0: batch, 1: tokens}, {0: batch, 1: tokens}), strict=False)
+            args = (_LogitsOnly(model), (ids, pos))
+            shapes = ({0: batch, 1: tokens}, {0: batch, 1: tokens})
+            try:
+                ep = torch.export.export(*args, dynamic_shapes=shapes, strict=False)
+            except torch._dynamo.exc.UserError as e:
+                # Some torch releases (2.11) guard on facts they cannot prove for every token count, such as
+                # Min(64*T, 192*T) == 64*T in a contiguity check, and reject the dynamic axis. Such guards
+                # hold for every T >= 1; deferring them to runtime asserts (dropped in _clean) keeps the
+                # axis dynamic.
+                if "Constraints violated" not in str(e):
+                    raise
+                ep = torch.export.export(*args, dynamic_shapes=shapes, strict=False,
+                                         prefer_deferred_runtime_asserts_over_guards=True)
         except UnsupportedModelError:
             raise
         except Exception as e:

@@ -181,3 +181,48 @@ def test_second_compile_reuses_the_export_but_not_the_graph():
     ids = torch.randint(0, 512, (1, 20))
     with torch.no_grad():
         assert (c(ids).logits - model(ids).logits).abs().max() <= 1e-4
+
+
+def _export_that_rejects_dynamic_tokens(monkeypatch, error_type, message):
+    """torch.export as some torch releases (2.11) behave on HF decoders: the dynamic token axis is rejected
+    for a guard they cannot prove, unless guards are deferred to runtime asserts."""
+    from torch._dynamo.exc import UserError
+
+    real = torch.export.export
+    calls = []
+
+    def export(*args, **kwargs):
+        calls.append(kwargs.get("prefer_deferred_runtime_asserts_over_guards", False))
+        if not calls[-1]:
+            raise UserError(error_type, message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", export)
+    return calls
+
+
+def test_capture_defers_guards_a_release_cannot_prove(monkeypatch):
+    from torch._dynamo.exc import UserErrorType
+
+    calls = _export_that_rejects_dynamic_tokens(
+        monkeypatch, UserErrorType.CONSTRAINT_VIOLATION,
+        "Constraints violated (T)! Not all values of T satisfy the generated guard Eq(Min(64*T, 192*T), 64*T)")
+    model = tiny_model("llama")
+    cm = skimfx.compile(model)
+    assert calls == [False, True]                             # retried once, with the guards deferred
+    for T in (3, 37):                                         # and the token axis stayed dynamic
+        ids = torch.randint(0, 512, (2, T))
+        with torch.no_grad():
+            assert (cm(ids).logits - model(ids).logits).abs().max() <= 1e-4
+    g = cm.generate(ids[:, :9], max_new_tokens=4, stop_tokens=[])
+    assert all(len(t) == 4 for t in g.tokens)
+
+
+def test_capture_does_not_retry_other_export_errors(monkeypatch):
+    from torch._dynamo.exc import UserErrorType
+
+    calls = _export_that_rejects_dynamic_tokens(monkeypatch, UserErrorType.DYNAMIC_CONTROL_FLOW,
+                                                "data-dependent control flow")
+    with pytest.raises(UnsupportedModelError, match="data-dependent control flow"):
+        skimfx.compile(tiny_model("llama"))
+    assert calls == [False]
