@@ -96,8 +96,9 @@ def main() -> None:
 
     short = [tok("Write a short story about a lighthouse keeper.").input_ids if tok else random_ids(9)] * B
     _, t_short = run_all({"dense": dense}, short)["dense"]
+    same = {"agreement": 1.0, "top1_forced": 1.0, "kl": 0.0} if tok else {"agreement": None, "top1_forced": None, "kl": None}
     rows = [{"context": len(short[0]), "batch": B, "recipe": "dense", "ms_per_token": 1000 * t_short, "bound": 1.0,
-             "speedup": 1.0, "agreement": 1.0, "top1_forced": 1.0, "kl": 0.0}]
+             "speedup": 1.0, **same}]
     print(f"{len(short[0]):>5} dense {1000 * t_short:.1f} ms/step", flush=True)
     for L in lengths:
         prompts = ([random_ids(L - args.new_tokens - 8) for _ in range(B)] if tok is None else
@@ -108,7 +109,7 @@ def main() -> None:
         bound = t / t_short
         n = max(map(len, prompts))
         rows.append({"context": n, "batch": B, "recipe": "dense", "ms_per_token": 1000 * t, "bound": bound,
-                     "speedup": 1.0, "agreement": 1.0, "top1_forced": 1.0, "kl": 0.0})
+                     "speedup": 1.0, **same})
         print(f"{n:>5} dense {1000 * t:.1f} ms/step, bound {bound:.2f}x", flush=True)
         if L not in policy_lengths:
             continue
