@@ -9,6 +9,7 @@ Quality: passkey retrieval at ~1k tokens (needle depths 0..1, four keys each) at
     python bench/sparse.py                 # full run (about 15 minutes on 2 cores)
     python bench/sparse.py --quick         # 2k only, 5 passkey prompts
     python bench/sparse.py --sentence-grid # token vs sentence granularity at 25/10/5% (about 20 minutes)
+    python bench/sparse.py --delta-calibration cal.pt   # + "DELTA cal.": select layers from skimfx.calibrate_delta
 
 Writes bench/results/sparse.md, sparse.json and sparse.png; the sentence grid writes
 sparse_sentence.md / .json / .png: passkey accuracy of each rule at token and at sentence
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 import skimfx
-from _results import agreement, pyplot, save, save_figure
+from _results import agreement, delta_calibration, pyplot, save, save_figure
 from skimfx.eval import passkey_correct, passkey_prompts
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,7 +42,7 @@ RECIPES = {
     "DELTA": "delta:budget=0.25",
     "SentenceKV": "sentencekv:budget=0.25",
 }
-BATCH_RECIPES = ("dense", "Quest", "DELTA")   # batch-4 decode: where reading less of the cache pays on a CPU
+BATCH_RECIPES = ("dense", "Quest", "DELTA", "DELTA cal.")   # batch-4 decode: where reading less of the cache pays on a CPU
 
 
 def main() -> None:
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--passkey-prompts", type=int, default=20)
     ap.add_argument("--sentence-grid", action="store_true",
                     help="token vs sentence granularity on the passkey grid at 25/10/5%% (sparse_sentence.md)")
+    ap.add_argument("--delta-calibration", help="DeltaCalibration file (made here when missing): adds DELTA with "
+                    "calibrated select layers at the same 25%% budget")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.sentence_grid:
@@ -62,6 +65,9 @@ def main() -> None:
 
     model, tok = skimfx.load_model("smollm2-135m")
     compiled = {name: skimfx.compile(model, r, tokenizer=tok) for name, r in RECIPES.items()}
+    cal = delta_calibration(args.delta_calibration, compiled["dense"], tok) if args.delta_calibration else None
+    if cal is not None:
+        compiled["DELTA cal."] = skimfx.compile(model, cal.recipe(budget=0.25), tokenizer=tok)
 
     speed = []
     runs = [(T, 1) for T in lengths] + [(T, 4) for T in lengths if T == 4096 and not args.quick]
@@ -94,7 +100,7 @@ def main() -> None:
         quality.append({"recipe": name, "passkey": acc, "prompt_tokens": round(sum(len(p.ids) for p in prompts) / len(prompts)),
                         "kv_mib": g.stats.kv_bytes / 2**20, "attended": g.stats.attended_fraction})
         print(f"passkey {name:<13} {acc:.0%}", flush=True)
-    write(speed, quality, args, n_pk)
+    write(speed, quality, args, n_pk, cal)
 
 
 def grid_recipes(f: float) -> dict[str, str]:
@@ -207,7 +213,7 @@ def write_grid(dense, grid, speed, args, n_pk, prompt_tokens) -> None:
     save_figure(plt, fig, "sparse_sentence")
 
 
-def write(speed, quality, args, n_pk) -> None:
+def write(speed, quality, args, n_pk, cal=None) -> None:
     RESULTS.mkdir(exist_ok=True)
     dense_pk = next(q["passkey"] for q in quality if q["recipe"] == "dense")
     lines = ["# KV selection and sparse attention vs dense — SmolLM2-135M-Instruct (fp32, CPU)", "",
@@ -217,7 +223,9 @@ def write(speed, quality, args, n_pk) -> None:
              "Budgets are 25% of the prompt: SnapKV window 32 / pool 5; PyramidKV = SnapKV with per-layer budgets; "
              "StreamingLLM 4 sinks + recent; H2O 12.5% heavy + 12.5% recent; Quest pages of 16 (p8: of 8), layers "
              "0-1 dense; DELTA layers 0-1 full, selection at layers 2, 10 and 20 (5 of 30 layers read everything), "
-             "recent 32.", "",
+             "recent 32." + ("" if cal is None else
+             f" DELTA cal.: selection at {', '.join(map(str, cal.selection_layers))} (skimfx.calibrate_delta on two 4k "
+             "passkey prompts of other seeds, 10% budget), 25% budget."), "",
              "- decode ×: decode tokens/s relative to dense (batch 4: 32 new tokens per sequence, all sequences counted). KV: bytes resident after decode (with the policies' "
              "state), relative to dense. read: keys read / keys cached over the decode steps. agree: the 64 tokens "
              "equal to dense, position by position.", "",
@@ -244,7 +252,7 @@ def write(speed, quality, args, n_pk) -> None:
     except ImportError:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in RECIPES:
+    for name in dict.fromkeys(r["recipe"] for r in speed):
         rows = [r for r in speed if r["recipe"] == name and r["batch"] == 1]
         a.plot([r["context"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o", label=name,
                color="black" if name == "dense" else None)
