@@ -327,6 +327,11 @@ def time_cpu(args) -> dict[tuple[str, str], float]:
 STARTED = time.perf_counter()
 
 
+def _why(e: Exception) -> str:
+    """An exception in one table cell: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
 def time_cuda(all_cases: list[Case], budget_s: float | None = None) -> dict[tuple[str, str], float | str]:
     """(case, impl) -> seconds, or the reason it has no time: an error (a kernel that fails to build on this
     Triton is reported in the table, and the sweep goes on) or the time budget (counted from the start of
@@ -342,7 +347,7 @@ def time_cuda(all_cases: list[Case], budget_s: float | None = None) -> dict[tupl
             try:
                 out[(c.key, name)] = do_bench(fn, return_mode="median") * 1e-3
             except Exception as e:  # noqa: BLE001 - one failing impl must not lose the sweep
-                out[(c.key, name)] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                out[(c.key, name)] = _why(e)
                 print(f"{c.key} {name}: {out[(c.key, name)]}", file=sys.stderr, flush=True)
     return out
 
@@ -361,7 +366,7 @@ def check(all_cases: list[Case], dtype: torch.dtype) -> list[dict]:
             got, ref = c.check[0](), c.check[1]()
         except Exception as e:  # noqa: BLE001 - reported as a failed check, the others still run
             rows.append(dict(op=c.op, shape=c.shape, dtype=str(dtype).replace("torch.", ""), rel_err=float("nan"),
-                             ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
+                             ok=False, error=_why(e)))
             print(f"check {c.key}: {rows[-1]['error']}", file=sys.stderr, flush=True)
             continue
         got = got if isinstance(got, tuple) else (got,)
