@@ -47,19 +47,6 @@ def load_model(name: str, random_weights: bool, device: str, dtype: torch.dtype)
     return tf.AutoModelForCausalLM.from_config(getattr(tf, cls)(**kw), dtype=dtype).to(device).eval(), None
 
 
-def embedded_model_installed(name: str = "smollm2-135m") -> bool:
-    """Can ``skimfx.load_model(name)`` load the real weights here (GGUF package installed, or cached)?"""
-    import skimfx.models as m
-
-    if (m.cache_root() / name / "model.safetensors").exists():
-        return True
-    try:
-        m._gguf_path(m.EMBEDDED[name])
-    except (ModuleNotFoundError, FileNotFoundError):
-        return False
-    return True
-
-
 def agreement(a: list[int], b: list[int]) -> float:
     """Share of positions where two generations agree, over the shorter one."""
     n = min(len(a), len(b))

@@ -70,7 +70,7 @@ cat "$OUT/gpu.md"
 : >"$LOG"
 
 weights=--random-weights
-"$PY" -c "import sys; sys.path.insert(0, 'bench'); import _results; sys.exit(0 if _results.embedded_model_installed() else 1)" \
+"$PY" -c "import sys, skimfx.models as m; sys.exit(0 if m.installed('smollm2-135m') else 1)" \
   2>/dev/null && weights=
 B=${GPU_BENCH_BATCH:-64}
 # Kernels first: their checks compile every Triton kernel (on an H200 the first use of the model path spent

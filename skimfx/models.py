@@ -73,6 +73,23 @@ def _gguf_path(entry: EmbeddedModel) -> Path:
     return path
 
 
+def _is_cached(name: str) -> bool:
+    cached = cache_root() / name
+    return (cached / "config.json").exists() and (cached / "model.safetensors").exists()
+
+
+def installed(name: str = "smollm2-135m") -> bool:
+    """Can :func:`load_model` load ``name`` here (its dequantized cache exists, or its GGUF package is
+    installed)?"""
+    if _is_cached(name):
+        return True
+    try:
+        _gguf_path(EMBEDDED[name])
+    except (ModuleNotFoundError, FileNotFoundError):
+        return False
+    return True
+
+
 def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load an embedded model: returns ``(model, tokenizer)``, the model in eval mode.
 
@@ -84,7 +101,7 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, d
         raise ValueError(f"unknown model {name!r}; embedded models: {', '.join(EMBEDDED)}")
     entry = EMBEDDED[name]
     cached = cache_root() / name
-    if not (cached / "config.json").exists() or not (cached / "model.safetensors").exists():
+    if not _is_cached(name):
         gguf = _gguf_path(entry)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

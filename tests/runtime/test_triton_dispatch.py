@@ -7,28 +7,31 @@ and decoding (DELTA: dense prefill, select-layer scores, sparse decode over the 
 metadata kept up to date as tokens are appended, page scores, sparse decode). fp32: the interpreter
 cannot multiply bf16 (see tests/kernels/test_attention.py); bf16 on CUDA is bench/gpu.sh's part."""
 import importlib
+import pkgutil
 
 import pytest
 import torch
 
 import skimfx
+import skimfx.kernels
 from skimfx.eval import teacher_forced_logits
 from skimfx.kernels._triton import HAS_TRITON, interpreting
 from tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="needs triton, interpreted")
 
-# every module whose ops dispatch through use_triton
-DISPATCHING = ["norm", "kv_pages", "compact", "exit_confidence", "sparse_attention", "rope", "activation",
-               "attention", "token_scores"]
+# every kernels module whose ops dispatch through use_triton
+DISPATCHING = [m for m in (importlib.import_module(f"skimfx.kernels.{i.name}")
+                           for i in pkgutil.iter_modules(skimfx.kernels.__path__))
+               if hasattr(m, "use_triton") and m.__name__ != "skimfx.kernels._triton"]
 
 
 @pytest.fixture
 def triton_path(monkeypatch):
     """Call to route every op to its Triton kernel (as on CUDA) or back to the torch reference."""
     def route(on: bool):
-        for name in DISPATCHING:
-            monkeypatch.setattr(importlib.import_module(f"skimfx.kernels.{name}"), "use_triton", lambda t: on)
+        for module in DISPATCHING:
+            monkeypatch.setattr(module, "use_triton", lambda t: on)
     return route
 
 
