@@ -14,7 +14,7 @@ from .capture import UnsupportedModelError, capture
 from .models import EMBEDDED, load_model
 from .passes import PassError, PassManager, default_passes, final_passes
 from .program import Program
-from .recipes import (RECIPES, H2O, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError,
+from .recipes import (RECIPES, H2O, TOVA, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError,
                       SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, parse_recipe, recipe_label)
 from .runtime import CompiledModel, Generation, KVCache, Stats
 from .calibrate import (DeltaCalibration, ExitAdapter, ExitCalibration, SkipCalibration, calibrate_delta, calibrate_exits,
@@ -42,7 +42,8 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
         program = PassManager(default_passes(fuse))(program)
         passes = [p for r in recipes for p in r.passes(program.info)] + final_passes()
     program = PassManager(passes)(program)
-    if any(s.granularity == "sentence" for s in (*program.selections.values(), *program.policies.values())):
+    if any(s.granularity == "sentence" for s in program.selections.values()) or \
+            any(p.sentence_granular for p in program.policies.values()):
         if tokenizer is None:
             raise RecipeError("sentence-granular selection (granularity='sentence', SentenceKV) segments prompts "
                               "with the tokenizer: skimfx.compile(model, recipe, tokenizer=tok)")
@@ -55,6 +56,6 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
 __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",
            "default_passes", "CompiledModel", "Generation", "Stats", "KVCache", "UnsupportedModelError",
            "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM",
-           "H2O", "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "calibrate_exits",
+           "H2O", "TOVA", "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "calibrate_exits",
            "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "calibrate_delta", "DeltaCalibration", "reference_texts", "parse_recipe",
            "recipe_label"]

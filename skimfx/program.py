@@ -12,7 +12,7 @@ stats). Nothing in this module runs a model or knows a cache: ``cached_attention
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -133,40 +133,18 @@ class Selection:
 
 @dataclass(frozen=True)
 class CachePolicy:
-    """How one layer keeps and reads its KV cache (written by ``kv_policy``, executed by the runtime).
+    """The parameters of one layer's KV cache policy (written by ``kv_policy``, executed by the runtime).
 
-    ``kind``:
-    - "evict": the cache physically shrinks to ``budget`` tokens per KV head after prefill (SnapKV,
-      StreamingLLM, H2O) and, with ``decode_evict``, stays there during decode by overwriting the
-      least valuable slot with each new token.
-    - "sparse": the full cache stays; each decode step reads only ``budget`` tokens of it (Quest
-      pages, DELTA's token set). Prefill is dense.
-
-    ``budget``: tokens (int) or a fraction of the prompt (float in (0, 1)). ``window``: SnapKV's
-    observation window (its queries score the prompt; its tokens are always kept). ``pool_kernel``:
-    avg-pool of the scores. ``sinks`` / ``recent``: the first / most recent tokens always kept or read.
-    ``page_size``: Quest's page. ``role``: DELTA's "select" (full attention, re-selects the token set)
-    or "reuse" (reads the set chosen by the last "select" layer below it). ``granularity`` "sentence":
-    an evicting policy keeps whole prompt sentences (scored by the ``sentence_reduce`` of their tokens'
-    scores, sentences of at most ``max_sentence`` tokens); SentenceKV always reads whole sentences.
-    ``offload``: SentenceKV moves the prompt's token KV to host memory and brings back the chosen
-    sentences each decode step.
+    Plain, validated data: each method subclasses this next to its recipe (``recipes/kv.py``) with its
+    own fields, and the runtime runs it with the policy class registered under ``method``
+    (``runtime/policies/``). ``kind`` is "evict" (the cache physically shrinks to ``budget`` tokens per
+    KV head) or "sparse" (the full cache stays; each decode step reads ``budget`` tokens of it).
+    ``budget``: tokens (int) or a fraction of the prompt (float in (0, 1)).
     """
 
-    method: str
-    kind: str
     budget: int | float
-    window: int = 0
-    pool_kernel: int = 1
-    sinks: int = 0
-    recent: int = 0
-    decode_evict: bool = False
-    page_size: int = 16
-    role: str = ""
-    granularity: str = "token"
-    sentence_reduce: str = "max"
-    max_sentence: int = 64
-    offload: bool = False
+    method: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
 
     def tokens(self, prompt_len: int) -> int:
         """The budget in tokens for a prompt (or cache) of ``prompt_len`` tokens."""
@@ -174,29 +152,73 @@ class CachePolicy:
             return max(1, int(round(self.budget * prompt_len)))
         return self.budget
 
+    @property
+    def sentence_granular(self) -> bool:
+        """Whether the policy needs the prompt's sentences (``granularity="sentence"``)."""
+        return getattr(self, "granularity", "token") == "sentence"
+
+    @property
+    def reads_selection(self) -> bool:
+        """Whether this layer reads the token set another layer selects each step (DELTA's reuse layers)."""
+        return False
+
+    def reads_selection_of(self, layer: int, policies: dict[int, "CachePolicy"]) -> int | None:
+        """The layer whose per-step selection this layer reads (DELTA's reuse layers), or None."""
+        return None
+
+    def details(self) -> list[str]:
+        """Method-specific parts of ``describe`` (window, sinks, pages, ...)."""
+        return []
+
     def describe(self) -> str:
         b = f"{self.budget:.0%}" if isinstance(self.budget, float) else str(self.budget)
-        parts = [f"{self.method}: {'keep' if self.kind == 'evict' else 'read'} {b}"]
-        if self.window:
-            parts.append(f"window {self.window}")
-        if self.pool_kernel > 1:
-            parts.append(f"pool {self.pool_kernel}")
-        if self.sinks:
-            parts.append(f"{self.sinks} sinks")
-        if self.recent:
-            parts.append(f"recent {self.recent}")
-        if self.decode_evict:
-            parts.append("evicts during decode")
-        if self.method == "quest":
-            parts.append(f"pages of {self.page_size}")
-        if self.role:
-            parts.append(self.role)
-        if self.granularity == "sentence":
-            parts.append(f"whole sentences ({self.sentence_reduce})" if self.method != "sentencekv"
-                         else "sentences by query-centroid similarity")
-        if self.offload:
-            parts.append("prompt KV offloaded to host")
-        return ", ".join(parts)
+        return ", ".join([f"{self.method}: {'keep' if self.kind == 'evict' else 'read'} {b}"] + self.details())
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How ``generate`` decodes when it does not run one full-model step per token (plain data; the
+    runtime's ``decoding`` package turns it into a loop, looked up by ``mode``)."""
+
+    mode: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig(DecodeConfig):
+    """CALM-style early exit (lossy): exit at the first (layer, threshold) whose top-1 probability
+    reaches the threshold; ascending layers."""
+
+    thresholds: tuple[tuple[int, float], ...]
+    mode: ClassVar[str] = "early_exit"
+
+    def __str__(self) -> str:
+        return "early exit (lossy): " + ", ".join(f"layer {l} if p >= {t:.3g}" for l, t in self.thresholds)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig(DecodeConfig):
+    """Lossless self-speculation: draft with ``sources`` (tried in order: "lookahead", "exit", "skip"),
+    verify with the full model. ``adaptive``: the number of drafts follows measured step times and
+    acceptance; a source whose expected rate is below plain decoding's x ``min_gain`` is passed over
+    and retried after ``retry_after`` idle steps. ``ngram``: (min n, max n) of the n-gram drafts;
+    ``skip_layers``: the layers a "skip" draft leaves out; ``prior``: the starting acceptance per source."""
+
+    sources: tuple[str, ...]
+    draft_tokens: int = 8
+    exit_layer: int | None = None
+    adaptive: bool = True
+    min_gain: float = 1.0
+    retry_after: int = 16
+    ngram: tuple[int, int] = (2, 4)
+    skip_layers: tuple[int, ...] = ()
+    prior: tuple[tuple[str, float], ...] = (("lookahead", 0.7), ("exit", 0.5), ("skip", 0.5))
+    mode: ClassVar[str] = "speculative"
+
+    def __str__(self) -> str:
+        where = {"exit": f" (layer {self.exit_layer})", "skip": f" (skipping layers {list(self.skip_layers)})"}
+        src = " then ".join(s + where.get(s, "") for s in self.sources)
+        return (f"self-speculative (lossless): drafts from {src}, up to {self.draft_tokens} tokens"
+                + (", adaptive" if self.adaptive else ""))
 
 
 @dataclass
@@ -228,7 +250,7 @@ class Program:
     sentence_ends: torch.Tensor | None = None   # [vocab] bool, for sentence-granular selection (from the tokenizer)
     exits: dict[int, Stage] = field(default_factory=dict)    # by layer, from early_exit: hidden -> (top1, p, margin)
     kv_fill: dict[int, Stage] = field(default_factory=dict)  # by layer, from early_exit: hidden -> (k, v)
-    decoding: Any = None           # how generate decodes (early exit, self-speculation); None = one token per step
+    decoding: DecodeConfig | None = None   # how generate decodes (early exit, self-speculation); None = one token per step
 
     @property
     def lowered(self) -> bool:
@@ -243,6 +265,28 @@ class Program:
     @property
     def layer_stages(self) -> list[Stage]:
         return [s for s in self.stages or () if s.kind == "layer"]
+
+    def hidden_output(self, layer: int) -> str:
+        """The name of the residual stream leaving layer ``layer``: the one output of its stage that the
+        next layer (or the epilogue, after the last layer) reads."""
+        layers = self.layer_stages
+        nxt = layers[layer + 1] if layer + 1 < len(layers) else self.stage("epilogue")
+        read = [n for n in layers[layer].outputs if n in nxt.inputs]
+        if len(read) != 1:
+            raise ValueError(f"layer {layer} passes {read} to the next stage, not one residual stream")
+        return read[0]
+
+    def hidden_input(self, layer: int) -> str:
+        """The name of the residual stream entering layer ``layer`` (for layer 0: the prologue output
+        shaped like the layers' residual stream)."""
+        if layer > 0:
+            return self.hidden_output(layer - 1)
+        shape = self.values[self.hidden_output(0)].shape
+        first = self.layer_stages[0]
+        same = [n for n in first.inputs if n in self.values and self.values[n].shape == shape]
+        if not same:
+            raise ValueError(f"layer 0 reads {first.inputs}; none is shaped like the residual stream {shape}")
+        return same[0]
 
     def __str__(self) -> str:
         i = self.info

@@ -9,7 +9,7 @@ from .attention import attention, attention_flops, attention_mask, attention_ref
 from .compact import gather_kv, gather_kv_ref, gather_kv_triton
 from .kv_pages import page_minmax, page_minmax_ref, page_minmax_triton, page_scores, page_scores_ref, page_scores_triton
 from .sparse_attention import sparse_attention, sparse_attention_ref, sparse_attention_triton
-from .token_scores import decode_attention_scores, decode_attention_scores_ref, token_scores, token_scores_ref, token_scores_triton, choose_sentences, topk_sentences, topk_tokens
+from .token_scores import decode_attention_scores, decode_attention_scores_ref, token_scores, token_scores_ref, token_scores_triton
 from .norm import add_rms_norm, add_rms_norm_ref, add_rms_norm_triton, rms_norm, rms_norm_ref, rms_norm_triton
 from .activation import glu, glu_ref, glu_triton
 from .rope import rope, rope_ref, rope_triton
@@ -18,7 +18,7 @@ from .exit_confidence import exit_confidence, exit_confidence_ref, exit_confiden
 from . import library  # noqa: E402  registers torch.ops.skimfx.* (after the modules it wraps)
 
 __all__ = ["HAS_TRITON", "use_triton", "attention", "attention_ref", "attention_triton", "attention_mask",
-           "attention_flops", "decode_attention_scores", "decode_attention_scores_ref", "token_scores", "token_scores_ref", "token_scores_triton", "topk_tokens", "topk_sentences", "choose_sentences",
+           "attention_flops", "decode_attention_scores", "decode_attention_scores_ref", "token_scores", "token_scores_ref", "token_scores_triton",
            "sparse_attention", "sparse_attention_ref", "sparse_attention_triton", "gather_kv", "gather_kv_ref",
            "gather_kv_triton", "page_minmax", "page_minmax_ref", "page_minmax_triton", "page_scores",
            "page_scores_ref", "page_scores_triton", "rms_norm", "rms_norm_ref", "rms_norm_triton", "add_rms_norm",

@@ -1,5 +1,8 @@
 """Graph passes: each is ``Program -> Program`` in a file of its own, named by a verb.
 
+Passes rewrite Programs and never run them: they may import ``program``, ``capture`` and ``kernels``
+(the ops they insert), never ``runtime``, ``recipes`` or ``calibrate``.
+
 ``PassManager`` runs passes in order, lints the graph after each one, records each pass's rewrite
 count in ``program.history``, and names the pass that failed when one raises.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..program import Program
+from .decode_with import decode_with
 from .early_exit import EarlyExitError, early_exit
 from .fuse import FuseError, fuse, fuse_graph
 from .kv_policy import PolicyError, kv_policy
@@ -57,4 +61,4 @@ def final_passes() -> list[PassFn]:
 
 __all__ = ["PassManager", "PassError", "default_passes", "final_passes", "lower_attention", "lower_linear",
            "split_layers", "prune_tokens", "kv_policy", "PolicyError", "fuse", "fuse_graph", "FuseError", "early_exit",
-           "EarlyExitError"]
+           "EarlyExitError", "decode_with"]

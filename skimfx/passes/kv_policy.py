@@ -19,10 +19,6 @@ from __future__ import annotations
 
 from ..program import CachePolicy, Program
 
-KINDS = {"snapkv": "evict", "streamingllm": "evict", "h2o": "evict", "quest": "sparse", "delta": "sparse",
-         "sentencekv": "sparse"}
-
-
 class PolicyError(ValueError):
     """A cache policy does not fit the model or the other passes."""
 
@@ -32,12 +28,12 @@ def check_policies(program: Program) -> None:
     pols = program.policies
     for layer in sorted(pols):
         pol = pols[layer]
-        if pol.role != "reuse":
+        sel_layer = pol.reads_selection_of(layer, pols)
+        if sel_layer is None:
+            if pol.reads_selection:
+                raise PolicyError(f"layer {layer}: a {pol.method} layer that reads another layer's selection needs "
+                                  "a selecting layer below it")
             continue
-        below = [l for l in pols if l < layer and pols[l].method == "delta" and pols[l].role == "select"]
-        if not below:
-            raise PolicyError(f"layer {layer}: a DELTA reuse layer needs a select layer below it")
-        sel_layer = max(below)
         for r, sel in program.selections.items():
             if sel.mode == "continue" and sel_layer <= r < layer and not sel.truncate_earlier_kv:
                 raise PolicyError(
@@ -57,8 +53,9 @@ def kv_policy(program: Program, policies: dict[int, CachePolicy]) -> Program:
     for layer, pol in sorted(policies.items()):
         if not 0 <= layer < L:
             raise PolicyError(f"layer {layer} is out of range: valid layers are 0..{L - 1}")
-        if KINDS.get(pol.method) != pol.kind:
-            raise PolicyError(f"layer {layer}: unknown policy {pol.method!r}/{pol.kind!r}; known: {KINDS}")
+        if not isinstance(pol, CachePolicy) or not pol.method or pol.kind not in ("evict", "sparse"):
+            raise PolicyError(f"layer {layer}: {pol!r} is not a CachePolicy with a method name and a kind "
+                              "('evict' or 'sparse')")
         if program.attention[layer].window is not None:
             raise PolicyError(f"layer {layer} is a sliding-window layer (window {program.attention[layer].window}); "
                               "cache policies apply to full-attention layers only")

@@ -1,9 +1,19 @@
-"""Runtime: KV cache, prefill / decode / generate, sampling, and the HF-shaped compiled model."""
+"""Runtime: runs any Program; never imports a pass.
+
+What lives here: the KV cache (``cache``), the per-call context the lowered graph sees (``context``),
+the one stage executor (``executor``), prefill / decode / generate (``engine``), the KV policies, one
+class per method (``policies/``), the decoding modes that run fewer layers per token (``decoding/``),
+token selection on the host (``selection``), sentences (``sentences``), sampling, and the HF-shaped
+compiled model (``hf``). May import: ``program``, ``kernels``. Never: ``passes``, ``recipes``,
+``calibrate``, ``capture``.
+"""
 from .cache import CacheFullError, KVCache
-from .engine import Ctx, Generation, Stats, decode_step, extend, forward, gather_tokens, generate, prefill
+from .context import Ctx, gather_tokens
+from .engine import Generation, Stats, decode_step, extend, generate, prefill
+from .executor import Executor, Rerun
 from .hf import CausalLMOutput, CompiledModel
 from .sampling import SamplingConfig, sample
 
-__all__ = ["KVCache", "CacheFullError", "Ctx", "Generation", "Stats", "forward", "extend", "prefill",
+__all__ = ["KVCache", "CacheFullError", "Ctx", "Executor", "Rerun", "Generation", "Stats", "extend", "prefill",
            "decode_step", "generate", "gather_tokens", "CompiledModel", "CausalLMOutput", "SamplingConfig",
            "sample"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import gather_kv
+from .policies import KVPolicy, make_policies
 
 
 class CacheFullError(ValueError):
@@ -19,7 +20,8 @@ class CacheFullError(ValueError):
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
-                 capacity: int | list[int], dtype: torch.dtype, device: torch.device | str):
+                 capacity: int | list[int], dtype: torch.dtype, device: torch.device | str,
+                 policies: dict | None = None):
         caps = [capacity] * num_layers if isinstance(capacity, int) else list(capacity)
         if len(caps) != num_layers:
             raise ValueError(f"capacity needs one entry per layer ({num_layers}), got {len(caps)}")
@@ -31,15 +33,15 @@ class KVCache:
         self._lengths = [[0] * batch for _ in caps]
         self._lengths_dev: list[torch.Tensor | None] = [None] * num_layers
         self.positions = [0] * batch
-        # per-layer state of a cache policy (H2O scores, slot ages, Quest page min/max): name -> tensor
-        self.meta: list[dict[str, torch.Tensor]] = [{} for _ in caps]
-        # per-layer KV moved out of the device (SentenceKV's offloaded prompt): name -> host tensor
-        self.host: list[dict[str, torch.Tensor]] = [{} for _ in caps]
+        # each layer's KV policy (``runtime/policies``), made from the Program's parameters; it owns its
+        # state (slot ages, scores, page bounds, offloaded KV). Layers without one are dense.
+        self._policy_params = dict(policies or {})
+        self.policies: dict[int, KVPolicy] = make_policies(self._policy_params)
 
     @classmethod
     def for_program(cls, program, batch: int, capacity: int | list[int]) -> "KVCache":
         i = program.info
-        return cls(i.num_layers, batch, i.num_kv_heads, i.head_dim, capacity, i.dtype, i.device)
+        return cls(i.num_layers, batch, i.num_kv_heads, i.head_dim, capacity, i.dtype, i.device, program.policies)
 
     @property
     def num_layers(self) -> int:
@@ -116,8 +118,9 @@ class KVCache:
         Only for layers without a cache policy (their per-slot state would go stale)."""
         if any(n > m for n, m in zip(lengths, self._lengths[layer])):
             raise ValueError(f"layer {layer}: cannot truncate {self._lengths[layer]} up to {lengths}")
-        if self.meta[layer]:
-            raise ValueError(f"layer {layer} has cache-policy state; it cannot be rolled back")
+        pol = self.policies.get(layer)
+        if pol is not None and pol.has_state:
+            raise ValueError(f"layer {layer} has cache-policy state ({pol.name}); it cannot be rolled back")
         self._lengths[layer] = list(lengths)
         self._lengths_dev[layer] = None
 
@@ -130,8 +133,7 @@ class KVCache:
         self._lengths = [[0] * self.batch for _ in range(self.num_layers)]
         self._lengths_dev = [None] * self.num_layers
         self.positions = [0] * self.batch
-        self.meta = [{} for _ in range(self.num_layers)]
-        self.host = [{} for _ in range(self.num_layers)]
+        self.policies = make_policies(self._policy_params)
 
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
@@ -139,12 +141,12 @@ class KVCache:
     def nbytes(self) -> int:
         """Physical bytes held by the k/v buffers (allocated capacity, not just filled slots) and the
         policies' per-layer state."""
-        state = [t for m in self.meta for t in m.values() if isinstance(t, torch.Tensor)]
+        state = [t for p in self.policies.values() for t in p.state_tensors()]
         return sum(t.numel() * t.element_size() for t in self.k + self.v + state)
 
     def host_bytes(self) -> int:
         """Bytes of KV offloaded to host memory (not counted by ``nbytes``)."""
-        return sum(t.numel() * t.element_size() for h in self.host for t in h.values())
+        return sum(t.numel() * t.element_size() for p in self.policies.values() for t in p.host_tensors())
 
     def used_bytes(self) -> int:
         """Bytes of the filled slots."""

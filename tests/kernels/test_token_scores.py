@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skimfx.kernels import HAS_TRITON, token_scores_ref, token_scores_triton, topk_tokens
+from skimfx.kernels import HAS_TRITON, token_scores_ref, token_scores_triton
+from skimfx.runtime.selection import topk_tokens
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 

@@ -9,10 +9,8 @@ import skimfx
 from skimfx import H2O, Delta, PromptDistill, Quest, RecipeError, SnapKV, StreamingLLM
 from skimfx.kernels import attention_ref, page_minmax_ref, page_scores_ref
 from skimfx.passes import PolicyError
-from skimfx.program import CachePolicy
-from skimfx.recipes import pyramid_budgets
-from skimfx.runtime import KVCache
-from skimfx.runtime import policies as P
+from skimfx.recipes import DeltaPolicy, H2OPolicy, QuestPolicy, pyramid_budgets
+from skimfx.runtime import Ctx, KVCache
 from tiny import tiny_model
 
 from tests.passes.test_prune_tokens import reference_qk  # noqa: E402  (HF-module q/k of a layer)
@@ -156,27 +154,26 @@ def test_h2o_decode_evicts_the_lowest_scoring_non_recent_token():
     outside the recent window, the new token takes its slot, and this step's attention is added."""
     torch.manual_seed(0)
     B, H, D, cap = 2, 2, 8, 12
-    cache = KVCache(1, B, H, D, cap, torch.float32, "cpu")
+    cache = KVCache(1, B, H, D, cap, torch.float32, "cpu", policies={0: H2OPolicy(cap, recent=3)})
     k0 = torch.randn(B, H, cap, D)
     cache.write(0, k0, k0)
     cache.advance(0, [cap, cap])
     score = torch.rand(B, H, cap)
-    age = torch.arange(cap).expand(B, H, cap).clone()
-    cache.meta[0] = {"seen": torch.tensor([cap, cap]), "budget": torch.tensor([cap, cap]),
-                     "recent": torch.tensor([3, 3]), "age": age, "score": score.clone()}
-    pol = CachePolicy("h2o", "evict", cap, recent=3, decode_evict=True)
+    pol = cache.policies[0]
+    pol.seen, pol.budget_tokens, pol.recent = torch.tensor([cap, cap]), torch.tensor([cap, cap]), torch.tensor([3, 3])
+    pol.age, pol.score = torch.arange(cap).expand(B, H, cap).clone(), score.clone()
     q, k, v = torch.randn(B, 4, 1, D), torch.randn(B, H, 1, D), torch.randn(B, H, 1, D)
-    P.evict_decode(pol, cache, 0, q, k, v, D ** -0.5, None, [1, 1])
+    pol.decode(Ctx(cache, [1, 1]), q, k, v, D ** -0.5, None)
     victim = score[:, :, :cap - 3].argmin(-1)
     for b in range(B):
         for h in range(H):
             j = int(victim[b, h])
             assert torch.equal(cache.k[0][b, h, j], k[b, h, 0])
-            assert int(cache.meta[0]["age"][b, h, j]) == cap
+            assert int(pol.age[b, h, j]) == cap
     assert cache.lengths(0) == [cap, cap]
     probs = torch.softmax(torch.einsum("bkgd,bksd->bkgs", q.view(B, H, 2, D), cache.k[0]) * D ** -0.5, -1).sum(2)
     expect = score.scatter(2, victim[..., None], 0.0) + probs
-    torch.testing.assert_close(cache.meta[0]["score"], expect)
+    torch.testing.assert_close(pol.score, expect)
 
 
 def test_h2o_and_streaming_keep_the_cache_at_the_budget_during_decode(llama):
@@ -224,15 +221,15 @@ def test_pyramid_snapkv_gives_lower_layers_more(llama):
 def test_quest_reads_the_pages_with_the_highest_bound():
     torch.manual_seed(1)
     B, H, D, S, ps = 2, 2, 8, 70, 16
-    cache = KVCache(1, B, H, D, 80, torch.float32, "cpu")
+    cache = KVCache(1, B, H, D, 80, torch.float32, "cpu", policies={0: QuestPolicy(32, page_size=ps)})
     k = torch.randn(B, H, S, D)
     cache.write(0, k, k)
     cache.advance(0, [S, S - 20])
-    pol = CachePolicy("quest", "sparse", 32, page_size=ps)
-    P.quest_update_pages(pol, cache, 0, [0, 0])
+    pol = cache.policies[0]
+    pol.after_write(Ctx(cache, [S, S - 20]), [0, 0])
     q = torch.randn(B, 4, 1, D)
-    idx = P.quest_index(pol, cache, 0, q, 32)                               # 2 pages per KV head
     lens = torch.tensor([S, S - 20])
+    idx = pol.page_index(q, lens, S, 32)                                     # 2 pages per KV head
     kmin, kmax = page_minmax_ref(k, lens, ps)
     sc = page_scores_ref(q[:, :, 0], kmin, kmax, lens, ps)
     for b in range(B):
@@ -253,8 +250,8 @@ def test_quest_pages_stay_current_during_decode(llama):
         decode_step(cm.program, cache, torch.tensor([t]))
     n = cache.lengths(1)[0]
     kmin, kmax = page_minmax_ref(cache.k[1], torch.tensor([n]), 16)
-    torch.testing.assert_close(cache.meta[1]["kmin"][:, :, :kmin.shape[2]], kmin)
-    torch.testing.assert_close(cache.meta[1]["kmax"][:, :, :kmax.shape[2]], kmax)
+    torch.testing.assert_close(cache.policies[1].kmin[:, :, :kmin.shape[2]], kmin)
+    torch.testing.assert_close(cache.policies[1].kmax[:, :, :kmax.shape[2]], kmax)
 
 
 def test_quest_and_delta_read_a_fraction_of_the_cache(llama):
@@ -273,8 +270,13 @@ def test_delta_set_is_the_top_attention_summed_over_heads():
     B, Hq, H, D, S = 2, 6, 2, 8, 50
     q, keys, values = torch.randn(B, Hq, 1, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
     kv_len = torch.tensor([50, 33])
-    pol = CachePolicy("delta", "sparse", 10, recent=4, role="select")
-    out, idx = P.delta_select(pol, q, keys, values, kv_len, 0.3, None, 10)
+    cache = KVCache(1, B, H, D, S, torch.float32, "cpu", policies={0: DeltaPolicy(10, recent=4, role="select")})
+    cache.write(0, keys, values)
+    cache.advance(0, kv_len.tolist())
+    pol = cache.policies[0]
+    idx, out = pol.read_index(Ctx(cache, [1, 1]), q, keys, values, kv_len, 0.3, None)
+    assert idx is None and pol.index is not None                               # the set is the layer's state
+    idx = pol.index
     # the select layer's own output is its full attention (same pass that scored the tokens)
     torch.testing.assert_close(out, attention_ref(q, keys, values, kv_len - 1, kv_len, 0.3))
     for b in range(B):
@@ -371,5 +373,5 @@ def test_quest_pages_stay_current_in_a_ragged_batch(llama):
     n = torch.tensor(cache.lengths(2))
     kmin, kmax = page_minmax_ref(cache.k[2], n, 16)
     used = -(-int(n.max()) // 16)
-    torch.testing.assert_close(cache.meta[2]["kmin"][:, :, :used], kmin[:, :, :used])
-    torch.testing.assert_close(cache.meta[2]["kmax"][:, :, :used], kmax[:, :, :used])
+    torch.testing.assert_close(cache.policies[2].kmin[:, :, :used], kmin[:, :, :used])
+    torch.testing.assert_close(cache.policies[2].kmax[:, :, :used], kmax[:, :, :used])

@@ -7,9 +7,9 @@ import torch
 
 import skimfx
 from skimfx.eval import passkey_correct, passkey_prompts
-from skimfx.program import CachePolicy
-from skimfx.runtime import KVCache
-from skimfx.runtime import policies as P
+from skimfx.recipes import SentenceKVPolicy
+from skimfx.runtime import Ctx, KVCache
+from skimfx.runtime.policies.scoring import sentence_keep_index
 from skimfx.runtime.engine import decode_step, plan_capacity, prefill
 
 INF = float("inf")
@@ -21,14 +21,14 @@ def test_sentence_keep_index_keeps_whole_sentences_then_tops_up_per_head():
     head0 = [0.1, 0.9, 0.1, 0.95, 0.3, 0.0, 0.0, 0.5, 0.0, 0.05, 0.0, INF]
     head1 = [0.0, 0.0, 0.0, 0.8, 0.1, 0.2, 0.6, 0.0, 0.0, 0.0, 0.0, INF]
     scores = torch.tensor([[head0, head1]])
-    got = P.sentence_keep_index(scores, sid, [7], "max", [12])
+    got = sentence_keep_index(scores, sid, [7], "max", [12])
     # head 0: s1 (2 tokens, 0.95) -> room 4, s0 (3, 0.9) -> 1, s2 (4) and s3 (2 free) do not fit; the
     # one slot left goes to the best remaining single token (7, 0.5)
     assert got[0, 0].tolist() == [0, 1, 2, 3, 4, 7, 11]
     # head 1: s1 (2, 0.8), s2 (4, 0.6) fill the room exactly: no top-up
     assert got[0, 1].tolist() == [3, 4, 5, 6, 7, 8, 11]
     # mean instead of max: head 0 ranks s1 (0.625), s0 (0.37), s2 (0.125), s3 (0.025): the same choice
-    got = P.sentence_keep_index(scores, sid, [7], "mean", [12])
+    got = sentence_keep_index(scores, sid, [7], "mean", [12])
     assert got[0, 0].tolist() == [0, 1, 2, 3, 4, 7, 11]
 
 
@@ -37,12 +37,14 @@ def _centroid_cache(offload: bool, sinks=4, recent=8, budget=30):
     B, H, D, S = 2, 3, 16, 100
     k, v = torch.randn(B, H, S, D), torch.randn(B, H, S, D)
     sid = (torch.arange(S) // 7)[None].repeat(B, 1)
-    pol = CachePolicy("sentencekv", "sparse", budget, sinks=sinks, recent=recent, granularity="sentence",
-                      offload=offload)
-    cache = KVCache(1, B, H, D, S + 4, torch.float32, "cpu")
+    cache = KVCache(1, B, H, D, S + 4, torch.float32, "cpu",
+                    policies={0: SentenceKVPolicy(budget, sinks=sinks, recent=recent, offload=offload)})
     cache.write(0, k, v)
     cache.advance(0, [S, 90])                       # a ragged batch: the second prompt has 90 tokens
-    P.sentencekv_after_prefill(pol, cache, 0, sid)
+    pol = cache.policies[0]
+    ctx = Ctx(cache, [S, 90])
+    ctx.sentence_ids = sid
+    pol.after_prefill(ctx, None, 0.25)
     return pol, cache, k, v, sid
 
 
@@ -82,18 +84,21 @@ def test_sentencekv_reads_the_best_whole_sentences_plus_resident_tokens(offload)
     q = torch.randn(B, 3 * H, 1, D, generator=g)
     kn, vn = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
     sets = _reference_sets(k, sid, q, [100, 90], 4, 8, 30)
-    index = P.sentencekv_index(cache, 0, q)
+    index = pol.sentence_index(q)
     for b in range(B):
         for h in range(H):
             assert [i for i in index[b, h].tolist() if i >= 0] == sets[b][h]
-    out, read, cached, moved = P.sentencekv_decode(pol, cache, 0, q, kn, vn, 0.25, None, [1, 1])
+    ctx = Ctx(cache, [1, 1])
+    out = pol.decode(ctx, q, kn, vn, 0.25, None)
+    moved = ctx.moved
+    cached = [ctx.reads[0][1]]
     for b, m in enumerate([100, 90]):
         kk, vv = torch.cat([k[b, :, :m], kn[b]], 1), torch.cat([v[b, :, :m], vn[b]], 1)
         for h in range(H):
             slots = sorted(set(sets[b][h]) | set(range(4)) | set(range(m - 8, m)) | {m})
             p = torch.softmax(q[b, 3 * h:3 * h + 3, 0] @ kk[h, slots].T * 0.25, -1)
             torch.testing.assert_close(out[b, 3 * h:3 * h + 3, 0], p @ vv[h, slots], atol=1e-5, rtol=1e-5)
-    assert cached == [101, 91]
+    assert cached == [101 + 91]                         # keys cached, summed over the sequences
     picked = sum(len(r) for rows in sets for r in rows)
     if offload:
         assert moved == picked * D * 2 * 4

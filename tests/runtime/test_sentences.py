@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import skimfx
-from skimfx.kernels import topk_sentences
+from skimfx.runtime.selection import topk_sentences
 from skimfx.runtime.sentences import segment, segment_batch, sentence_end_table
 
 

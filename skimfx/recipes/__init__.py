@@ -1,0 +1,21 @@
+"""Recipes: named, validated configurations that select and parameterise passes.
+
+Each recipe is a dataclass validated in ``__post_init__`` (parameters alone) and in ``passes(info)``
+(against the model: layer ranges); ``RECIPES`` maps a name to its class, so adding a method is one
+small class. ``pruning`` (GemFilter, PromptDistill), ``kv`` (the KV cache policies and their per-layer
+parameters), ``exit`` (early exit, self-speculation), ``parse`` (recipe strings).
+May import: ``passes``, ``program``. Never: ``runtime``, ``calibrate`` (a recipe contributes passes and
+plain parameters, never runtime objects; calibrations are read by their attributes).
+"""
+from .base import Dense, Recipe, RecipeError
+from .exit import DRAFT_SOURCES, EarlyExit, SelfSpeculative
+from .kv import (H2O, TOVA, Delta, DeltaPolicy, H2OPolicy, KVRecipe, Quest, QuestPolicy, SentenceKV, SentenceKVPolicy,
+                 SnapKV, SnapKVPolicy, StreamingLLM, StreamingLLMPolicy, TOVAPolicy, pyramid_budgets)
+from .parse import parse_recipe, recipe_label
+from .pruning import GemFilter, PromptDistill
+from .registry import RECIPES
+
+__all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM", "H2O", "TOVA",
+           "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "RECIPES", "parse_recipe", "recipe_label",
+           "pyramid_budgets", "KVRecipe", "DRAFT_SOURCES", "SnapKVPolicy", "StreamingLLMPolicy", "H2OPolicy",
+           "TOVAPolicy", "QuestPolicy", "DeltaPolicy", "SentenceKVPolicy"]

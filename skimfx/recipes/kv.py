@@ -1,0 +1,439 @@
+"""KV cache policy recipes and the per-layer parameters they give the ``kv_policy`` pass.
+
+Each method has two small classes here: its per-layer parameters (a ``CachePolicy`` subclass: plain,
+validated data in the Program, executed by the runtime policy registered under the same ``method`` in
+``runtime/policies/``) and its recipe (which layers, which budgets). Evicting: SnapKV / PyramidKV,
+StreamingLLM, H2O, TOVA. Sparse reads: Quest, DELTA, SentenceKV.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..passes.kv_policy import kv_policy
+from ..program import CachePolicy, ModelInfo
+from .base import Recipe, RecipeError, amount_ok, bind_pass, layers_ok, positive, sentence_fields, sentence_ok
+
+
+# ----------------------------------------------------------------------------------------------
+# per-layer parameters (the Program's ``policies[layer]``)
+# ----------------------------------------------------------------------------------------------
+def _sentence_details(p) -> list[str]:
+    return [f"whole sentences ({p.sentence_reduce})"] if p.granularity == "sentence" else []
+
+
+@dataclass(frozen=True)
+class SnapKVPolicy(CachePolicy):
+    """SnapKV: ``window`` observation queries score the prompt (avg-pool ``pool_kernel``); the window is kept."""
+
+    window: int = 32
+    pool_kernel: int = 5
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
+    method = "snapkv"
+    kind = "evict"
+
+    def details(self):
+        return ([f"window {self.window}"] + ([f"pool {self.pool_kernel}"] if self.pool_kernel > 1 else [])
+                + _sentence_details(self))
+
+
+@dataclass(frozen=True)
+class StreamingLLMPolicy(CachePolicy):
+    """StreamingLLM: the first ``sinks`` tokens and the newest; ``decode_evict`` keeps it at the budget."""
+
+    sinks: int = 4
+    decode_evict: bool = True
+    method = "streamingllm"
+    kind = "evict"
+
+    def details(self):
+        return ([f"{self.sinks} sinks"] if self.sinks else []) + (["evicts during decode"] if self.decode_evict else [])
+
+
+@dataclass(frozen=True)
+class H2OPolicy(CachePolicy):
+    """H2O: accumulated attention per key; the heavy hitters plus ``recent`` newest; evicts during decode."""
+
+    recent: int | float = 0
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
+    decode_evict = True
+    method = "h2o"
+    kind = "evict"
+
+    def details(self):
+        return [f"recent {self.recent}", "evicts during decode"] + _sentence_details(self)
+
+
+@dataclass(frozen=True)
+class TOVAPolicy(CachePolicy):
+    """TOVA: the current query's attention (mean over all heads) ranks the tokens; with ``decode_evict``
+    the lowest is dropped at every step once the layer holds its budget."""
+
+    decode_evict: bool = True
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
+    method = "tova"
+    kind = "evict"
+
+    def details(self):
+        return (["evicts during decode"] if self.decode_evict else []) + _sentence_details(self)
+
+
+@dataclass(frozen=True)
+class QuestPolicy(CachePolicy):
+    """Quest: per page of ``page_size`` keys the channel min/max; decode reads the top pages."""
+
+    page_size: int = 16
+    method = "quest"
+    kind = "sparse"
+
+    def details(self):
+        return [f"pages of {self.page_size}"]
+
+
+@dataclass(frozen=True)
+class DeltaPolicy(CachePolicy):
+    """DELTA: a "select" layer reads everything and chooses the token set; "reuse" layers read that set
+    (plus the ``recent`` newest)."""
+
+    recent: int = 32
+    role: str = "reuse"
+    method = "delta"
+    kind = "sparse"
+
+    @property
+    def reads_selection(self):
+        return self.role == "reuse"
+
+    def reads_selection_of(self, layer, policies):
+        if self.role != "reuse":
+            return None
+        below = [l for l, p in policies.items() if l < layer and isinstance(p, DeltaPolicy) and p.role == "select"]
+        return max(below) if below else None
+
+    def details(self):
+        return [f"recent {self.recent}", self.role]
+
+
+@dataclass(frozen=True)
+class SentenceKVPolicy(CachePolicy):
+    """SentenceKV: sentence means resident (with ``sinks`` / ``recent`` tokens); decode reads whole sentences;
+    ``offload`` keeps the prompt's token KV on the host."""
+
+    sinks: int = 4
+    recent: int = 16
+    max_sentence: int = 64
+    offload: bool = True
+    granularity = "sentence"
+    method = "sentencekv"
+    kind = "sparse"
+
+    def details(self):
+        return ([f"{self.sinks} sinks"] if self.sinks else []) + [f"recent {self.recent}",
+                "sentences by query-centroid similarity"] + (["prompt KV offloaded to host"] if self.offload else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes
+# ----------------------------------------------------------------------------------------------
+def _policy_layers(info: ModelInfo, layers: tuple[int, ...] | None, skip: int = 0) -> list[int]:
+    """The layers a policy applies to: the given ones, or every full-attention layer from ``skip`` on
+    (sliding-window layers already read a bounded window)."""
+    if layers is not None:
+        return list(layers)
+    return [l for l in range(skip, info.num_layers) if info.sliding_window[l] is None]
+
+
+def pyramid_budgets(budget: int | float, n: int, floor: int | float, beta: int = 20) -> list:
+    """PyramidKV (Cai et al., 2024) per-layer budgets: an arithmetic ramp from the lowest layer (largest)
+    to the highest (smallest) whose mean is ``budget``; ``floor`` (the always-kept tokens) is added to
+    every layer and the top layer keeps ``(budget - floor) / beta`` more."""
+    if n == 1:
+        return [budget]
+    free = budget - floor
+    lo = free / beta
+    hi = 2 * free - lo
+    out = [floor + hi - i * (hi - lo) / (n - 1) for i in range(n)]
+    return [max(1, int(round(b))) for b in out] if isinstance(budget, int) else [min(0.999, b) for b in out]
+
+
+@dataclass(frozen=True)
+class KVRecipe(Recipe):
+    """Shared by the cache-policy recipes: which layers, and PyramidKV budgets."""
+
+    def _policies(self, info: ModelInfo, make, floor, skip: int = 0) -> dict[int, CachePolicy]:
+        layers = _policy_layers(info, getattr(self, "layers", None), skip)
+        budgets = (pyramid_budgets(self.budget_total, len(layers), floor) if getattr(self, "pyramid", False)
+                   else [self.budget_total] * len(layers))
+        return {l: make(b) for l, b in zip(layers, budgets)}
+
+    def passes(self, info: ModelInfo) -> list:
+        return [bind_pass(kv_policy, "kv_policy", policies=self.policies(info))]
+
+
+@dataclass(frozen=True)
+class SnapKV(KVRecipe):
+    """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation"): after
+    prefill, each KV head keeps the ``budget`` prompt tokens that the last ``window`` queries attend to
+    most (softmax attention summed over the window, mean over the GQA group, avg-pool ``pool_kernel``),
+    the window itself always. ``pyramid``: PyramidKV per-layer budgets with the same total.
+    ``granularity="sentence"``: each KV head keeps whole prompt sentences by their tokens' scores (see
+    ``base.sentence_ok``), topped up with the best single tokens so that every head keeps the budget."""
+
+    budget: int | float
+    window: int = 32
+    pool_kernel: int = 5
+    pyramid: bool = False
+    layers: tuple[int, ...] | int | None = None
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
+    name = "snapkv"
+
+    def __post_init__(self):
+        amount_ok("budget", self.budget)
+        sentence_ok(self)
+        positive("window", self.window)
+        if isinstance(self.budget, int) and self.window >= self.budget:
+            raise RecipeError(f"window ({self.window}) must be smaller than budget ({self.budget})")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise RecipeError(f"pool_kernel must be odd and >= 1, got {self.pool_kernel}")
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        floor = self.window if isinstance(self.budget, int) else 0.0
+        return self._policies(info, lambda b: SnapKVPolicy(b, window=self.window, pool_kernel=self.pool_kernel,
+                                                           **sentence_fields(self)),
+                              floor)
+
+
+@dataclass(frozen=True)
+class StreamingLLM(KVRecipe):
+    """StreamingLLM (Xiao et al., 2024, "Efficient Streaming Language Models with Attention Sinks"): keep
+    the first ``sinks`` tokens and the ``recent`` newest; during decode the oldest non-sink token is
+    evicted for each new one, so the cache stays at sinks + recent (``evict_during_decode=False``:
+    compress the prompt only and let decode append, as kvpress's StreamingLLMPress does)."""
+
+    recent: int | float
+    sinks: int = 4
+    evict_during_decode: bool = True
+    pyramid: bool = False
+    layers: tuple[int, ...] | int | None = None
+    name = "streamingllm"
+
+    def __post_init__(self):
+        amount_ok("recent", self.recent)
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise RecipeError(f"sinks must be an integer >= 0, got {self.sinks!r}")
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.recent + self.sinks if isinstance(self.recent, int) else self.recent
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        floor = self.sinks if isinstance(self.recent, int) else 0.0
+        return self._policies(info, lambda b: StreamingLLMPolicy(b, sinks=self.sinks,
+                                                                 decode_evict=self.evict_during_decode), floor)
+
+
+@dataclass(frozen=True)
+class H2O(KVRecipe):
+    """H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle"): every key's attention received from all
+    queries so far is accumulated; each KV head keeps the ``heavy`` highest-scoring tokens plus the
+    ``recent`` newest, after prefill and at every decode step (the lowest non-recent token is evicted
+    for each new one). ``granularity="sentence"``: the prefill compression keeps whole prompt sentences
+    by their tokens' accumulated scores (topped up with single tokens to the budget); decode-time
+    eviction stays per token."""
+
+    heavy: int | float
+    recent: int | float
+    pyramid: bool = False
+    layers: tuple[int, ...] | int | None = None
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
+    name = "h2o"
+
+    def __post_init__(self):
+        amount_ok("heavy", self.heavy)
+        sentence_ok(self)
+        amount_ok("recent", self.recent)
+        if type(self.heavy) is not type(self.recent):
+            raise RecipeError(f"heavy and recent must both be token counts or both fractions, got "
+                              f"{self.heavy!r} and {self.recent!r}")
+        if isinstance(self.heavy, float) and self.heavy + self.recent >= 1.0:
+            raise RecipeError(f"heavy + recent must be a fraction below 1, got {self.heavy + self.recent}")
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.heavy + self.recent
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        return self._policies(info, lambda b: H2OPolicy(b, recent=self.recent, **sentence_fields(self)), self.recent)
+
+
+@dataclass(frozen=True)
+class Quest(KVRecipe):
+    """Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference"):
+    the full cache stays; per page of ``page_size`` keys the channel-wise min/max is kept up to date,
+    and each decode step reads the top pages by the bound Σ_i max(q_i·min_i, q_i·max_i), about
+    ``token_budget`` tokens (the newest page always). The first ``dense_layers`` layers read everything."""
+
+    token_budget: int | float
+    page_size: int = 16
+    dense_layers: int = 2
+    name = "quest"
+
+    def __post_init__(self):
+        amount_ok("token_budget", self.token_budget)
+        positive("page_size", self.page_size)
+        if isinstance(self.token_budget, int) and self.token_budget < self.page_size:
+            raise RecipeError(f"token_budget ({self.token_budget}) must be at least one page ({self.page_size})")
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise RecipeError(f"dense_layers must be an integer >= 0, got {self.dense_layers!r}")
+
+    @property
+    def budget_total(self):
+        return self.token_budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        if self.dense_layers >= info.num_layers:
+            raise RecipeError(f"dense_layers={self.dense_layers} leaves no layer of this {info.num_layers}-layer "
+                              "model to read sparsely")
+        return self._policies(info, lambda b: QuestPolicy(b, page_size=self.page_size),
+                              0, skip=self.dense_layers)
+
+
+@dataclass(frozen=True)
+class Delta(KVRecipe):
+    """DELTA (dynamic layer-aware token attention): layers below ``full_layers`` attend densely; each
+    layer in ``selection_layers`` attends densely and re-selects the ``budget`` tokens with the highest
+    attention from the new query summed over all heads; the layers above it (until the next selection
+    layer) read only that set plus the ``recent`` newest tokens. The full cache stays. Default
+    selection layers: ``full_layers``, L/3 and 2L/3 (for a 30-layer model: layers 0-1 full, selection at
+    2, 10 and 20, so 5 of 30 layers read the whole cache)."""
+
+    budget: int | float
+    full_layers: int = 2
+    selection_layers: tuple[int, ...] | int | None = None
+    recent: int = 32
+    name = "delta"
+
+    def __post_init__(self):
+        amount_ok("budget", self.budget)
+        if not isinstance(self.full_layers, int) or self.full_layers < 0:
+            raise RecipeError(f"full_layers must be an integer >= 0, got {self.full_layers!r}")
+        positive("recent", self.recent)
+        sl = layers_ok(self.selection_layers)
+        if sl is not None:
+            if list(sl) != sorted(set(sl)):
+                raise RecipeError(f"selection_layers must be strictly increasing, got {list(sl)}")
+            if sl[0] < self.full_layers:
+                raise RecipeError(f"selection layers must be >= full_layers ({self.full_layers}), got {list(sl)}")
+        object.__setattr__(self, "selection_layers", sl)
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        L = info.num_layers
+        sel = self.selection_layers or (self.full_layers, max(self.full_layers, L // 3),
+                                        max(self.full_layers, 2 * L // 3))
+        sel = tuple(sorted(set(sel)))
+        if sel[-1] >= L - 1:
+            raise RecipeError(f"selection layer {sel[-1]} leaves no layer above it to read the selection "
+                              f"(valid: {self.full_layers}..{L - 2} for this {L}-layer model)")
+        out = {}
+        for layer in range(sel[0], L):
+            if info.sliding_window[layer] is not None:
+                continue
+            role = "select" if layer in sel else "reuse"
+            out[layer] = DeltaPolicy(self.budget, recent=self.recent, role=role)
+        return out
+
+
+@dataclass(frozen=True)
+class SentenceKV(KVRecipe):
+    """SentenceKV (sentence-level semantic KV caching): after prefill, each prompt sentence is summarised
+    per KV head by its mean key (kept on the device); with ``offload`` the prompt's token KV moves to
+    host memory (pinned when the cache is on a GPU) and only the first ``sinks`` and the last ``recent``
+    prompt tokens stay on the device. Each decode step scores the sentences by the new query (summed over
+    the GQA group) against their mean keys and attends to the best whole sentences up to ``budget``
+    prompt tokens in all (sinks and recent included), plus every generated token. ``offload=False``
+    keeps the cache on the device and reads the same set sparsely. Needs the tokenizer at compile
+    time; sentences are cut at ``max_sentence`` tokens."""
+
+    budget: int | float
+    offload: bool = True
+    sinks: int = 4
+    recent: int = 16
+    max_sentence: int = 64
+    layers: tuple[int, ...] | int | None = None
+    name = "sentencekv"
+
+    def __post_init__(self):
+        amount_ok("budget", self.budget)
+        for name in ("sinks", "recent"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise RecipeError(f"{name} must be an integer >= 0, got {v!r}")
+        if isinstance(self.budget, int) and self.budget <= self.sinks + self.recent:
+            raise RecipeError(f"budget ({self.budget}) must exceed sinks + recent ({self.sinks + self.recent}): "
+                              "the budget counts them")
+        if not isinstance(self.offload, bool):
+            raise RecipeError(f"offload must be true or false, got {self.offload!r}")
+        if not isinstance(self.max_sentence, int) or self.max_sentence < 1:
+            raise RecipeError(f"max_sentence must be a token count >= 1, got {self.max_sentence!r}")
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        return self._policies(info, lambda b: SentenceKVPolicy(b, sinks=self.sinks, recent=self.recent,
+                                                               max_sentence=self.max_sentence, offload=self.offload),
+                              0)
+
+
+@dataclass(frozen=True)
+class TOVA(KVRecipe):
+    """TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): the tokens the current query attends
+    to most (softmax attention averaged over all query heads, so every KV head keeps the same tokens)
+    stay. After prefill the last prompt query keeps the ``budget`` best prompt tokens (the last one
+    always, as kvpress's TOVAPress); with ``evict_during_decode`` each new token is attended to with the
+    others and the lowest-scoring token is then dropped, so the layer stays at its budget (TOVA's rule).
+    ``granularity="sentence"``: the prefill compression keeps whole sentences (see ``base.sentence_ok``);
+    decode-time eviction stays per token. ``pyramid``: PyramidKV per-layer budgets."""
+
+    budget: int | float
+    evict_during_decode: bool = True
+    pyramid: bool = False
+    layers: tuple[int, ...] | int | None = None
+    granularity: str = "token"
+    sentence_reduce: str = "max"
+    max_sentence: int = 64
+    name = "tova"
+
+    def __post_init__(self):
+        amount_ok("budget", self.budget)
+        sentence_ok(self)
+        if not isinstance(self.evict_during_decode, bool):
+            raise RecipeError(f"evict_during_decode must be true or false, got {self.evict_during_decode!r}")
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        return self._policies(info, lambda b: TOVAPolicy(b, decode_evict=self.evict_during_decode,
+                                                         **sentence_fields(self)), 1 if isinstance(self.budget, int)
+                              else 0.0)

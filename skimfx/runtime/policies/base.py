@@ -1,0 +1,112 @@
+"""The interface every KV policy implements, and the registry that finds a policy by name.
+
+A policy object belongs to one layer of one ``KVCache`` (made by ``KVCache.for_program`` from the
+Program's ``CachePolicy`` parameters) and owns that layer's policy state as typed attributes (slot
+ages, accumulated scores, page bounds, ...). ``Ctx.attend`` hands it every attention call of its layer:
+
+- ``attend`` (the template): a single-token step goes to ``decode``; a multi-token write is checked
+  (``check_extend``), runs the dense path, then ``after_write`` and, for the first prefill of a prompt
+  (``ctx.compress``), ``after_prefill``.
+- ``decode``: one new token per sequence (default: the dense path).
+- ``after_write``: keep per-slot state current after tokens were written (Quest's page bounds).
+- ``after_prefill``: the prompt is in: compress it (evicting policies) or summarise it (SentenceKV).
+- ``state_tensors`` / ``host_tensors``: what the state holds, for the cache's byte counts; a layer
+  with state cannot be rolled back by truncation.
+
+Adding a policy: one file in this package with a ``@register``-ed subclass, its parameters and recipe
+in ``recipes/kv.py``, and tests.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from ...program import CachePolicy
+    from ..context import Ctx
+
+POLICIES: dict[str, type["KVPolicy"]] = {}
+
+
+def register(cls: type["KVPolicy"]) -> type["KVPolicy"]:
+    """Make ``cls`` the runtime of the ``CachePolicy`` parameters whose ``method`` is ``cls.name``."""
+    if cls.name in POLICIES:
+        raise ValueError(f"a KV policy named {cls.name!r} is already registered ({POLICIES[cls.name].__name__})")
+    POLICIES[cls.name] = cls
+    return cls
+
+
+class KVPolicy:
+    """One layer's KV policy and its state. Subclasses set ``name`` and override the hooks."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, params: "CachePolicy", layer: int):
+        self.params = params
+        self.layer = layer
+
+    def bind(self, policies: dict[int, "KVPolicy"]) -> None:
+        """Called once all layers' policies exist (a policy that reads another layer's state finds it)."""
+
+    # -- the template -----------------------------------------------------------------------------
+    def attend(self, ctx: "Ctx", layer: int, q, k, v, scale: float, window: int | None,
+               softcap: float | None) -> torch.Tensor:
+        T = q.shape[2]
+        if T == 1:
+            return self.decode(ctx, q, k, v, scale, softcap)
+        self.check_extend(ctx, T)
+        old = list(ctx.cache.lengths(layer))
+        out = ctx.attend_dense(layer, q, k, v, scale, window, softcap)
+        self.after_write(ctx, old)
+        if ctx.compress:
+            self.after_prefill(ctx, q, scale)
+        return out
+
+    # -- the hooks --------------------------------------------------------------------------------
+    def check_extend(self, ctx: "Ctx", T: int) -> None:
+        """Raise when the cache cannot take ``T`` tokens at once in its current state."""
+
+    def decode(self, ctx: "Ctx", q, k, v, scale: float, softcap: float | None) -> torch.Tensor:
+        """One new token per sequence: q [B, Hq, 1, D], k/v [B, Hkv, 1, D] -> [B, Hq, 1, D]."""
+        old = list(ctx.cache.lengths(self.layer))
+        out = ctx.attend_dense(self.layer, q, k, v, scale, None, softcap)
+        self.after_write(ctx, old)
+        return out
+
+    def after_write(self, ctx: "Ctx", old: list[int]) -> None:
+        """Tokens were written after ``old[b]`` cached ones."""
+
+    def after_prefill(self, ctx: "Ctx", q: torch.Tensor, scale: float) -> None:
+        """The whole prompt was written and attended to (q: its queries [B, Hq, T, D])."""
+
+    # -- the state --------------------------------------------------------------------------------
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The device tensors of this policy's state (every tensor attribute)."""
+        host = {id(t) for t in self.host_tensors()}
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor) and id(t) not in host]
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """KV moved to host memory (SentenceKV's offloaded prompt)."""
+        return []
+
+    @property
+    def has_state(self) -> bool:
+        return bool(self.state_tensors())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer {self.layer}: {self.params.describe()})"
+
+
+def make_policies(params: dict[int, "CachePolicy"]) -> dict[int, KVPolicy]:
+    """One policy object per layer with a ``CachePolicy``, bound to each other."""
+    out = {}
+    for layer, p in sorted(params.items()):
+        cls = POLICIES.get(p.method)
+        if cls is None:
+            raise ValueError(f"layer {layer}: no KV policy is registered for {p.method!r} "
+                             f"(registered: {', '.join(sorted(POLICIES))})")
+        out[layer] = cls(p, layer)
+    for pol in out.values():
+        pol.bind(out)
+    return out

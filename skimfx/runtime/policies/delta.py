@@ -1,0 +1,53 @@
+"""DELTA (dynamic layer-aware token attention).
+
+The full cache stays. A "select" layer attends to everything and, from the same pass over its keys
+(``decode_attention_scores``), picks the ``budget`` slots with the highest attention from the new query
+summed over all query heads, plus the ``recent`` newest (``index [B, K]``, its state for this step).
+The "reuse" layers above it, up to the next select layer, read only that set. Prefill is dense.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...kernels import decode_attention_scores
+from .base import register
+from .sparse import SparseReadPolicy
+
+
+def delta_index(recent: int, p: torch.Tensor, kv_len: torch.Tensor, budget: int) -> torch.Tensor:
+    """DELTA's token set: the ``budget`` slots with the highest attention ``p [B, S]`` from the new query
+    (summed over all heads), plus the ``recent`` newest -> [B, K] in slot order."""
+    j = torch.arange(p.shape[1], device=p.device)[None]
+    p = p.masked_fill(j >= (kv_len - recent)[:, None], float("inf"))
+    p = p.masked_fill(j >= kv_len[:, None], float("-inf"))
+    K = min(p.shape[1], budget + recent)
+    return p.topk(K, dim=-1).indices.sort(dim=-1).values        # slot order: the gathers read forward
+
+
+@register
+class Delta(SparseReadPolicy):
+    name = "delta"
+
+    def __init__(self, params, layer: int):
+        super().__init__(params, layer)
+        self.index: torch.Tensor | None = None           # select layer: this step's token set [B, K]
+        self.source: "Delta | None" = None               # reuse layer: the select layer it reads
+
+    def bind(self, policies):
+        src = self.params.reads_selection_of(self.layer, {l: p.params for l, p in policies.items()})
+        self.source = policies[src] if src is not None else None
+
+    def state_tensors(self):
+        return []                                         # the set is rebuilt every step: nothing to roll back
+
+    def read_index(self, ctx, q, keys, values, kv_len, scale, softcap):
+        lengths = ctx.cache.lengths(self.layer)
+        budget = self.params.tokens(max(lengths))
+        if self.params.role == "select":
+            self.index = None
+            if max(lengths) <= budget + self.params.recent:
+                return None, None
+            out, p = decode_attention_scores(q, keys, values, kv_len, scale, softcap)
+            self.index = delta_index(self.params.recent, p, kv_len, budget)
+            return None, out
+        return (self.source.index if self.source is not None else None), None

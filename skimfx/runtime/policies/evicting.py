@@ -1,0 +1,144 @@
+"""What the evicting policies share: the cache physically shrinks to the budget after prefill and,
+with decode-time eviction, stays there by overwriting the least valuable slot with each new token.
+
+Slot bookkeeping. After compaction a cache slot no longer equals a token position, and after a
+decode-time eviction the newest token may sit in any slot. RoPE was applied before caching, so
+attention does not care where a token sits; what decode eviction needs is each slot's *age* (the order
+in which the layer received its token: ``age [B, Hkv, cap]``), to keep sinks (age < sinks) and the
+recent window (age >= seen - recent). ``seen [B]`` counts the tokens the layer has ever received.
+
+A subclass gives the prompt scores (``prefill_scores``: +inf = always kept) and, when it evicts during
+decode, the eviction priority of each slot (``priority``: the lowest unprotected one goes).
+Sentence granularity (``granularity="sentence"``): each KV head keeps whole sentences by the max (or
+mean) of their tokens' scores, best first while they fit, then the best single tokens up to the
+budget (the cache compacts to one length per sequence, so every head keeps the same count).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...kernels import attention
+from .base import KVPolicy
+from .scoring import amount, grow, keep_index, sentence_keep_index
+
+
+class EvictingPolicy(KVPolicy):
+    spare_slots = 0          # slots past the budget that decode eviction needs
+
+    def __init__(self, params, layer: int):
+        super().__init__(params, layer)
+        # decode-eviction state; None until the first prefill (or the first step of a one-token prompt)
+        self.seen: torch.Tensor | None = None            # [B] tokens the layer has received
+        self.budget_tokens: torch.Tensor | None = None   # [B] slots kept per sequence
+        self.recent: torch.Tensor | None = None          # [B] newest tokens never evicted
+        self.age: torch.Tensor | None = None             # [B, Hkv, cap] arrival order of each slot's token
+
+    @property
+    def decode_evict(self) -> bool:
+        return bool(getattr(self.params, "decode_evict", False))
+
+    # -- what a method defines --------------------------------------------------------------------
+    def prefill_scores(self, ctx, q, keys, n: list[int], budget: list[int], scale: float) -> torch.Tensor:
+        """[B, Hkv, S] scores of the cached prompt slots; +inf = always kept."""
+        raise NotImplementedError
+
+    def prepare(self, ctx, q, keys, n: list[int], scale: float) -> None:
+        """State the method computes from the prompt even when nothing is evicted now (H2O's scores)."""
+
+    def priority(self, cap: int) -> torch.Tensor:
+        """[B, Hkv, cap] decode-eviction priority of each slot (the lowest unprotected one is evicted)."""
+        raise NotImplementedError(f"{self.name} does not evict during decode")
+
+    def after_compact(self, index: torch.Tensor, cap: int) -> None:
+        """Per-slot state follows the kept slots ``index [B, Hkv, K]`` into a layer of ``cap`` slots."""
+
+    def on_slot_written(self, slot: torch.Tensor, cap: int) -> None:
+        """A new token went into ``slot [B, Hkv]`` at decode."""
+
+    def observe(self, q, keys, kv_len: torch.Tensor, scale: float) -> None:
+        """The step's query after its attention (H2O accumulates the attention each key receives)."""
+
+    # -- after prefill ----------------------------------------------------------------------------
+    def after_prefill(self, ctx, q, scale: float) -> None:
+        cache, layer = ctx.cache, self.layer
+        n = list(cache.lengths(layer))
+        dev = q.device
+        budget = [self.params.tokens(m) for m in n]
+        if self.decode_evict:
+            self.seen = torch.tensor(n, device=dev)
+            self.budget_tokens = torch.tensor(budget, device=dev)
+            self.recent = torch.tensor([min(amount(getattr(self.params, "recent", 0), m), b)
+                                        for m, b in zip(n, budget)], device=dev)
+        keys, _ = cache.view(layer, max(n))
+        H, S = keys.shape[1], keys.shape[2]
+        if self.decode_evict:
+            self.age = torch.arange(S, device=dev).expand(len(n), H, S).contiguous()
+        self.prepare(ctx, q, keys, n, scale)
+        kept = [min(b, m) for b, m in zip(budget, n)]
+        if kept == n:
+            return
+        j = torch.arange(S, device=dev)[None, None]
+        kv_len = torch.tensor(n, device=dev)[:, None, None]
+        scores = self.prefill_scores(ctx, q, keys, n, budget, scale).masked_fill(j >= kv_len, float("-inf"))
+        if self.params.sentence_granular:
+            if ctx.sentence_ids is None:
+                raise ValueError(f"{self.name} with granularity='sentence' needs the prompt's sentence ids")
+            index = sentence_keep_index(scores, ctx.sentence_ids[:, :S], kept, self.params.sentence_reduce, n)
+        else:
+            index = keep_index(scores, kept)                                        # [B, Hkv, K]
+        headroom = max(budget) - index.shape[-1] + self.spare_slots if self.decode_evict else None
+        cache.compact(layer, index, kept, headroom=headroom)
+        cap = cache.capacity(layer)
+        if self.decode_evict:
+            age = torch.zeros(len(n), H, cap, dtype=torch.long, device=dev)
+            age[:, :, :index.shape[-1]] = index
+            self.age = age
+        self.after_compact(index, cap)
+        ctx.kv_kept[layer] = [[row[:m] for row in heads] for heads, m in zip(index.tolist(), cache.lengths(layer))]
+
+    # -- decode -----------------------------------------------------------------------------------
+    def check_extend(self, ctx, T: int) -> None:
+        if self.decode_evict and any(ctx.cache.lengths(self.layer)):
+            raise ValueError(f"{self.name}: a cache that evicts during decode takes one new token per step; "
+                             f"extending it by {T} tokens at once is not supported (prefill the whole prompt)")
+
+    def start_empty(self, B: int, H: int, cap: int, dev) -> None:
+        """A one-token prompt: nothing was written by a prefill."""
+        L = torch.zeros(B, dtype=torch.long, device=dev)
+        self.seen = L
+        self.budget_tokens = torch.full((B,), self.params.tokens(1), device=dev)
+        self.age = torch.zeros(B, H, cap, dtype=torch.long, device=dev)
+        self.recent = torch.full((B,), min(amount(getattr(self.params, "recent", 0), 1), self.params.tokens(1)),
+                                 device=dev)
+
+    def decode(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
+        if not self.decode_evict:
+            return super().decode(ctx, q, k, v, scale, softcap)
+        cache, layer = ctx.cache, self.layer
+        dev = q.device
+        B, H = k.shape[0], k.shape[1]
+        L = cache.lengths_tensor(layer)
+        cap = cache.capacity(layer)
+        if self.seen is None:
+            self.start_empty(B, H, cap, dev)
+            self.seen = L.clone()
+        self.age = age = grow(self.age, cap)
+        full = L >= self.budget_tokens                                              # [B]
+        slot = L[:, None].expand(B, H)
+        if bool(full.any()):
+            j = torch.arange(cap, device=dev)[None, None]
+            valid = j < L[:, None, None]
+            protected = (age >= (self.seen - self.recent)[:, None, None]) | ~valid
+            victim = self.priority(cap).masked_fill(protected, float("inf")).argmin(-1)   # [B, Hkv]
+            slot = torch.where(full[:, None], victim, slot)
+        cache.write_slots(layer, slot, k, v)
+        age.scatter_(2, slot[:, :, None], self.seen[:, None, None].expand(B, H, 1))
+        self.on_slot_written(slot, cap)
+        self.seen = self.seen + torch.tensor(ctx.n_valid, device=dev)
+        cache.advance(layer, [0 if f else c for f, c in zip(full.tolist(), ctx.n_valid)])
+        kv_len = cache.lengths_tensor(layer)
+        keys, values = cache.view(layer, int(kv_len.max()))
+        out = attention(q, keys, values, kv_len - 1, kv_len, scale, None, softcap)
+        self.observe(q, keys, kv_len, scale)
+        ctx.count(layer, cache.lengths(layer))
+        return out

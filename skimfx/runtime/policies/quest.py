@@ -1,0 +1,76 @@
+"""Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference").
+
+Per page of ``page_size`` keys the channel-wise min/max (``kmin`` / ``kmax [B, Hkv, pages, D]``) is kept
+current at every write (``kernels/kv_pages.py``); each decode step scores the pages by the bound
+Σ_i max(q_i·min_i, q_i·max_i) and reads the top ``budget // page_size`` pages per KV head (the newest
+page always).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...kernels import gather_kv, page_minmax, page_scores
+from .base import register
+from .sparse import SparseReadPolicy
+
+
+@register
+class Quest(SparseReadPolicy):
+    name = "quest"
+
+    def __init__(self, params, layer: int):
+        super().__init__(params, layer)
+        self.kmin: torch.Tensor | None = None            # [B, Hkv, pages, D] per-page channel minimum
+        self.kmax: torch.Tensor | None = None            # [B, Hkv, pages, D] per-page channel maximum
+
+    def after_write(self, ctx, old: list[int]) -> None:
+        """Refresh the page min/max of the pages that the last write touched."""
+        cache, layer = ctx.cache, self.layer
+        ps = self.params.page_size
+        n_pages = -(-cache.capacity(layer) // ps)
+        if self.kmin is None or self.kmin.shape[2] != n_pages:
+            B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+            self.kmin = torch.zeros(B, H, n_pages, D, dtype=torch.float32, device=cache.device)
+            self.kmax = torch.zeros_like(self.kmin)
+            old = [0] * len(old)
+        new = cache.lengths(layer)
+        if all(n - o == 1 for n, o in zip(new, old)) and len(set(new)) > 1:
+            # a decode step of a ragged batch: one page per sequence, wherever each one is
+            self._update_one_page(cache)
+            return
+        first, last = min(old) // ps, -(-max(new) // ps)
+        keys, _ = cache.view(layer, min(cache.capacity(layer), last * ps))
+        kmin, kmax = page_minmax(keys, cache.lengths_tensor(layer), ps, first, last)
+        self.kmin[:, :, first:last] = kmin
+        self.kmax[:, :, first:last] = kmax
+
+    def _update_one_page(self, cache) -> None:
+        ps, layer = self.params.page_size, self.layer
+        dev = cache.device
+        kv_len = cache.lengths_tensor(layer)
+        page = (kv_len - 1) // ps                                                    # [B]
+        slots = page[:, None] * ps + torch.arange(ps, device=dev)                    # [B, ps]
+        keys = gather_kv(cache.k[layer], slots.clamp(max=cache.capacity(layer) - 1)).float()  # [B, H, ps, D]
+        ok = (slots < kv_len[:, None])[:, None, :, None]
+        b = torch.arange(cache.batch, device=dev)
+        self.kmin[b, :, page] = keys.masked_fill(~ok, float("inf")).amin(2)
+        self.kmax[b, :, page] = keys.masked_fill(~ok, float("-inf")).amax(2)
+
+    def read_index(self, ctx, q, keys, values, kv_len, scale, softcap):
+        lengths = ctx.cache.lengths(self.layer)
+        budget = self.params.tokens(max(lengths))
+        if max(lengths) <= budget:
+            return None, None
+        return self.page_index(q, kv_len, max(lengths), budget), None
+
+    def page_index(self, q, kv_len: torch.Tensor, longest: int, budget: int) -> torch.Tensor:
+        """Token slots of the top pages per KV head (the newest page always) -> [B, Hkv, n_pages * page_size]."""
+        ps = self.params.page_size
+        last = -(-longest // ps)
+        scores = page_scores(q[:, :, 0], self.kmin[:, :, :last], self.kmax[:, :, :last], kv_len, ps)
+        newest = ((kv_len - 1) // ps)[:, None, None].expand(-1, scores.shape[1], 1)
+        scores = scores.scatter(2, newest, float("inf"))
+        n_sel = min(last, max(1, budget // ps))
+        pages = scores.topk(n_sel, dim=-1).indices                                  # [B, Hkv, n]
+        slots = pages[..., None] * ps + torch.arange(ps, device=q.device)
+        return slots.flatten(2)

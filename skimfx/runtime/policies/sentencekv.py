@@ -1,0 +1,161 @@
+"""SentenceKV (sentence-level semantic KV caching).
+
+After prefill, per prompt sentence and KV head the mean key stays resident on the device
+(``centroid [B, Hkv, sentences, D]``), with the first ``sinks`` and last ``recent`` prompt tokens. Each
+decode step scores the sentences by the GQA group's summed query against those means and reads the
+best whole sentences while they fit the budget (``room`` prompt tokens besides the resident ones),
+plus everything generated. With ``offload`` the prompt's token KV lives in host memory (pinned on a
+GPU) and the chosen sentences' rows are copied to the device for that step only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...kernels import gather_kv, sparse_attention
+from .base import KVPolicy, register
+from .scoring import mask_to_index
+
+
+def _pinned_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy for offloading (pinned, so the per-step copies can be asynchronous); a tensor that
+    already lives on the host stays where it is."""
+    if t.device.type == "cpu":
+        return t
+    return t.to("cpu").pin_memory()
+
+
+@register
+class SentenceKV(KVPolicy):
+    name = "sentencekv"
+
+    def __init__(self, params, layer: int):
+        super().__init__(params, layer)
+        self.centroid: torch.Tensor | None = None        # [B, Hkv, NS, D] mean key per prompt sentence
+        self.size: torch.Tensor | None = None            # [B, NS] selectable tokens per sentence
+        self.sid: torch.Tensor | None = None             # [B, S] sentence of each prompt slot
+        self.selectable: torch.Tensor | None = None      # [B, S] prompt slots read only when chosen
+        self.prompt: torch.Tensor | None = None          # [B] prompt length
+        self.room: torch.Tensor | None = None            # [B] budget for whole sentences
+        self.host_k: torch.Tensor | None = None          # offloaded prompt keys [B, Hkv, S, D] (host)
+        self.host_v: torch.Tensor | None = None
+
+    def host_tensors(self):
+        return [t for t in (self.host_k, self.host_v) if t is not None]
+
+    @property
+    def summarised(self) -> bool:
+        return self.centroid is not None
+
+    def check_extend(self, ctx, T: int) -> None:
+        if self.params.offload and self.summarised:
+            raise ValueError(f"{self.name}: the prompt's KV was offloaded after prefill, so the cache takes one new "
+                             f"token per step; extending it by {T} tokens at once is not supported (prefill the "
+                             "whole prompt, or use offload=False)")
+
+    def after_prefill(self, ctx, q, scale: float) -> None:
+        """Summarise the prompt just written: per sentence and KV head the mean key; mark the resident
+        tokens; with ``offload``, move the prompt KV to host memory and shrink the device buffers to the
+        resident tokens."""
+        pol, cache, layer = self.params, ctx.cache, self.layer
+        n = list(cache.lengths(layer))
+        B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+        S = max(n)
+        dev = cache.device
+        keys, values = cache.view(layer, S)
+        kv_len = torch.tensor(n, device=dev)
+        j = torch.arange(S, device=dev)[None]
+        valid = j < kv_len[:, None]                                                  # [B, S]
+        sid = ctx.sentence_ids[:, :S].to(dev)
+        sid = torch.where(valid, sid - sid[:, :1], 0)
+        n_sent = int(sid.max()) + 1
+        # sums of keys per sentence (padding routed to an extra sentence that is dropped)
+        route = torch.where(valid, sid, n_sent)
+        sums = torch.zeros(B, H, n_sent + 1, D, dtype=torch.float32, device=dev)
+        sums.scatter_add_(2, route[:, None, :, None].expand(B, H, S, D), keys.float())
+        count = torch.zeros(B, n_sent + 1, device=dev).scatter_add_(1, route, torch.ones(B, S, device=dev))
+        resident = valid & ((j < pol.sinks) | (j >= kv_len[:, None] - pol.recent))
+        selectable = valid & ~resident
+        size = torch.zeros(B, n_sent + 1, dtype=torch.long, device=dev).scatter_add_(1, route, selectable.long())
+        self.centroid = (sums / count.clamp(min=1)[:, None, :, None])[:, :, :n_sent]
+        self.size = size[:, :n_sent]
+        self.sid = sid
+        self.selectable = selectable
+        self.prompt = kv_len
+        # the budget for whole sentences, per sequence: the total minus the resident prompt tokens
+        self.room = torch.tensor([max(0, pol.tokens(m) - r) for m, r in zip(n, resident.sum(1).tolist())],
+                                 device=dev)
+        if not pol.offload:
+            return
+        self.host_k, self.host_v = _pinned_host(keys), _pinned_host(values)
+        index = mask_to_index(resident[:, None])[:, 0]                               # [B, R], -1 padded
+        kept = resident.sum(1).tolist()
+        index = torch.where(index < 0, index[:, :1], index)
+        cache.compact(layer, index, kept)
+
+    def sentence_index(self, q: torch.Tensor) -> torch.Tensor:
+        """The prompt slots of the best whole sentences per KV head within the room -> [B, Hkv, K] (-1
+        padded). q [B, Hq, 1, D]; sentences are scored by (sum of the GQA group's queries) · (mean key)."""
+        cent = self.centroid
+        B, H, NS, D = cent.shape
+        qg = q[:, :, 0].float().view(B, H, -1, D).sum(2)                              # [B, H, D]
+        score = torch.einsum("bhd,bhnd->bhn", qg, cent)
+        size = self.size[:, None].expand(B, H, NS)
+        score = score.masked_fill(size == 0, float("-inf"))
+        order = score.argsort(dim=-1, descending=True)
+        fits = torch.gather(size, 2, order).cumsum(-1) <= self.room[:, None, None]
+        fits &= torch.gather(score, 2, order) > float("-inf")
+        chosen = torch.zeros(B, H, NS, dtype=torch.bool, device=q.device).scatter_(2, order, fits)
+        S = self.sid.shape[1]
+        tokens = torch.gather(chosen, 2, self.sid[:, None].expand(B, H, S)) & self.selectable[:, None]
+        return mask_to_index(tokens)
+
+    def decode(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
+        """One new token per sequence: write it (it stays resident), read the chosen sentences plus the
+        resident tokens (dense until the prompt was summarised)."""
+        if not self.summarised:
+            return super().decode(ctx, q, k, v, scale, softcap)
+        cache, layer = ctx.cache, self.layer
+        cache.write(layer, k, v)
+        cache.advance(layer, ctx.n_valid)
+        lengths = cache.lengths(layer)
+        kv_len = cache.lengths_tensor(layer)
+        L = max(lengths)
+        keys, values = cache.view(layer, L)
+        index = self.sentence_index(q)                                               # prompt slots, [B, H, K]
+        picked = (index >= 0).sum(-1)                                                # [B, H]
+        dev = q.device
+        if self.params.offload:
+            rows = index.clamp(min=0).to(self.host_k.device)
+            # the chosen rows of the host store, copied to the device for this step only
+            gk = gather_kv(self.host_k, rows).to(dev, non_blocking=True)
+            gv = gather_kv(self.host_v, rows).to(dev, non_blocking=True)
+            K = index.shape[-1]
+            j = torch.arange(L, device=dev)[None, None].expand(*index.shape[:2], L)
+            resident = torch.where(j < kv_len[:, None, None], K + j, -1)             # every device slot
+            gathered = torch.where(index >= 0, torch.arange(K, device=dev), -1)      # rows of gk / gv
+            out = sparse_attention(q[:, :, 0], torch.cat([gk, keys], 2), torch.cat([gv, values], 2),
+                                   torch.cat([gathered, resident], -1), torch.full_like(kv_len, K + L), scale,
+                                   softcap)
+            # the rows copied out of the host store (host -> device on a GPU; within host memory on a CPU cache)
+            ctx.moved += int(picked.sum()) * cache.head_dim * 2 * gk.element_size()
+            read = [round(x) for x in (picked.float().mean(1) + kv_len).tolist()]
+            cached = [m + l - r for m, l, r in zip(self.prompt.tolist(), lengths, self._resident_counts())]
+            ctx.count(layer, read, cached)
+            return out[:, :, None]
+        # on-device cache: the chosen sentences plus every non-selectable slot (sinks, recent, generated)
+        sel = self.selectable
+        j = torch.arange(L, device=dev)[None]
+        always = (j < kv_len[:, None]) & ~F.pad(sel, (0, L - sel.shape[1]))
+        mask = torch.zeros(*index.shape[:2], L + 1, dtype=torch.bool, device=dev)
+        mask.scatter_(2, torch.where(index < 0, L, index), True)
+        mask = mask[..., :L] | always[:, None]
+        read_index = mask_to_index(mask)
+        out = sparse_attention(q[:, :, 0], keys, values, read_index, kv_len, scale, softcap)
+        ctx.count(layer, [round(x) for x in (read_index >= 0).sum(-1).float().mean(1).tolist()], list(lengths))
+        return out[:, :, None]
+
+    def _resident_counts(self) -> list[int]:
+        """Prompt tokens that stayed on the device per sequence (the first sinks and the last recent)."""
+        valid = torch.arange(self.sid.shape[1], device=self.sid.device)[None] < self.prompt[:, None]
+        return (valid & ~self.selectable).sum(1).tolist()
