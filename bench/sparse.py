@@ -1,4 +1,4 @@
-"""KV selection and sparse attention (SnapKV, PyramidKV, StreamingLLM, H2O, Quest, DELTA, SentenceKV) vs
+"""KV selection and sparse attention (SnapKV, PyramidKV, StreamingLLM, H2O, TOVA, Quest, DELTA, SentenceKV) vs
 dense on SmolLM2-135M-Instruct, one run, the dense baseline in the same process.
 
 Speed and fidelity at 2k / 4k / 8k (8000: prompt + 64 new tokens fit the 8192 context) context (a passkey prompt, greedy 64 new tokens): decode tokens/s
@@ -37,6 +37,7 @@ RECIPES = {
     "PyramidKV": "snapkv:budget=0.25,pyramid=true",
     "StreamingLLM": "streamingllm:recent=0.25",
     "H2O": "h2o:heavy=0.125,recent=0.125",
+    "TOVA": "tova:budget=0.25",
     "Quest": "quest:token_budget=0.25",
     "Quest p8": "quest:token_budget=0.25,page_size=8",
     "DELTA": "delta:budget=0.25",
@@ -111,6 +112,8 @@ def grid_recipes(f: float) -> dict[str, str]:
         "SnapKV sentence": f"snapkv:budget={f},granularity=sentence",
         "H2O": f"h2o:heavy={h},recent={h}",
         "H2O sentence": f"h2o:heavy={h},recent={h},granularity=sentence",
+        "TOVA": f"tova:budget={f}",
+        "TOVA sentence": f"tova:budget={f},granularity=sentence",
         "Quest": f"quest:token_budget={f}",
         "SentenceKV": f"sentencekv:budget={f}",
     }
@@ -221,7 +224,8 @@ def write(speed, quality, args, n_pk, cal=None) -> None:
              f"same process. Greedy {args.new_tokens} new tokens after a passkey prompt (batch 1), or 32 per sequence "
              "for 4 prompts (batch 4). "
              "Budgets are 25% of the prompt: SnapKV window 32 / pool 5; PyramidKV = SnapKV with per-layer budgets; "
-             "StreamingLLM 4 sinks + recent; H2O 12.5% heavy + 12.5% recent; Quest pages of 16 (p8: of 8), layers "
+             "StreamingLLM 4 sinks + recent; H2O 12.5% heavy + 12.5% recent; TOVA the current query's attention, evicting "
+             "during decode; Quest pages of 16 (p8: of 8), layers "
              "0-1 dense; DELTA layers 0-1 full, selection at layers 2, 10 and 20 (5 of 30 layers read everything), "
              "recent 32." + ("" if cal is None else
              f" DELTA cal.: selection at {', '.join(map(str, cal.selection_layers))} (skimfx.calibrate_delta on two 4k "
