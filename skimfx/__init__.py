@@ -18,7 +18,7 @@ from .recipes import (RECIPES, H2O, TOVA, Delta, Dense, GemFilter, PromptDistill
                       SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, parse_recipe, recipe_label)
 from .runtime import CompiledModel, Generation, KVCache, Stats
 from .calibrate import (DeltaCalibration, ExitAdapter, ExitCalibration, SkipCalibration, calibrate_delta, calibrate_exits,
-                        calibrate_skip, reference_texts)
+                        calibrate_skip, reference_texts, resolve)
 
 __version__ = "0.1.0"
 
@@ -34,10 +34,12 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
     views of one merged buffer per layer, so they are not duplicated). ``max_cache_len`` bounds prompt
     + generated tokens (default: the model's context).
     """
-    program = capture(model)
     if passes is None:
         recipes = parse_recipe(recipe) if isinstance(recipe, str) else \
             [] if recipe is None else [recipe] if isinstance(recipe, Recipe) else list(recipe)
+        recipes = [resolve(r) for r in recipes]        # saved calibrations named by path are loaded here
+    program = capture(model)
+    if passes is None:
         # recipes read what lowering found (e.g. which layers are sliding-window layers)
         program = PassManager(default_passes(fuse))(program)
         passes = [p for r in recipes for p in r.passes(program.info)] + final_passes()
@@ -58,4 +60,4 @@ __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManag
            "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM",
            "H2O", "TOVA", "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "calibrate_exits",
            "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "calibrate_delta", "DeltaCalibration", "reference_texts", "parse_recipe",
-           "recipe_label"]
+           "recipe_label", "resolve"]

@@ -63,7 +63,7 @@ def cmd_show(args) -> None:
     import skimfx
     from skimfx.passes import PassManager, default_passes, final_passes
 
-    recipes = skimfx.parse_recipe(args.recipe or "")
+    recipes = [skimfx.resolve(r) for r in skimfx.parse_recipe(args.recipe or "")]
     model, _ = skimfx.load_model(args.model)
     program = skimfx.capture(model)
     print("== captured ==")

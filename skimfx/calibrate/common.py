@@ -1,0 +1,120 @@
+"""What the calibrations share: the dense compiled model they measure, tokenizing documents up to a
+budget, running teacher-forced pieces through the stage executor, and loading their files safely."""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from ..runtime.cache import KVCache
+from ..runtime.context import Ctx
+from ..runtime.executor import Executor
+
+
+class CalibrationFileError(ValueError):
+    """A calibration file that cannot be loaded: missing, unreadable, not the kind of calibration
+    asked for, or holding objects that are not plain data (refused: unpickling them could run code)."""
+
+
+def _compiled(model, tokenizer, caller: str, need_tokenizer: bool = True):
+    """(CompiledModel, tokenizer): ``model`` compiled dense unless it already is compiled; the tokenizer
+    must be known when ``need_tokenizer`` (the caller has text to tokenize)."""
+    from ..runtime.hf import CompiledModel
+
+    cm = model if isinstance(model, CompiledModel) else _compile_dense(model, tokenizer)
+    tok = tokenizer or cm.tokenizer
+    if tok is None and need_tokenizer:
+        raise ValueError(f"{caller} tokenizes the texts: pass tokenizer=tok")
+    return cm, tok
+
+
+def _compile_dense(model, tokenizer):
+    """``skimfx.compile(model, tokenizer=tokenizer)`` with no recipe (built here: the calibrate package
+    does not import the top level)."""
+    from ..capture import capture
+    from ..passes import PassManager, default_passes, final_passes
+    from ..runtime.hf import CompiledModel
+
+    program = PassManager(default_passes(True) + final_passes())(capture(model))
+    return CompiledModel(model, program, tokenizer=tokenizer)
+
+
+def _tokenize_upto(tok, texts: list[str], n: int) -> list[list[int]]:
+    """Token ids of the documents in order until ``n`` tokens (the last one cut)."""
+    out, total = [], 0
+    for t in texts:
+        if total >= n:
+            break
+        ids = tok(t[:8 * (n - total)], add_special_tokens=False).input_ids[:n - total]
+        out.append(ids)
+        total += len(ids)
+    return out
+
+
+def _start(ex: Executor, ids: list[int], start: int = 0) -> tuple[Ctx, dict]:
+    """A fresh one-sequence cache for ``ids`` and the prologue run on them at positions ``start``..:
+    (ctx, env) for ``ex.run_layers``."""
+    program = ex.program
+    T = len(ids)
+    ctx = Ctx(KVCache.for_program(program, 1, T), [T], program)
+    dev = program.info.device
+    env = ex.embed(ctx, torch.tensor([ids], device=dev), torch.arange(start, start + T, device=dev)[None])
+    return ctx, env
+
+
+def _logit_agreement(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    """Two [..., V] logit tensors of the same contexts: {"top1": share of equal argmaxes, "kl": mean
+    KL(ref || got) in nats} (as ``skimfx.eval.logit_agreement``, which this package does not import)."""
+    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
+    return {"top1": top1, "kl": kl}
+
+
+# -- files --------------------------------------------------------------------------------------------
+# A calibration is saved as one dict of plain data (dicts, lists, tuples, str, int, float, bool, None,
+# tensors) and loaded with ``torch.load(weights_only=True)``, which refuses anything else: a file never
+# gets to construct arbitrary objects (a pickle can name any callable to run while it is read).
+def _plain(x):
+    """``x`` with every container made of plain data; raises TypeError on anything else (what save may write)."""
+    if x is None or isinstance(x, (bool, int, float, str, torch.Tensor)):
+        return x
+    if isinstance(x, tuple):
+        return tuple(_plain(v) for v in x)
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {_plain(k): _plain(v) for k, v in x.items()}
+    raise TypeError(f"a calibration file holds plain data only; got a {type(x).__name__}")
+
+
+def _save(data: dict, path: str | Path) -> None:
+    torch.save(_plain(data), path)
+
+
+def _load(path: str | Path, kind: str, made_by: str, fields) -> dict:
+    """The dict saved by ``kind.save`` at ``path``, loaded without running code from the file; the
+    errors name the file and what to do."""
+    redo = f"make one with skimfx.{made_by}(...) and save it with .save(path)"
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CalibrationFileError(f"no {kind} file at {str(path)!r}: check the path, or {redo}") from None
+    except pickle.UnpicklingError as e:
+        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+        what = f" (it names {', '.join(names)})" if names else ""
+        raise CalibrationFileError(
+            f"refused to load {kind} from {str(path)!r}: the file holds objects other than tensors and plain "
+            f"containers{what}, and unpickling them could run code from the file. Load only files you made; "
+            f"{redo}") from None
+    except Exception as e:                  # not a torch file at all (torch raises many kinds of error)
+        raise CalibrationFileError(f"cannot read {kind} from {str(path)!r} ({type(e).__name__}: {e}); it is not a "
+                                   f"file saved by {kind}.save: {redo}") from None
+    missing = [f for f in fields if not isinstance(data, dict) or f not in data]
+    if missing:
+        has = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise CalibrationFileError(f"{str(path)!r} is not a file saved by {kind}.save (it lacks {missing}; it "
+                                   f"holds {has}): {redo}")
+    return data
