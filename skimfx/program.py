@@ -21,10 +21,10 @@ import torch.fx as fx
 # ----------------------------------------------------------------------------------------------
 # The lowered attention op
 # ----------------------------------------------------------------------------------------------
-# Both calls hand control to the runtime (cache writes, eviction, selection): under torch.compile a
-# stage is compiled around them, never through them (``torch.compiler.disable``), so the runtime
-# stays plain Python and a compiled stage is two graphs with the attention call between.
-@torch.compiler.disable
+# Both calls hand control to the runtime's ``ctx`` (cache writes, eviction, selection). They are plain
+# functions, so ``torch.compile`` traces into the ctx it is given: the eager runtime's ``Ctx`` marks its
+# methods ``torch.compiler.disable`` (a compiled stage is two graphs with the attention call between),
+# while the captured decode step's ctx is a pure tensor function that traces whole.
 def cached_attention(ctx: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
     """Attention of the new tokens against layer ``layer``'s KV cache.
@@ -38,7 +38,6 @@ def cached_attention(ctx: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: 
     return ctx.attend(layer, q, k, v, scale=scale, window=window, softcap=softcap)
 
 
-@torch.compiler.disable
 def select_tokens(ctx: Any, layer: int, q: torch.Tensor) -> torch.Tensor:
     """Token selection after layer ``layer`` (inserted by ``prune_tokens``).
 

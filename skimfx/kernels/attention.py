@@ -45,7 +45,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: to
     """Reference (and the CPU path): fp32 math through torch SDPA with GQA, explicit mask.
 
     The plain causal case (all sequences start at 0 and read exactly their new keys, no window)
-    uses SDPA's ``is_causal`` kernel, which is what HF runs for an unpadded prompt.
+    uses SDPA's ``is_causal`` kernel, which is what HF runs for an unpadded prompt. Under
+    ``torch.compile`` the masked form is always taken: the shortcuts test tensor values on the host.
     """
     B, Hq, Tq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -64,14 +65,15 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: to
         # decode: every sequence reads keys [lo, kv_len); with no padding and no window cut, that is
         # all S keys and no mask is needed. Otherwise the GQA group's queries become the query axis
         # of one SDPA per kv head, so the [B, 1, 1, S] mask broadcasts without repeating k/v.
-        if (window is None or window >= S) and bool((kv_len == S).all()):
+        if (window is None or window >= S) and not torch.compiler.is_compiling() and bool((kv_len == S).all()):
             out = F.scaled_dot_product_attention(qf, kf, vf, scale=scale, enable_gqa=gqa)
         else:
             mask = attention_mask(1, S, q_start, kv_len, window)
             qg = qf.view(B, Hkv, Hq // Hkv, D)
             out = F.scaled_dot_product_attention(qg, kf, vf, attn_mask=mask, scale=scale).view(B, Hq, 1, D)
         return out.to(out_dtype)
-    plain = (window is None and S == Tq and bool((q_start == 0).all()) and bool((kv_len == Tq).all()))
+    plain = (window is None and S == Tq and not torch.compiler.is_compiling() and bool((q_start == 0).all())
+             and bool((kv_len == Tq).all()))
     if plain:
         out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=scale, enable_gqa=gqa)
     else:

@@ -73,7 +73,8 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     c = (cos if cos.dtype == torch.float32 else cos.float()).unsqueeze(1)
     # rotate_half's sign folded into the (small, shared) sin table once; the product is fp32 even
     # for a half table
-    s = (sin * _half_signs(D, sin.device)).unsqueeze(1)
+    signs = _half_signs.__wrapped__(D, sin.device) if torch.compiler.is_compiling() else _half_signs(D, sin.device)
+    s = (sin * signs).unsqueeze(1)
     return _rope_one(q, c, s, D // 2), _rope_one(k, c, s, D // 2)
 
 

@@ -53,7 +53,7 @@ def sparse_attention_ref(q, k, v, index, kv_len, scale: float, softcap: float | 
         s = softcap * torch.tanh(s / softcap)
         p = torch.softmax(s.masked_fill(~ok[:, :, None], float("-inf")), -1).nan_to_num(0.0)
         out = torch.einsum("bkgn,bknd->bkgd", p, vg)
-    elif bool(ok.all()):                                                         # no padding: no mask
+    elif not torch.compiler.is_compiling() and bool(ok.all()):                   # no padding: no mask
         out = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
     else:
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=ok[:, :, None], scale=scale)

@@ -281,7 +281,7 @@ def decode_attention_scores_ref(q, k, v, kv_len, scale: float, softcap: float | 
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     valid = torch.arange(S, device=q.device)[None] < kv_len[:, None]                                    # [B, S]
-    if not bool(valid.all()):
+    if torch.compiler.is_compiling() or not bool(valid.all()):
         s = s.masked_fill(~valid[:, None, None], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     out = torch.matmul(p, v.float()).reshape(B, Hq, 1, D).to(q.dtype)

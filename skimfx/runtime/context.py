@@ -51,7 +51,8 @@ class Ctx:
         self.kv_kept: dict[int, list[list[list[int]]]] = {}  # evicting layer -> [b][kv head] kept prompt slots
         self.moved = 0                                   # bytes copied host -> device (offloaded KV)
 
-    # -- the two calls of the lowered graph -------------------------------------------------------
+    # -- the two calls of the lowered graph (host bookkeeping: never traced by torch.compile) ------
+    @torch.compiler.disable
     def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Score this prefill's tokens with the last queries of ``layer`` and pick the kept ones.
 
@@ -77,6 +78,7 @@ class Ctx:
             index, self.kept = topk_tokens(scores, sel.keep, self.n_valid, sel.keep_last)
         return index
 
+    @torch.compiler.disable
     def attend(self, layer: int, q, k, v, *, scale: float, window: int | None, softcap: float | None):
         """The lowered attention op: the layer's KV policy runs it, or the dense path when it has none."""
         policy = self.cache.policies.get(layer)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -22,6 +21,7 @@ from .cache import KVCache
 from .context import Ctx
 from .executor import Executor, Rerun
 from .sampling import SamplingConfig, sample
+from .stats import Generation, Stats
 
 
 def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: list[int] | None = None,
@@ -114,63 +114,6 @@ def plan_capacity(program: Program, prompt_len: int, max_new_tokens: int) -> lis
     return [t + max_new_tokens for t in tokens]
 
 
-@dataclass
-class Stats:
-    """Measurements of one call. Decode throughput counts the tokens of sequences still running."""
-
-    prompt_tokens: list[int]
-    ttft_s: float = 0.0                 # prefill + first token
-    decode_s: float = 0.0
-    decode_tokens: int = 0
-    kv_bytes: int = 0                   # physical bytes of the KV cache on the model's device
-    kv_host_bytes: int = 0              # bytes of KV offloaded to host memory (SentenceKV)
-    moved_bytes: int = 0                # bytes copied from offloaded KV during decode (host -> device on a GPU)
-    kv_used_bytes: int = 0              # bytes of the filled slots
-    kv_prefill_bytes: int = 0           # physical bytes of the KV cache right after prefill
-    layer_tokens: list[int] = field(default_factory=list)  # prompt tokens each layer holds after prefill
-    selected: dict[int, list[list[int]]] = field(default_factory=dict)  # selection layer -> kept indices
-    kv_kept: dict[int, list[list[list[int]]]] = field(default_factory=dict)  # evicting layer -> [b][head] slots
-    reads: dict[int, list[int]] = field(default_factory=dict)  # layer -> [keys read, keys cached] in decode
-    decoding: Any = None                # what an early-exit / speculative decoding mode did (DecodeStats)
-
-    @property
-    def attended_fraction(self) -> float:
-        """Keys read / keys cached over all layers and decode steps (1.0 when dense)."""
-        r = sum(v[0] for v in self.reads.values())
-        c = sum(v[1] for v in self.reads.values())
-        return r / c if c else float("nan")
-
-    def layer_attended_fraction(self) -> dict[int, float]:
-        return {l: r / c for l, (r, c) in sorted(self.reads.items()) if c}
-
-    @property
-    def moved_bytes_per_token(self) -> float:
-        """Bytes copied from offloaded KV per generated token (all layers)."""
-        return self.moved_bytes / self.decode_tokens if self.decode_tokens else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
-
-    def __str__(self) -> str:
-        return (f"prompt {sum(self.prompt_tokens)} tok, TTFT {self.ttft_s * 1e3:.0f} ms, decode "
-                f"{self.decode_tokens_per_s:.1f} tok/s, KV {self.kv_bytes / 2**20:.1f} MiB")
-
-
-@dataclass
-class Generation:
-    """New tokens per prompt (prompt not included), why each stopped, and the stats."""
-
-    tokens: list[list[int]]
-    finish_reasons: list[str]           # "stop" (a stop token) or "length"
-    stats: Stats
-    prompts: list[list[int]] = field(default_factory=list)
-
-    @property
-    def sequences(self) -> list[list[int]]:
-        return [p + t for p, t in zip(self.prompts, self.tokens)]
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -184,9 +127,11 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
     ``callback(batch_index, token_id)`` is called for every token as soon as it is chosen.
     Stopping: a sequence stops after emitting a stop token (which is kept) or ``max_new_tokens``.
     """
-    if program.decoding is not None:     # early exit / self-speculation: their own decode loop
-        return program.decoding.generate(program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len,
-                                         callback)
+    if program.decoding is not None:     # early exit / self-speculation: the decoder registered for its mode
+        # imported here: the decoding package is built on this module's prefill and plan_capacity
+        from .decoding import generate as decode
+
+        return decode(program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len, callback)
     info = program.info
     lens = [len(p) for p in prompts]
     capacity = max(lens) + max_new_tokens

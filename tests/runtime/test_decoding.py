@@ -3,6 +3,7 @@ self-speculative decoding token-identical to dense greedy (tiny configs and the 
 early exit against a directly computed reference, exit calibration, and the errors."""
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from skimfx import EarlyExit, SelfSpeculative
 from skimfx.eval import chat_ids
 from skimfx.kernels.linear import linear
 from skimfx.passes import EarlyExitError, early_exit
-from skimfx.runtime import KVCache
-from skimfx.runtime.decoding import NGramDrafts, _Acceptance, _Costs, _Runner
+from skimfx.program import DecodeConfig, EarlyExitConfig, SpeculativeConfig
+from skimfx.runtime import Ctx, Executor, KVCache
+from skimfx.runtime.decoding import (DECODERS, Acceptance, EarlyExitDecoder, NGramDrafts, SpeculativeDecoder,
+                                     StepCosts)
 from tiny import tiny_model
 
 LOSSLESS = ["selfspeculative", "selfspeculative:draft=exit,exit_layer=1",
@@ -57,18 +60,20 @@ def test_exit_branch_and_kv_fill_stages():
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states[2]          # output of layer 1
         ref = model.lm_head(model.model.norm(hs))[0].softmax(-1)
-    cache = KVCache.for_program(p, 1, ids.shape[1])
-    run = _Runner(p, cache)
+    T = ids.shape[1]
+    cache = KVCache.for_program(p, 1, T)
+    ex = Executor(p)
     with torch.inference_mode():
-        ctx = run.ctx(ids.shape[1])
-        env = run.embed(ctx, ids[0].tolist(), 0)
-        run.run_layers(ctx, env, 0, 2, ids.shape[1])
-        top, prob, margin = p.exits[1].module(ctx, *[env[n] for n in p.exits[1].inputs])
+        ctx = Ctx(cache, [T], p)
+        env = ex.embed(ctx, ids, torch.arange(T)[None])
+        ex.run_layers(ctx, env, 0, 2)
+        top, prob, margin = ex.exit(ctx, env, 1)
         assert top.tolist() == ref.argmax(-1).tolist()
         torch.testing.assert_close(prob, ref.max(-1).values, atol=1e-5, rtol=1e-4)
         # kv fill of layer 2 = what layer 2 itself writes to the cache for the same input
         k, v = p.kv_fill[2].module(None, *[env[n] for n in p.kv_fill[2].inputs])
-        run.run_layers(ctx, env, 2, 3, ids.shape[1])
+        ex.run_layers(ctx, env, 2, 3)
+        assert ex.layer_tokens == 3 * T
         kc, vc = cache.view(2, ids.shape[1])
         torch.testing.assert_close(k, kc)
         torch.testing.assert_close(v, vc)
@@ -98,6 +103,32 @@ def test_early_exit_at_the_first_layer_is_the_one_layer_model():
     assert never.tokens == dense.tokens and never.stats.decoding.exits == {2: 11}
 
 
+def test_plain_configs_pick_their_decoder_by_mode():
+    """``program.decoding`` is plain data: the decoding package looks the decoder up by the config's mode.
+    A config set directly (no recipe) decodes like the recipe's; an unknown mode is refused."""
+    assert DECODERS == {"early_exit": EarlyExitDecoder, "speculative": SpeculativeDecoder}
+    model = tiny_model("llama")
+    ps = prompts()
+    dense = skimfx.compile(model).generate(ps, max_new_tokens=12, stop_tokens=[])
+    passes = skimfx.default_passes() + [functools.partial(early_exit, layers=(1,))] + skimfx.passes.final_passes()
+    cm = skimfx.compile(model, passes=passes)
+    assert cm.program.decoding is None
+    cm.program.decoding = SpeculativeConfig(sources=("lookahead", "exit"), exit_layer=1, adaptive=False,
+                                            draft_tokens=3, min_gain=0.0)
+    g = cm.generate(ps, max_new_tokens=12, stop_tokens=[])
+    assert g.tokens == dense.tokens and g.stats.decoding.tokens == 3 * 11 and g.stats.decoding.plain_steps == 0
+    cm.program.decoding = EarlyExitConfig(((1, 1.0),))        # never confident enough: the dense model
+    g = cm.generate(ps, max_new_tokens=12, stop_tokens=[])
+    assert g.tokens == dense.tokens and g.stats.decoding.exits == {2: 3 * 11}
+
+    class Medusa(DecodeConfig):
+        mode = "medusa"
+
+    cm.program.decoding = Medusa()
+    with pytest.raises(ValueError, match="no decoder for decoding mode 'medusa'"):
+        cm.generate(ps, max_new_tokens=4)
+
+
 def test_ngram_drafts_follow_the_latest_earlier_occurrence():
     d = NGramDrafts(min_n=2, max_n=3)
     toks = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 1, 2]
@@ -107,7 +138,7 @@ def test_ngram_drafts_follow_the_latest_earlier_occurrence():
 
 
 def test_draft_length_follows_measured_costs_and_acceptance():
-    cost, plain = _Costs(), 1.0
+    cost, plain = StepCosts(), 1.0
     assert cost(3, plain) == plain                         # nothing measured: a plain step's cost
     cost.add(4, 3.0)
     assert cost(2, plain) == 2.0                           # between a plain step (k = 0) and k = 4
@@ -117,11 +148,11 @@ def test_draft_length_follows_measured_costs_and_acceptance():
     assert cost(10, plain) == 2.2                          # the last two measured fall: flat, not falling
     cost.add(8, 3.2)
     assert cost(8, plain) == pytest.approx(0.7 * 2.2 + 0.3 * 3.2)
-    good, bad = _Acceptance(0.9), _Acceptance(0.9)
+    good, bad = Acceptance(0.9), Acceptance(0.9)
     for _ in range(30):
         good.observe(8, 8)          # every draft accepted
         bad.observe(8, 0)           # every first draft rejected
-    flat = _Costs()
+    flat = StepCosts()
     for k in range(1, 9):           # a verification's cost grows slowly with its width
         flat.add(k, 2.0 + 0.01 * k)
     k, rate = good.best(8, flat, plain, first=8)
@@ -130,8 +161,8 @@ def test_draft_length_follows_measured_costs_and_acceptance():
     k, rate = bad.best(8, flat, plain, first=8)  # at p ~ 0 every k emits ~1 token: the cheapest k, slower than plain
     assert k == 1 and rate < 1 / plain
     # drafts grow by doubling: 2 first, then up to twice the longest measured
-    assert good.best(8, _Costs(), plain, first=2)[0] == 2
-    two = _Costs()
+    assert good.best(8, StepCosts(), plain, first=2)[0] == 2
+    two = StepCosts()
     two.add(2, 1.5)
     assert good.best(8, two, plain, first=2)[0] == 4
 
@@ -214,7 +245,7 @@ def test_skip_calibration_and_draft_on_the_real_model(smollm2, smollm2_compiled,
     # a draft token costs L - 3 layers, a verification L per verified token
     steps = d.verify_steps["skip"]
     assert d.layer_tokens == d.drafted["skip"] * (L - 3) + (d.drafted["skip"] + steps) * L
-    assert SelfSpeculative(draft="skip", skip_layers=str(tmp_path / "skip.pt")).skip_layers == forced.skip
+    assert skimfx.resolve(SelfSpeculative(draft="skip", skip_layers=str(tmp_path / "skip.pt"))).skip_layers == forced.skip
 
 
 def test_decoding_errors():
@@ -229,8 +260,10 @@ def test_decoding_errors():
         SelfSpeculative(skip_layers=(1,))
     with pytest.raises(skimfx.RecipeError, match="distinct layer indices"):
         SelfSpeculative(draft="skip", skip_layers=(1, 1))
-    with pytest.raises(skimfx.RecipeError, match="loading a SkipCalibration"):
-        SelfSpeculative(draft="skip", skip_layers="/nonexistent/skip.pt")
+    with pytest.raises(skimfx.RecipeError, match="no SkipCalibration file"):
+        skimfx.resolve(SelfSpeculative(draft="skip", skip_layers="/nonexistent/skip.pt"))
+    with pytest.raises(skimfx.RecipeError, match="is a path: skimfx.compile loads it"):
+        SelfSpeculative(draft="skip", skip_layers="/nonexistent/skip.pt").passes(skimfx.capture(model).info)
     with pytest.raises(skimfx.RecipeError, match="do not fit"):
         skimfx.compile(model, SelfSpeculative(draft="skip", skip_layers=(0, 1, 2)))
     with pytest.raises(skimfx.RecipeError, match="do not fit"):

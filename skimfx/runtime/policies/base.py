@@ -80,6 +80,25 @@ class KVPolicy:
     def after_prefill(self, ctx: "Ctx", q: torch.Tensor, scale: float) -> None:
         """The whole prompt was written and attended to (q: its queries [B, Hq, T, D])."""
 
+    # -- the captured decode step (runtime/static.py) -----------------------------------------------
+    supports_static = False     # whether ``static_decode`` exists for this policy
+
+    def prepare_static(self, cache) -> None:
+        """Fix what the captured step treats as constants (budgets) and shape the state for it."""
+
+    def static_decode(self, sctx, q, k, v, scale: float, softcap: float | None) -> torch.Tensor:
+        """One decode step as a pure tensor function (no host syncs, fixed shapes): write the new k/v with
+        ``sctx.write`` and attend. q [B, Hq, 1, D] -> [B, Hq, 1, D]."""
+        raise NotImplementedError(f"{self.name} has no captured decode step")
+
+    def static_state(self) -> list[torch.Tensor]:
+        """Copies of the state the captured step mutates (restored after a warm-up run)."""
+        return [t.clone() for t in self.state_tensors()]
+
+    def restore_static_state(self, saved: list[torch.Tensor]) -> None:
+        for t, s in zip(self.state_tensors(), saved):
+            t.copy_(s)
+
     # -- the state --------------------------------------------------------------------------------
     def state_tensors(self) -> list[torch.Tensor]:
         """The device tensors of this policy's state (every tensor attribute)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import decode_attention_scores
+from ...kernels import decode_attention_scores, sparse_attention
 from .base import register
 from .sparse import SparseReadPolicy
 
@@ -51,3 +51,26 @@ class Delta(SparseReadPolicy):
             self.index = delta_index(self.params.recent, p, kv_len, budget)
             return None, out
         return (self.source.index if self.source is not None else None), None
+
+    # -- the captured decode step -------------------------------------------------------------------
+    supports_static = True
+
+    def prepare_static(self, cache) -> None:
+        n = max(cache.lengths(self.layer))
+        # the set size is a constant of the compiled step: the budget at the length the step starts from
+        self.static_size = min(cache.capacity(self.layer), self.params.tokens(n) + self.params.recent)
+
+    def static_decode(self, sctx, q, k, v, scale, softcap):
+        """A select layer attends to everything and keeps the ``static_size`` best slots (slots past a
+        sequence's length score -inf and become padding, -1); a reuse layer reads its select layer's set."""
+        kv_len = sctx.write(self.layer, k, v)
+        keys, values = sctx.cache.k[self.layer], sctx.cache.v[self.layer]
+        if self.params.role == "select":
+            out, p = decode_attention_scores(q, keys, values, kv_len, scale, softcap)   # p [B, C]
+            j = torch.arange(p.shape[1], device=p.device)[None]
+            p = p.masked_fill(j >= (kv_len - self.params.recent)[:, None], float("inf"))
+            p = p.masked_fill(j >= kv_len[:, None], float("-inf"))
+            top = p.topk(self.static_size, dim=-1)
+            self.index = torch.where(top.values > float("-inf"), top.indices, -1).sort(dim=-1).values
+            return out
+        return sparse_attention(q[:, :, 0], keys, values, self.source.index, kv_len, scale, softcap)[:, :, None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import gather_kv, page_minmax, page_scores
+from ...kernels import gather_kv, page_minmax, page_scores, sparse_attention
 from .base import register
 from .sparse import SparseReadPolicy
 
@@ -36,7 +36,7 @@ class Quest(SparseReadPolicy):
         new = cache.lengths(layer)
         if all(n - o == 1 for n, o in zip(new, old)) and len(set(new)) > 1:
             # a decode step of a ragged batch: one page per sequence, wherever each one is
-            self._update_one_page(cache)
+            self._update_one_page(cache, cache.lengths_tensor(layer))
             return
         first, last = min(old) // ps, -(-max(new) // ps)
         keys, _ = cache.view(layer, min(cache.capacity(layer), last * ps))
@@ -44,10 +44,10 @@ class Quest(SparseReadPolicy):
         self.kmin[:, :, first:last] = kmin
         self.kmax[:, :, first:last] = kmax
 
-    def _update_one_page(self, cache) -> None:
+    def _update_one_page(self, cache, kv_len: torch.Tensor) -> None:
+        """The page holding each sequence's newest token (its length ``kv_len [B]``) from the cache rows."""
         ps, layer = self.params.page_size, self.layer
         dev = cache.device
-        kv_len = cache.lengths_tensor(layer)
         page = (kv_len - 1) // ps                                                    # [B]
         slots = page[:, None] * ps + torch.arange(ps, device=dev)                    # [B, ps]
         keys = gather_kv(cache.k[layer], slots.clamp(max=cache.capacity(layer) - 1)).float()  # [B, H, ps, D]
@@ -74,3 +74,32 @@ class Quest(SparseReadPolicy):
         pages = scores.topk(n_sel, dim=-1).indices                                  # [B, Hkv, n]
         slots = pages[..., None] * ps + torch.arange(ps, device=q.device)
         return slots.flatten(2)
+
+    # -- the captured decode step -------------------------------------------------------------------
+    supports_static = True
+
+    def prepare_static(self, cache) -> None:
+        ps = self.params.page_size
+        budget = self.params.tokens(max(cache.lengths(self.layer)))
+        n_pages = -(-cache.capacity(self.layer) // ps)
+        self.static_pages = min(n_pages, max(1, budget // ps))     # pages read per step: a constant
+        if self.kmin is None:                                     # nothing written yet
+            B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+            self.kmin = torch.zeros(B, H, n_pages, D, dtype=torch.float32, device=cache.device)
+            self.kmax = torch.zeros_like(self.kmin)
+
+    def static_decode(self, sctx, q, k, v, scale, softcap):
+        """Write, refresh the newest token's page, read the top ``static_pages`` pages (fixed shapes; pages
+        past a sequence's length score -inf and their slots are masked)."""
+        cache, ps = sctx.cache, self.params.page_size
+        kv_len = sctx.write(self.layer, k, v)
+        self._update_one_page(cache, kv_len)
+        scores = page_scores(q[:, :, 0], self.kmin, self.kmax, kv_len, ps)       # [B, Hkv, P]
+        newest = ((kv_len - 1) // ps)[:, None, None].expand(-1, scores.shape[1], 1)
+        scores = scores.scatter(2, newest, float("inf"))
+        top = scores.topk(self.static_pages, dim=-1)
+        slots = top.indices[..., None] * ps + torch.arange(ps, device=q.device)
+        slots = torch.where((top.values > float("-inf"))[..., None], slots, -1).flatten(2)
+        keys, values = cache.k[self.layer], cache.v[self.layer]
+        return sparse_attention(q[:, :, 0], keys, values, slots, kv_len, scale, softcap)[:, :, None]
+

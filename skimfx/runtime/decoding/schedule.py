@@ -1,0 +1,63 @@
+"""The draft-length schedule of self-speculation: measured step costs (``StepCosts``) and the
+acceptance model (``Acceptance``), which together pick the number of drafts with the best expected
+tokens per second."""
+from __future__ import annotations
+
+
+class StepCosts:
+    """Measured time of a whole draft-and-verify step by the number of drafts k (exponentially averaged).
+
+    How the cost grows with k is the machine's business: on a GPU a wider verification is almost free,
+    on a few CPU cores a pass over 2 tokens can cost twice a pass over 1 while 9 tokens cost little
+    more than 2, so it is measured, not modelled. An unmeasured k is interpolated linearly between the
+    measured ones, a plain step standing for k = 0, and extrapolated along the line through the two
+    largest (a model draft costs its layers once per token)."""
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+
+    def add(self, k: int, seconds: float) -> None:
+        old = self.seconds.get(k)
+        self.seconds[k] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    def __call__(self, k: int, plain: float) -> float:
+        if k in self.seconds:
+            return self.seconds[k]
+        lo = max((j for j in self.seconds if j < k), default=0)
+        hi = min((j for j in self.seconds if j > k), default=None)
+        c_lo = self.seconds.get(lo, plain)
+        if hi is None:                                       # above every measured k
+            lo2 = max((j for j in self.seconds if j < lo), default=0)
+            c_lo2 = self.seconds.get(lo2, plain)
+            return c_lo + max(0.0, c_lo - c_lo2) * (k - lo) / (lo - lo2) if lo > 0 else c_lo
+        return c_lo + (self.seconds[hi] - c_lo) * (k - lo) / (hi - lo)
+
+
+class Acceptance:
+    """The probability that a draft token is accepted given that its predecessors were: a geometric
+    model with decayed counts and a prior. A step with k drafts then emits ``(1 - p^(k+1)) / (1 - p)``
+    tokens on average."""
+
+    def __init__(self, prior: float, decay: float = 0.9):
+        self.hits, self.misses = 2.0 * prior, 2.0 * (1 - prior)
+        self.decay = decay
+        self.idle = 0                                         # steps passed over since this kind last drafted
+        self.patience: int | None = None                      # idle steps before a retry (doubles while it fails)
+
+    def observe(self, k: int, accepted: int) -> None:
+        self.hits = self.decay * self.hits + accepted
+        self.misses = self.decay * self.misses + (accepted < k)
+        self.idle = 0
+
+    def best(self, k_max: int, cost: StepCosts, plain: float, first: int) -> tuple[int, float]:
+        """(k, expected tokens per second) at the best k, given a plain step's time. Drafts grow at most
+        to twice the longest measured one (``first`` before any is measured): exploring a long draft
+        that turns out slow costs one step, and doubling bounds that step."""
+        p = min(self.hits / (self.hits + self.misses), 0.999)
+        k_max = min(k_max, 2 * max(cost.seconds, default=first // 2))
+        rates = [((1 - p ** (k + 1)) / (1 - p) / cost(k, plain), k) for k in range(1, k_max + 1)]
+        rate, k = max(rates)
+        return k, rate
+
+
+__all__ = ["StepCosts", "Acceptance"]

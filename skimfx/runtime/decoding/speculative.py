@@ -1,0 +1,181 @@
+"""Lossless self-speculation: draft with the sources in order, verify with the full model."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ...program import SpeculativeConfig
+from ..cache import KVCache
+from ..executor import Executor
+from ..stats import DecodeStats
+from .drafts import NGramDrafts
+from .loop import DecodeState, next_token, register, step_env
+from .schedule import Acceptance, StepCosts
+
+
+@dataclass
+class SpeculativeState(DecodeState):
+    """One sequence's self-speculation state: the n-gram index, the timed plain step, and per source the
+    acceptance and the step costs."""
+
+    ngram: NGramDrafts = field(default_factory=NGramDrafts)
+    plain: float | None = None          # a plain step's time (exponentially averaged); None until one is timed
+    # acceptance by model source ("exit", "skip"), and for n-gram drafts by match length (a 2-gram match is a
+    # weaker hint than a 4-gram one)
+    acceptance: dict[str, Acceptance] = field(default_factory=dict)
+    ngram_acceptance: dict[int, Acceptance] = field(default_factory=dict)
+    # step costs by source (they depend on the verification's width, not on the match)
+    costs: dict[str, StepCosts] = field(default_factory=dict)
+
+
+def _lengths(ex: Executor, cache: KVCache) -> list[int]:
+    return [cache.lengths(l)[0] for l in range(ex.num_layers)]
+
+
+def _rollback(cache: KVCache, base: list[int], keep: int) -> None:
+    for l, b in enumerate(base):
+        cache.truncate(l, [b + keep])
+
+
+@register(SpeculativeConfig)
+class SpeculativeDecoder:
+    """Draft with ``sources`` (tried in order: "lookahead", "exit", "skip"), verify with the full model.
+
+    Adaptive (the default): each step, each source in turn is used with the number of drafts that
+    maximises its expected tokens per second (measured step times ``StepCosts``, acceptance so far
+    ``Acceptance``); a source whose best rate is below plain decoding's is passed over, and tried
+    again after ``retry_after`` idle steps (twice as many after each retry that still does not pay) so
+    that its acceptance estimate can recover. Not adaptive: every step drafts ``draft_tokens`` tokens
+    from the first source that has a draft."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        self.sources = config.sources
+        self.draft_tokens = config.draft_tokens
+        self.exit_layer = config.exit_layer
+        self.adaptive = config.adaptive
+        self.min_gain = config.min_gain        # a source drafts when its expected rate exceeds plain decoding's x this
+        self.retry_after = config.retry_after  # idle steps before a passed-over source drafts again
+        self.ngram = config.ngram
+        self.skip_layers = config.skip_layers  # the layers a "skip" draft pass leaves out (Draft&Verify)
+        self.prior = dict(config.prior)
+        self.extra_slots = config.draft_tokens + 1     # a step writes its drafts past the last kept token
+
+    def __str__(self) -> str:
+        return str(self.config)
+
+    def start(self, ex: Executor, cache: KVCache, history: list[int]) -> SpeculativeState:
+        prior = self.prior
+        return SpeculativeState(
+            history, ngram=NGramDrafts(*self.ngram),
+            acceptance={s: Acceptance(prior[s]) for s in self.sources if s != "lookahead"},
+            ngram_acceptance={n: Acceptance(prior["lookahead"]) for n in range(self.ngram[0], self.ngram[1] + 1)},
+            costs={s: StepCosts() for s in self.sources})
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self, ex: Executor, cache: KVCache, state: SpeculativeState, tok: int, ds: DecodeStats) -> list[int]:
+        for src in self.sources:
+            if self.adaptive and state.plain is None:
+                break                                            # time one plain step first
+            t0 = time.perf_counter()
+            drafts = state.ngram.propose(state.history, self.draft_tokens) if src == "lookahead" else None
+            if drafts == []:
+                continue                                         # no earlier occurrence of the suffix
+            acc = state.acceptance[src] if drafts is None else state.ngram_acceptance[state.ngram.order]
+            k = self.draft_tokens if drafts is None else len(drafts)
+            if self.adaptive:
+                # n-gram drafts cost little to make: start long; model drafts cost layers: start short
+                first = self.draft_tokens if src == "lookahead" else 2
+                k, rate = acc.best(k, state.costs[src], state.plain, first)
+                patience = acc.patience or self.retry_after
+                if rate * state.plain < self.min_gain:
+                    if acc.idle < patience:
+                        acc.idle += 1
+                        continue                                 # not worth it now
+                    acc.patience = 2 * patience                  # a retry; the next one waits twice as long
+                else:
+                    acc.patience = None
+            if src == "lookahead":
+                drafts = drafts[:k]
+                new, n = self._verify_full(ex, cache, tok, drafts)
+            elif src == "exit":
+                new, n, drafts = self._exit_draft_and_verify(ex, cache, tok, k)
+            else:
+                new, n, drafts = self._skip_draft_and_verify(ex, cache, tok, k)
+            acc.observe(len(drafts), n)
+            state.costs[src].add(len(drafts), time.perf_counter() - t0)
+            ds.drafted[src] = ds.drafted.get(src, 0) + len(drafts)
+            ds.accepted[src] = ds.accepted.get(src, 0) + n
+            ds.verify_steps[src] = ds.verify_steps.get(src, 0) + 1
+            return new
+        t0 = time.perf_counter()
+        new = self._plain(ex, cache, tok)
+        dt = time.perf_counter() - t0
+        state.plain = dt if state.plain is None else 0.7 * state.plain + 0.3 * dt
+        ds.plain_steps += 1
+        return new
+
+    @staticmethod
+    def _plain(ex: Executor, cache: KVCache, tok: int) -> list[int]:
+        pos = cache.positions[0]
+        ctx, env = step_env(ex, cache, [tok], pos)
+        ex.run_layers(ctx, env, 0, ex.num_layers)
+        cache.positions = [pos + 1]
+        return [next_token(ex, ctx, env)]
+
+    @staticmethod
+    def _accept(cache: KVCache, base: list[int], pos: int, drafts: list[int], logits: torch.Tensor):
+        """Keep the drafts the full model agrees with, plus its own next token; roll the rest back."""
+        preds = logits.argmax(-1).tolist()                                           # [k + 1]
+        n = 0
+        while n < len(drafts) and preds[n] == drafts[n]:
+            n += 1
+        _rollback(cache, base, n + 1)
+        cache.positions = [pos + n + 1]
+        return drafts[:n] + [preds[n]], n
+
+    def _verify_full(self, ex: Executor, cache: KVCache, tok: int, drafts: list[int]):
+        base, pos = _lengths(ex, cache), cache.positions[0]
+        ctx, env = step_env(ex, cache, [tok] + drafts, pos)
+        ex.run_layers(ctx, env, 0, ex.num_layers)
+        return self._accept(cache, base, pos, drafts, ex.logits(ctx, env)[0])
+
+    def _exit_draft_and_verify(self, ex: Executor, cache: KVCache, tok: int, k: int):
+        """LayerSkip: k drafts from the first E + 1 layers and the exit branch (their k/v are kept), then
+        layers E + 1.. verify the last token and the drafts from their layer-E states."""
+        E = self.exit_layer
+        base, pos = _lengths(ex, cache), cache.positions[0]
+        hs, drafts, x = [], [], tok
+        for i in range(k + 1):                       # k drafts, then the last draft's layer-E state
+            ctx, env = step_env(ex, cache, [x], pos + i)
+            ex.run_layers(ctx, env, 0, E + 1)
+            hs.append(ex.hidden(env, E))
+            if i == k:
+                break
+            top, _, _ = ex.exit(ctx, env, E)
+            x = int(top[-1])
+            drafts.append(x)
+        ctx, env = step_env(ex, cache, [tok] + drafts, pos)                          # positions (cos / sin)
+        ex.set_hidden(env, E, torch.cat(hs, dim=1))
+        ex.run_layers(ctx, env, E + 1, ex.num_layers)
+        new, n = self._accept(cache, base, pos, drafts, ex.logits(ctx, env)[0])
+        return new, n, drafts
+
+    def _skip_draft_and_verify(self, ex: Executor, cache: KVCache, tok: int, k: int):
+        """Draft&Verify: k drafts from the model without ``skip_layers`` (the kept layers cache the drafts'
+        k/v, overwritten by the verification), then one full pass over the last token and the drafts."""
+        base, pos = _lengths(ex, cache), cache.positions[0]
+        drafts, x = [], tok
+        for i in range(k):
+            ctx, env = step_env(ex, cache, [x], pos + i)
+            ex.run_layers(ctx, env, 0, ex.num_layers, skip=self.skip_layers)
+            x = next_token(ex, ctx, env)
+            drafts.append(x)
+        _rollback(cache, base, 0)
+        new, n = self._verify_full(ex, cache, tok, drafts)
+        return new, n, drafts
+
+
+__all__ = ["SpeculativeDecoder", "SpeculativeState"]

@@ -1,0 +1,160 @@
+"""The captured decode step: one decode step of a Program as a pure tensor function of fixed-shape state.
+
+The eager runtime decides shapes and loop bounds on the host (Python lists of lengths, ``max()`` over
+them, per-layer dict look-ups): a step of a small model is then bound by Python, not by the device.
+Here the whole step is one function of device tensors, traced once:
+
+- state: the KV cache at its capacity (the ``KVCache``'s own buffers, written in place), the filled
+  length of every layer and sequence (``lengths [L, B]``), the next position of every sequence
+  (``positions [B]``), and each KV policy's typed state (page bounds, ...);
+- every stage runs in order (selection stages are prefill-only); the lowered attention op calls
+  ``StaticCtx.attend``, which writes the new k/v at each sequence's length and attends over the whole
+  capacity with a length mask (no slicing to a host-known length), or hands the layer to its policy's
+  ``static_decode`` (fixed-size selections: a budget is a constant of the compiled step, padding
+  entries masked);
+- no host syncs, no Python branches on tensor values: ``torch.compile(step, fullgraph=True,
+  dynamic=False)`` traces it with zero graph breaks, and on CUDA the step can be replayed as a CUDA
+  graph (the inputs copied into static buffers, one graph per batch size).
+
+``StaticDecoder(program, cache)`` takes over a cache after an eager prefill; ``sync()`` writes the
+lengths and positions back to the cache's host bookkeeping (for eager steps, rollback or stats).
+Policies without a ``static_decode`` are refused with an error that names them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import attention_mask
+from ..kernels._triton import use_triton
+from ..program import Program
+from .cache import KVCache
+
+
+def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor, scale: float,
+                     window: int | None, softcap: float | None) -> torch.Tensor:
+    """One decode query per sequence (q [B, Hq, 1, D] at position ``kv_len - 1``) over the first ``kv_len``
+    rows of ``k``/``v`` [B, Hkv, C, D], as a fixed-shape computation over all C rows: the registered
+    Triton op on CUDA (one node), a masked SDPA per KV head on CPU."""
+    if use_triton(q):
+        return torch.ops.skimfx.attention(q, k, v, kv_len - 1, kv_len, scale, window, softcap)
+    B, Hq, _, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    mask = attention_mask(1, C, kv_len - 1, kv_len, window)                      # [B, 1, 1, C]
+    qg = q.float().view(B, Hkv, Hq // Hkv, D)
+    if softcap is not None:
+        s = torch.einsum("bkgd,bkcd->bkgc", qg, k.float()) * scale
+        s = softcap * torch.tanh(s / softcap)
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+        out = torch.einsum("bkgc,bkcd->bkgd", p, v.float())
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(qg, k.float(), v.float(), attn_mask=mask, scale=scale)
+    return out.reshape(B, Hq, 1, D).to(q.dtype)
+
+
+class StaticCtx:
+    """What the lowered graph sees inside a captured step: the cache buffers and device lengths only."""
+
+    def __init__(self, cache: KVCache, lengths: torch.Tensor):
+        self.cache = cache
+        self.lengths = lengths                      # [L, B] filled slots per layer and sequence
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write one new token per sequence (k/v [B, Hkv, 1, D]) at each sequence's length; returns the new
+        lengths [B]."""
+        n = self.lengths[layer]
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        idx = n[:, None, None, None].expand(-1, kc.shape[1], 1, kc.shape[3])
+        kc.scatter_(2, idx, k.to(kc.dtype))
+        vc.scatter_(2, idx, v.to(vc.dtype))
+        grown = n + 1
+        self.lengths[layer] = grown
+        return grown
+
+    def attend(self, layer: int, q, k, v, *, scale: float, window: int | None, softcap: float | None):
+        policy = self.cache.policies.get(layer)
+        if policy is not None:
+            return policy.static_decode(self, q, k, v, scale, softcap)
+        kv_len = self.write(layer, k, v)
+        return static_attention(q, self.cache.k[layer], self.cache.v[layer], kv_len, scale, window, softcap)
+
+    def select(self, layer: int, q):
+        raise RuntimeError("token selection runs at prefill only; the captured step has no selection stages")
+
+
+class StaticDecoder:
+    """Decode steps of ``program`` over ``cache`` (after its prefill) as one captured function.
+
+    ``compile``: None runs the step eagerly (the same tensor function, for reference), otherwise the
+    ``torch.compile`` backend ("inductor", "eager", "aot_eager") used with ``fullgraph=True,
+    dynamic=False``. ``cuda_graph`` (CUDA only): record the compiled step once and replay it.
+    """
+
+    def __init__(self, program: Program, cache: KVCache, compile: str | None = "inductor", cuda_graph: bool = False):
+        if program.stages is None:
+            raise ValueError("the Program is not split into stages; run the split_layers pass")
+        missing = sorted({type(p).__name__ for p in cache.policies.values() if not p.supports_static})
+        if missing:
+            raise NotImplementedError(f"the captured decode step does not run KV policies {missing} yet; "
+                                      "decode them with the eager runtime (decode='eager')")
+        self.program = program
+        self.cache = cache
+        self.stages = [s for s in program.stages if s.kind != "select"]
+        dev = cache.device
+        self.lengths = torch.tensor([cache.lengths(l) for l in range(cache.num_layers)], dtype=torch.long, device=dev)
+        self.positions = torch.tensor(cache.positions, dtype=torch.long, device=dev)
+        for pol in cache.policies.values():
+            pol.prepare_static(cache)
+        self._fn = self._step if compile is None else \
+            torch.compile(self._step, fullgraph=True, dynamic=False, backend=compile)
+        self.cuda_graph = cuda_graph and cache.device.type == "cuda"
+        self._graph = None
+        self._tokens = torch.zeros(cache.batch, dtype=torch.long, device=dev)
+        self._logits = None
+
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        ctx = StaticCtx(self.cache, self.lengths)
+        env = {"input_ids": tokens[:, None], "position_ids": self.positions[:, None]}
+        for st in self.stages:
+            env.update(zip(st.outputs, st.module(ctx, *[env[n] for n in st.inputs])))
+        self.positions += 1
+        return env[self.stages[-1].outputs[0]][:, 0]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per sequence (``tokens [B]``) -> next-token logits [B, V]."""
+        if not self.cuda_graph:
+            return self._fn(tokens)
+        self._tokens.copy_(tokens)
+        if self._graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):                 # warm up (compiles, autotunes) outside the graph
+                state = self._save_state()
+                self._fn(self._tokens)
+                self._restore_state(state)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):                # records the step; runs nothing
+                self._logits = self._fn(self._tokens)
+        self._graph.replay()
+        return self._logits.clone()
+
+    def _save_state(self):
+        return self.lengths.clone(), self.positions.clone(), [p.static_state() for p in self.cache.policies.values()]
+
+    def _restore_state(self, state) -> None:
+        lengths, positions, pols = state
+        self.lengths.copy_(lengths)
+        self.positions.copy_(positions)
+        for p, s in zip(self.cache.policies.values(), pols):
+            p.restore_static_state(s)
+
+    def sync(self) -> None:
+        """Write the device lengths and positions back to the cache's host bookkeeping."""
+        lengths = self.lengths.tolist()
+        for l, n in enumerate(lengths):
+            self.cache._lengths[l] = list(n)
+            self.cache._lengths_dev[l] = None
+        self.cache.positions = self.positions.tolist()
+
+
+__all__ = ["StaticDecoder", "StaticCtx", "static_attention"]
