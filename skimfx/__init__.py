@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 
 def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None = None, *, tokenizer=None,
-            max_cache_len: int | None = None, fuse: bool = True, passes=None) -> CompiledModel:
+            max_cache_len: int | None = None, fuse: bool = True, passes=None, decode: str = "auto") -> CompiledModel:
     """Capture ``model`` (a HF ``…ForCausalLM``), run the passes, return a ``CompiledModel``.
 
     ``recipe`` (e.g. ``PromptDistill(layers=8, keep=256)``, a list of recipes, or a string such as
@@ -32,7 +32,10 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
     ``passes`` replaces the whole pass list (advanced). The model's weights keep their values and the
     compiled model reads them without copies (fusion makes the model's q/k/v and gate/up parameters
     views of one merged buffer per layer, so they are not duplicated). ``max_cache_len`` bounds prompt
-    + generated tokens (default: the model's context).
+    + generated tokens (default: the model's context). ``decode``: how ``generate`` runs decode steps:
+    "eager" (the interpreted Program), "compiled" (one captured step under torch.compile), "graph" (that
+    step replayed as a CUDA graph); "auto" = "graph" on a GPU where every KV policy has a captured step,
+    else "eager".
     """
     if passes is None:
         recipes = parse_recipe(recipe) if isinstance(recipe, str) else \
@@ -52,7 +55,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
         from .runtime.sentences import sentence_end_table
 
         program.sentence_ends = sentence_end_table(tokenizer).to(program.info.device)
-    return CompiledModel(model, program, tokenizer=tokenizer, max_cache_len=max_cache_len)
+    return CompiledModel(model, program, tokenizer=tokenizer, max_cache_len=max_cache_len, decode=decode)
 
 
 __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",

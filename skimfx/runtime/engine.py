@@ -119,14 +119,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+DECODE_MODES = ("eager", "compiled", "graph")
+
+
 def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
              stop_tokens: set[int] = frozenset(), max_cache_len: int | None = None,
-             callback: Callable[[int, int], None] | None = None) -> Generation:
+             callback: Callable[[int, int], None] | None = None, decode: str = "eager",
+             backend: str = "inductor") -> Generation:
     """Generate for a batch of token-id prompts (any lengths).
 
     ``callback(batch_index, token_id)`` is called for every token as soon as it is chosen.
     Stopping: a sequence stops after emitting a stop token (which is kept) or ``max_new_tokens``.
+    ``decode``: "eager" runs each step through the interpreted Program (the reference path);
+    "compiled" runs the captured step (``runtime/static.py``) under ``torch.compile(backend)``;
+    "graph" also replays it as a CUDA graph (CUDA only). The prefill is the eager one in every mode.
     """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     if program.decoding is not None:     # early exit / self-speculation: the decoder registered for its mode
         # imported here: the decoding package is built on this module's prefill and plan_capacity
         from .decoding import generate as decode
@@ -175,10 +184,20 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
         stats.layer_tokens = [max(cache.lengths(i)) for i in range(cache.num_layers)]
         t1 = time.perf_counter()
         moved = [0]
+        if decode == "eager" or all(done):
+            step = lambda t: decode_step(program, cache, t, reads=stats.reads, moved=moved)  # noqa: E731
+            static = None
+        else:
+            from .static import StaticDecoder
+
+            static = StaticDecoder.for_cache(program, cache, backend, cuda_graph=decode == "graph")
+            step = static.step
         while not all(done):
-            logits = decode_step(program, cache, tok, reads=stats.reads, moved=moved)
+            logits = step(tok)
             tok = sample(logits, sampling, gen)
             stats.decode_tokens += take(tok)
+        if static is not None:
+            static.finish(stats.reads)
         _sync(device)
         stats.decode_s = time.perf_counter() - t1
     stats.kv_bytes = cache.nbytes()

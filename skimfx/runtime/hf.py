@@ -11,7 +11,8 @@ import torch
 
 from ..program import Program
 from .cache import KVCache
-from .engine import Generation, extend, generate, pad_right
+from .engine import DECODE_MODES, Generation, extend, generate, pad_right
+from .policies import POLICIES
 from .sampling import SamplingConfig
 
 
@@ -33,11 +34,24 @@ class CompiledModel:
     """
 
     def __init__(self, model: torch.nn.Module, program: Program, tokenizer=None,
-                 max_cache_len: int | None = None):
+                 max_cache_len: int | None = None, decode: str = "auto"):
         self.model = model
         self.program = program
         self.tokenizer = tokenizer
         self.max_cache_len = max_cache_len or program.info.max_positions
+        self.decode = self._decode_mode(decode)
+
+    def _decode_mode(self, decode: str) -> str:
+        """"auto": the captured step replayed as a CUDA graph on a GPU when every KV policy has a captured
+        step and no decoding mode (early exit, self-speculation) is set; the eager runtime otherwise (on a
+        CPU compiling the step takes minutes, which only long generations repay: ask for "compiled")."""
+        if decode != "auto":
+            if decode not in DECODE_MODES:
+                raise ValueError(f"decode must be 'auto' or one of {DECODE_MODES}, got {decode!r}")
+            return decode
+        static = self.program.decoding is None and all(POLICIES[p.method].supports_static_params(p)
+                                                       for p in self.program.policies.values())
+        return "graph" if static and self.program.info.device.type == "cuda" else "eager"
 
     @property
     def info(self):
@@ -122,13 +136,15 @@ class CompiledModel:
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, do_sample: bool | None = None,
                  stop_tokens: Sequence[int] | None = None, eos_token_id=None,
-                 callback: Callable[[int, int], None] | None = None) -> Generation:
+                 callback: Callable[[int, int], None] | None = None, decode: str | None = None,
+                 backend: str = "inductor") -> Generation:
         """Generate for one prompt or a batch (token lists of any lengths, a [B, T] tensor with an
         optional attention mask, or text when a tokenizer was given).
 
         Greedy by default; ``temperature > 0`` (or ``do_sample=True``) samples with ``top_k`` /
         ``top_p``, seeded by ``seed``. Stops at the model's EOS tokens unless ``stop_tokens`` is
-        given (``[]`` for none). ``callback(batch_index, token_id)`` streams tokens.
+        given (``[]`` for none). ``callback(batch_index, token_id)`` streams tokens. ``decode`` overrides
+        the compiled model's decode mode ("eager", "compiled", "graph"; ``backend`` for torch.compile).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -145,7 +161,8 @@ class CompiledModel:
             stop_tokens = ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id) \
                 if eos_token_id is not None else self.stop_tokens()
         return generate(self.program, batch, max_new_tokens, sampling, set(stop_tokens),
-                        max_cache_len=self.max_cache_len, callback=callback)
+                        max_cache_len=self.max_cache_len, callback=callback,
+                        decode=self._decode_mode(decode) if decode is not None else self.decode, backend=backend)
 
     def compile_stages(self, **torch_compile_kwargs) -> "CompiledModel":
         """``torch.compile`` every stage in place and return self. Keyword arguments go to

@@ -22,6 +22,9 @@ Policies without a ``static_decode`` are refused with an error that names them.
 """
 from __future__ import annotations
 
+import weakref
+from typing import Callable
+
 import torch
 
 from ..kernels import attention_mask
@@ -74,6 +77,10 @@ class StaticCtx:
         policy = self.cache.policies.get(layer)
         if policy is not None:
             return policy.static_decode(self, q, k, v, scale, softcap)
+        return self.attend_dense(layer, q, k, v, scale, window, softcap)
+
+    def attend_dense(self, layer: int, q, k, v, scale: float, window: int | None, softcap: float | None):
+        """Write the new token and attend over every filled slot of the layer."""
         kv_len = self.write(layer, k, v)
         return static_attention(q, self.cache.k[layer], self.cache.v[layer], kv_len, scale, window, softcap)
 
@@ -81,60 +88,88 @@ class StaticCtx:
         raise RuntimeError("token selection runs at prefill only; the captured step has no selection stages")
 
 
+_STEPS: dict[tuple[int, str | None], Callable] = {}
+
+
+def step_function(program: Program, backend: str | None) -> Callable:
+    """``step(cache, lengths, positions, tokens) -> logits [B, V]`` for ``program``: one decode step as a
+    function of its state, compiled once per Program and backend (``torch.compile(fullgraph=True,
+    dynamic=False)``; None: not compiled) and reused by every cache of the same shapes."""
+    key = (id(program), backend)
+    fn = _STEPS.get(key)
+    if fn is not None:
+        return fn
+    stages = [s for s in program.stages if s.kind != "select"]       # selection runs at prefill only
+
+    def step(cache: KVCache, lengths: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        ctx = StaticCtx(cache, lengths)
+        env = {"input_ids": tokens[:, None], "position_ids": positions[:, None]}
+        for st in stages:
+            env.update(zip(st.outputs, st.module(ctx, *[env[n] for n in st.inputs])))
+        positions += 1
+        return env[stages[-1].outputs[0]][:, 0]
+
+    fn = step if backend is None else torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+    _STEPS[key] = fn
+    weakref.finalize(program, _STEPS.pop, key, None)
+    return fn
+
+
 class StaticDecoder:
     """Decode steps of ``program`` over ``cache`` (after its prefill) as one captured function.
 
-    ``compile``: None runs the step eagerly (the same tensor function, for reference), otherwise the
-    ``torch.compile`` backend ("inductor", "eager", "aot_eager") used with ``fullgraph=True,
-    dynamic=False``. ``cuda_graph`` (CUDA only): record the compiled step once and replay it.
+    ``backend``: the ``torch.compile`` backend ("inductor", "eager", "aot_eager"), or None to run the same
+    tensor function uncompiled (for reference). ``cuda_graph`` (CUDA only): record the compiled step once
+    and replay it, the tokens copied into a static buffer. ``finish`` writes the device lengths and
+    positions back to the cache's host bookkeeping and adds the keys read to a stats dict.
     """
 
-    def __init__(self, program: Program, cache: KVCache, compile: str | None = "inductor", cuda_graph: bool = False):
+    def __init__(self, program: Program, cache: KVCache, backend: str | None = "inductor", cuda_graph: bool = False):
         if program.stages is None:
             raise ValueError("the Program is not split into stages; run the split_layers pass")
         missing = sorted({type(p).__name__ for p in cache.policies.values() if not p.supports_static})
         if missing:
-            raise NotImplementedError(f"the captured decode step does not run KV policies {missing} yet; "
-                                      "decode them with the eager runtime (decode='eager')")
+            raise NotImplementedError(f"the captured decode step does not run the KV policies {missing} (their "
+                                      "decode-time eviction is host code); decode them with decode='eager'")
+        if cuda_graph and cache.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the cache is on {cache.device} (use decode='compiled')")
         self.program = program
         self.cache = cache
-        self.stages = [s for s in program.stages if s.kind != "select"]
         dev = cache.device
-        self.lengths = torch.tensor([cache.lengths(l) for l in range(cache.num_layers)], dtype=torch.long, device=dev)
+        self.start = [list(cache.lengths(l)) for l in range(cache.num_layers)]
+        self.lengths = torch.tensor(self.start, dtype=torch.long, device=dev)
         self.positions = torch.tensor(cache.positions, dtype=torch.long, device=dev)
+        self.steps = 0
         for pol in cache.policies.values():
             pol.prepare_static(cache)
-        self._fn = self._step if compile is None else \
-            torch.compile(self._step, fullgraph=True, dynamic=False, backend=compile)
-        self.cuda_graph = cuda_graph and cache.device.type == "cuda"
+        self._fn = step_function(program, backend)
+        self.cuda_graph = cuda_graph
         self._graph = None
         self._tokens = torch.zeros(cache.batch, dtype=torch.long, device=dev)
         self._logits = None
 
-    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        ctx = StaticCtx(self.cache, self.lengths)
-        env = {"input_ids": tokens[:, None], "position_ids": self.positions[:, None]}
-        for st in self.stages:
-            env.update(zip(st.outputs, st.module(ctx, *[env[n] for n in st.inputs])))
-        self.positions += 1
-        return env[self.stages[-1].outputs[0]][:, 0]
+    @classmethod
+    def for_cache(cls, program: Program, cache: KVCache, backend: str | None = "inductor",
+                  cuda_graph: bool = False) -> "StaticDecoder":
+        return cls(program, cache, backend, cuda_graph)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per sequence (``tokens [B]``) -> next-token logits [B, V]."""
+        self.steps += 1
         if not self.cuda_graph:
-            return self._fn(tokens)
+            return self._fn(self.cache, self.lengths, self.positions, tokens)
         self._tokens.copy_(tokens)
         if self._graph is None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):                 # warm up (compiles, autotunes) outside the graph
                 state = self._save_state()
-                self._fn(self._tokens)
+                self._fn(self.cache, self.lengths, self.positions, self._tokens)
                 self._restore_state(state)
             torch.cuda.current_stream().wait_stream(stream)
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):                # records the step; runs nothing
-                self._logits = self._fn(self._tokens)
+                self._logits = self._fn(self.cache, self.lengths, self.positions, self._tokens)
         self._graph.replay()
         return self._logits.clone()
 
@@ -148,13 +183,22 @@ class StaticDecoder:
         for p, s in zip(self.cache.policies.values(), pols):
             p.restore_static_state(s)
 
-    def sync(self) -> None:
-        """Write the device lengths and positions back to the cache's host bookkeeping."""
-        lengths = self.lengths.tolist()
-        for l, n in enumerate(lengths):
+    def finish(self, reads: dict | None = None) -> None:
+        """Write the device lengths and positions back to the cache's host bookkeeping; add each layer's
+        [keys read, keys cached] over the steps taken to ``reads`` (as the eager runtime counts them)."""
+        for l, n in enumerate(self.lengths.tolist()):
             self.cache._lengths[l] = list(n)
             self.cache._lengths_dev[l] = None
         self.cache.positions = self.positions.tolist()
+        if reads is None:
+            return
+        for l, start in enumerate(self.start):
+            pol = self.cache.policies.get(l)
+            acc = reads.setdefault(l, [0, 0])
+            for s in range(1, self.steps + 1):
+                for n0 in start:
+                    acc[0] += pol.static_read(n0 + s) if pol is not None else n0 + s
+                    acc[1] += n0 + s
 
 
-__all__ = ["StaticDecoder", "StaticCtx", "static_attention"]
+__all__ = ["StaticDecoder", "StaticCtx", "static_attention", "step_function"]

@@ -83,6 +83,11 @@ class KVPolicy:
     # -- the captured decode step (runtime/static.py) -----------------------------------------------
     supports_static = False     # whether ``static_decode`` exists for this policy
 
+    @classmethod
+    def supports_static_params(cls, params) -> bool:
+        """``supports_static`` of a policy made from ``params`` (asked before any cache exists)."""
+        return bool(cls(params, 0).supports_static)
+
     def prepare_static(self, cache) -> None:
         """Fix what the captured step treats as constants (budgets) and shape the state for it."""
 
@@ -90,6 +95,10 @@ class KVPolicy:
         """One decode step as a pure tensor function (no host syncs, fixed shapes): write the new k/v with
         ``sctx.write`` and attend. q [B, Hq, 1, D] -> [B, Hq, 1, D]."""
         raise NotImplementedError(f"{self.name} has no captured decode step")
+
+    def static_read(self, n: int) -> int:
+        """Keys one sequence of ``n`` cached keys reads in a captured step (for the stats)."""
+        return n
 
     def static_state(self) -> list[torch.Tensor]:
         """Copies of the state the captured step mutates (restored after a warm-up run)."""

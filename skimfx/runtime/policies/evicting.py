@@ -142,3 +142,11 @@ class EvictingPolicy(KVPolicy):
         self.observe(q, keys, kv_len, scale)
         ctx.count(layer, cache.lengths(layer))
         return out
+
+    # -- the captured decode step: a compacted cache that does not evict during decode is read densely --
+    @property
+    def supports_static(self) -> bool:
+        return not self.decode_evict
+
+    def static_decode(self, sctx, q, k, v, scale, softcap):
+        return sctx.attend_dense(self.layer, q, k, v, scale, None, softcap)

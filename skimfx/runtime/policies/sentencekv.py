@@ -159,3 +159,53 @@ class SentenceKV(KVPolicy):
         """Prompt tokens that stayed on the device per sequence (the first sinks and the last recent)."""
         valid = torch.arange(self.sid.shape[1], device=self.sid.device)[None] < self.prompt[:, None]
         return (valid & ~self.selectable).sum(1).tolist()
+
+    # -- the captured decode step (on-device cache only) ----------------------------------------------
+    @property
+    def supports_static(self) -> bool:
+        return not self.params.offload
+
+    def prepare_static(self, cache) -> None:
+        """The prompt's masks padded to the layer's capacity (fixed shapes)."""
+        if not self.summarised:
+            return
+        C = cache.capacity(self.layer)
+        pad = C - self.sid.shape[1]
+        self.static_sid = F.pad(self.sid, (0, pad))
+        self.static_selectable = F.pad(self.selectable, (0, pad))
+
+    def static_read(self, n: int) -> int:
+        return n        # an estimate: the masked read touches every slot (the chosen set varies per head and step)
+
+    def static_decode(self, sctx, q, k, v, scale, softcap):
+        """Write the token (it stays resident); attend to the chosen whole sentences plus every
+        non-selectable slot, as a per-KV-head mask over the whole capacity (dense until summarised)."""
+        if not self.summarised:
+            return sctx.attend_dense(self.layer, q, k, v, scale, None, softcap)
+        cache = sctx.cache
+        kv_len = sctx.write(self.layer, k, v)
+        keys, values = cache.k[self.layer], cache.v[self.layer]
+        cent = self.centroid
+        B, H, NS, D = cent.shape
+        qg = q[:, :, 0].float().view(B, H, -1, D).sum(2)                              # [B, H, D]
+        score = torch.einsum("bhd,bhnd->bhn", qg, cent)
+        size = self.size[:, None].expand(B, H, NS)
+        score = score.masked_fill(size == 0, float("-inf"))
+        order = score.argsort(dim=-1, descending=True)
+        fits = torch.gather(size, 2, order).cumsum(-1) <= self.room[:, None, None]
+        fits &= torch.gather(score, 2, order) > float("-inf")
+        chosen = torch.zeros(B, H, NS, dtype=torch.bool, device=q.device).scatter_(2, order, fits)
+        C = keys.shape[2]
+        tokens = torch.gather(chosen, 2, self.static_sid[:, None].expand(B, H, C)) & self.static_selectable[:, None]
+        j = torch.arange(C, device=q.device)[None]
+        always = (j < kv_len[:, None]) & ~self.static_selectable                     # [B, C]
+        mask = (tokens | always[:, None])[:, :, None]                                 # [B, H, 1, C]
+        qh = q.float().view(B, H, -1, D)
+        if softcap is not None:
+            s = torch.einsum("bhgd,bhcd->bhgc", qh, keys.float()) * scale
+            s = softcap * torch.tanh(s / softcap)
+            out = torch.einsum("bhgc,bhcd->bhgd", torch.softmax(s.masked_fill(~mask, float("-inf")), -1),
+                               values.float())
+        else:
+            out = F.scaled_dot_product_attention(qh, keys.float(), values.float(), attn_mask=mask, scale=scale)
+        return out.reshape(q.shape).to(q.dtype)
