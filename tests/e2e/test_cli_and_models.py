@@ -88,7 +88,7 @@ def test_cli_eval_writes_table_and_plot(tmp_path, capsys, cli_model):
 @pytest.mark.parametrize("argv,match", [
     (["eval", "--task", "nope"], "unknown task .nope.; valid tasks: passkey, multikey, vartrack, cwe, perplexity, agreement"),
     (["generate", "--prompt", "hi", "--recipe", "promptdistill:layers=1"], "missing parameter"),
-    (["demo", "--recipe", "tova:budget=3"], "unknown recipe 'tova'"),
+    (["demo", "--recipe", "nosuchpress:budget=3"], "unknown recipe 'nosuchpress'"),
     (["demo", "--recipe", "h2o:heavy=3"], "missing parameter.*recent"),
     (["demo", "--recipe", "snapkv:budget=2.5"], "fraction must be in"),
 ])
