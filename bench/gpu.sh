@@ -4,12 +4,15 @@
 #   1. every Triton kernel against its fp32 torch reference on CUDA (bf16), then bench/kernels.py: each op
 #      over a shape sweep vs torch SDPA / flash-attn / the eager ops, GB/s, TFLOP/s and the fraction of the
 #      roofline, and the H100 targets read off the table;
-#   2. bench/attention_share.py: dense decode at 1k-8k vs a short context, DELTA at 4k/8k next to it, at
+#   2. bench/decode_step.py: the captured decode step replayed as a CUDA graph vs skimfx eager, HF eager and
+#      HF static cache + torch.compile (host overhead on a tiny-dims 30-layer Llama; SmolLM2 dense / DELTA /
+#      Quest / SnapKV at 512-8k, batch 1 and $GPU_BENCH_BATCH), with the policies' top-1 against dense;
+#   3. bench/attention_share.py: dense decode at 1k-8k vs a short context, DELTA at 4k/8k next to it, at
 #      batch 1 and batch $GPU_BENCH_BATCH (default 64);
-#   3. bench/fuse.py: the end-to-end dense decode/prefill, HF generate vs skimfx unfused vs fused, and the
+#   4. bench/fuse.py: the end-to-end dense decode/prefill, HF generate vs skimfx unfused vs fused, and the
 #      fused program's logits against the HF model's;
-#   4. one summary: $OUT/gpu.md (+ kernels_cuda.*, attention_share_cuda*.*, fuse_cuda.*, gpu.log).
-# Steps 2-3 use SmolLM2-135M's real weights when its GGUF package is installed, else its architecture with
+#   5. one summary: $OUT/gpu.md (+ kernels_cuda.*, decode_step_cuda.*, attention_share_cuda*.*, fuse_cuda.*, gpu.log).
+# Steps 2-4 use SmolLM2-135M's real weights when its GGUF package is installed, else its architecture with
 # random weights (the times are the same; the quality columns are then left out).
 # $GPU_BENCH_ARCHIVE, if set, names a .tar.gz that is rewritten with everything after each step.
 # Without a GPU it runs the CPU half (Triton interpreted on tiny shapes, pytest-benchmark timings) into
@@ -76,15 +79,20 @@ B=${GPU_BENCH_BATCH:-64}
 # Kernels first: their checks compile every Triton kernel (on an H200 the first use of the model path spent
 # ~2 minutes compiling and autotuning), and Triton keeps the builds on disk for the steps after.
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}   # autotune choices on disk too: later steps skip re-tuning
-step "kernels: Triton vs reference, then the sweep" 200 kernels_cuda.md \
-  "$PY" bench/kernels.py --device cuda --check --check-dtypes bfloat16 --time-budget 150 --out "$OUT"
+step "kernels: Triton vs reference, then the sweep" 150 kernels_cuda.md \
+  "$PY" bench/kernels.py --device cuda --check --check-dtypes bfloat16 --time-budget 110 --out "$OUT"
+# the captured decode step (CUDA graph) against skimfx eager, HF eager and HF static cache + torch.compile,
+# dense / DELTA / Quest / SnapKV, with each policy's teacher-forced top-1 against dense
+step "decode step: captured vs eager vs HF" 240 decode_step_cuda.md \
+  "$PY" bench/decode_step.py --device cuda --dtype bfloat16 $weights --contexts 512,4096,8000 --batch 1,"$B" \
+  --new-tokens 32 --repeats 2 --out "$OUT"
 # the KV-selection question: decode time against context, dense and DELTA, at batch 1 and batch $B
-step "attention share, batch 1" 150 attention_share_cuda.md \
+step "attention share, batch 1" 90 attention_share_cuda.md \
   "$PY" bench/attention_share.py --device cuda --dtype bfloat16 $weights --lengths 1024,4096,8000 --repeats 3 --out "$OUT"
-step "attention share, batch $B" 120 "attention_share_cuda_b$B.md" \
+step "attention share, batch $B" 60 "attention_share_cuda_b$B.md" \
   "$PY" bench/attention_share.py --device cuda --dtype bfloat16 $weights --batch "$B" --lengths 2048,4096,8000 \
   --repeats 2 --new-tokens 32 --out "$OUT"
-step "end to end: fused vs unfused vs HF" 90 fuse_cuda.md \
+step "end to end: fused vs unfused vs HF" 60 fuse_cuda.md \
   "$PY" bench/fuse.py --device cuda --dtype bfloat16 $weights --models smollm2-135m --lengths 512,2048 \
   --new-tokens 32 --repeats 2 --prefill-repeats 5 --out "$OUT"
 
