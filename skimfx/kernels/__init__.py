@@ -1,8 +1,10 @@
 """Kernels: one op per module, each a Triton kernel, a validating wrapper and a torch reference.
 
 Dispatch is by device: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1`` for tests), the
-torch reference on CPU. Kernels know nothing of graphs, caches or the runtime. Every op is also
-registered as ``torch.ops.skimfx.<op>`` (``library.py``).
+torch reference on CPU. Kernels know nothing of graphs, caches or the runtime: this package imports
+nothing else of skimfx (a leaf, like ``program``). Every op is also registered as
+``torch.ops.skimfx.<op>`` (``library.py``). Host shortcuts that test tensor values (e.g. "no padding:
+skip the mask") are skipped while ``torch.compile`` traces, so every reference traces without breaks.
 """
 from ._triton import HAS_TRITON, use_triton
 from .attention import attention, attention_flops, attention_mask, attention_ref, attention_triton

@@ -149,7 +149,13 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
             f"the longest prompt has {max(lens)} tokens and max_new_tokens={max_new_tokens}: "
             f"{capacity} > max_cache_len={max_cache_len}; shorten the prompt or ask for fewer tokens")
     device = info.device
-    cache = KVCache.for_program(program, len(prompts), plan_capacity(program, max(lens), max_new_tokens))
+    capacity = plan_capacity(program, max(lens), max_new_tokens)
+    if decode != "eager":
+        # a captured step is compiled per shape: round the capacities up so that calls share graphs
+        from .static import CAPACITY_STEP
+
+        capacity = [-(-c // CAPACITY_STEP) * CAPACITY_STEP for c in capacity]
+    cache = KVCache.for_program(program, len(prompts), capacity)
     gen = torch.Generator(device=device)
     if sampling.seed is not None:
         gen.manual_seed(sampling.seed)

@@ -35,23 +35,26 @@ from .cache import KVCache
 
 def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor, scale: float,
                      window: int | None, softcap: float | None) -> torch.Tensor:
-    """One decode query per sequence (q [B, Hq, 1, D] at position ``kv_len - 1``) over the first ``kv_len``
-    rows of ``k``/``v`` [B, Hkv, C, D], as a fixed-shape computation over all C rows: the registered
-    Triton op on CUDA (one node), a masked SDPA per KV head on CPU."""
+    """The T new queries of each sequence (q [B, Hq, T, D] at positions ``kv_len - T .. kv_len - 1``) over
+    the first ``kv_len`` rows of ``k``/``v`` [B, Hkv, C, D], causally, as a fixed-shape computation over all
+    C rows: the registered Triton op on CUDA (one node), a masked SDPA on CPU."""
+    B, Hq, T, D = q.shape
     if use_triton(q):
-        return torch.ops.skimfx.attention(q, k, v, kv_len - 1, kv_len, scale, window, softcap)
-    B, Hq, _, D = q.shape
+        return torch.ops.skimfx.attention(q, k, v, kv_len - T, kv_len, scale, window, softcap)
     Hkv, C = k.shape[1], k.shape[2]
-    mask = attention_mask(1, C, kv_len - 1, kv_len, window)                      # [B, 1, 1, C]
-    qg = q.float().view(B, Hkv, Hq // Hkv, D)
+    g = Hq // Hkv
+    mask = attention_mask(T, C, kv_len - T, kv_len, window)[:, :, None]          # [B, 1, 1, T, C]
+    qg = q.float().view(B, Hkv, g, T, D)
+    if T == 1 and softcap is None:                                               # one SDPA per KV head
+        out = torch.nn.functional.scaled_dot_product_attention(qg[:, :, :, 0], k.float(), v.float(),
+                                                               attn_mask=mask[:, :, :, 0], scale=scale)
+        return out.reshape(B, Hq, 1, D).to(q.dtype)
+    s = torch.einsum("bkgtd,bkcd->bkgtc", qg, k.float()) * scale
     if softcap is not None:
-        s = torch.einsum("bkgd,bkcd->bkgc", qg, k.float()) * scale
         s = softcap * torch.tanh(s / softcap)
-        p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
-        out = torch.einsum("bkgc,bkcd->bkgd", p, v.float())
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(qg, k.float(), v.float(), attn_mask=mask, scale=scale)
-    return out.reshape(B, Hq, 1, D).to(q.dtype)
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    out = torch.einsum("bkgtc,bkcd->bkgtd", p, v.float())
+    return out.reshape(B, Hq, T, D).to(q.dtype)
 
 
 class StaticCtx:
@@ -62,22 +65,31 @@ class StaticCtx:
         self.lengths = lengths                      # [L, B] filled slots per layer and sequence
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write one new token per sequence (k/v [B, Hkv, 1, D]) at each sequence's length; returns the new
-        lengths [B]."""
+        """Write T new tokens per sequence (k/v [B, Hkv, T, D]) after each sequence's length; returns the
+        new lengths [B]."""
         n = self.lengths[layer]
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        idx = n[:, None, None, None].expand(-1, kc.shape[1], 1, kc.shape[3])
+        T = k.shape[2]
+        slots = n[:, None] + torch.arange(T, device=n.device)                       # [B, T]
+        idx = slots[:, None, :, None].expand(-1, kc.shape[1], T, kc.shape[3])
         kc.scatter_(2, idx, k.to(kc.dtype))
         vc.scatter_(2, idx, v.to(vc.dtype))
-        grown = n + 1
+        grown = n + T
         self.lengths[layer] = grown
         return grown
 
     def attend(self, layer: int, q, k, v, *, scale: float, window: int | None, softcap: float | None):
         policy = self.cache.policies.get(layer)
+        if policy is not None and q.shape[2] > 1:
+            raise NotImplementedError(f"layer {layer}: a captured step of {q.shape[2]} tokens (a verification) runs "
+                                      f"dense layers only; {policy.name} reads one token per step")
         if policy is not None:
             return policy.static_decode(self, q, k, v, scale, softcap)
         return self.attend_dense(layer, q, k, v, scale, window, softcap)
+
+    @staticmethod
+    def attention(q, k, v, kv_len, scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+        return static_attention(q, k, v, kv_len, scale, window, softcap)
 
     def attend_dense(self, layer: int, q, k, v, scale: float, window: int | None, softcap: float | None):
         """Write the new token and attend over every filled slot of the layer."""
@@ -89,6 +101,8 @@ class StaticCtx:
 
 
 _STEPS: dict[tuple[int, str | None], Callable] = {}
+RECOMPILE_LIMIT = 64
+CAPACITY_STEP = 256        # generate rounds a captured cache's capacity up to a multiple: shapes repeat
 
 
 def step_function(program: Program, backend: str | None) -> Callable:
@@ -102,14 +116,26 @@ def step_function(program: Program, backend: str | None) -> Callable:
     stages = [s for s in program.stages if s.kind != "select"]       # selection runs at prefill only
 
     def step(cache: KVCache, lengths: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens[:, None] if tokens.dim() == 1 else tokens                        # [B, T]
+        T = ids.shape[1]
         ctx = StaticCtx(cache, lengths)
-        env = {"input_ids": tokens[:, None], "position_ids": positions[:, None]}
+        env = {"input_ids": ids, "position_ids": positions[:, None] + torch.arange(T, device=ids.device)}
         for st in stages:
             env.update(zip(st.outputs, st.module(ctx, *[env[n] for n in st.inputs])))
-        positions += 1
-        return env[stages[-1].outputs[0]][:, 0]
+        positions += T
+        logits = env[stages[-1].outputs[0]]
+        return logits[:, 0] if tokens.dim() == 1 else logits
 
-    fn = step if backend is None else torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+    if backend is not None:
+        compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+
+        def fn(*args):
+            # one graph per shape (batch, capacities, tokens per step): more than dynamo's default of 8 per
+            # function when one process serves many shapes; generate rounds capacities up (CAPACITY_STEP)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return compiled(*args)
+    else:
+        fn = step
     _STEPS[key] = fn
     weakref.finalize(program, _STEPS.pop, key, None)
     return fn
@@ -154,9 +180,11 @@ class StaticDecoder:
         return cls(program, cache, backend, cuda_graph)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per sequence (``tokens [B]``) -> next-token logits [B, V]."""
+        """One token per sequence (``tokens [B]``) -> next-token logits [B, V]; or T tokens per sequence
+        (``tokens [B, T]``: the last token and T - 1 drafts of a self-speculative verification, dense layers
+        only) -> logits [B, T, V]. Each T is its own compiled graph (and CUDA graph)."""
         self.steps += 1
-        if not self.cuda_graph:
+        if not self.cuda_graph or tokens.dim() == 2:
             return self._fn(self.cache, self.lengths, self.positions, tokens)
         self._tokens.copy_(tokens)
         if self._graph is None:
@@ -196,9 +224,10 @@ class StaticDecoder:
             pol = self.cache.policies.get(l)
             acc = reads.setdefault(l, [0, 0])
             for s in range(1, self.steps + 1):
-                for n0 in start:
-                    acc[0] += pol.static_read(n0 + s) if pol is not None else n0 + s
-                    acc[1] += n0 + s
+                for b, n0 in enumerate(start):
+                    r, c = pol.static_count(n0 + s, b) if pol is not None else (n0 + s, n0 + s)
+                    acc[0] += r
+                    acc[1] += c
 
 
 __all__ = ["StaticDecoder", "StaticCtx", "static_attention", "step_function"]

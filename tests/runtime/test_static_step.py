@@ -16,7 +16,10 @@ RECIPES = {
     "quest": "quest:token_budget=48,dense_layers=1",
     "snapkv": "snapkv:budget=60,window=8",
     "streamingllm-prompt": "streamingllm:recent=50,evict_during_decode=false",
+    "streamingllm": "streamingllm:recent=50",
+    "h2o": "h2o:heavy=30,recent=20",
     "tova-prompt": "tova:budget=60,evict_during_decode=false",
+    "tova": "tova:budget=60",
     "sentencekv": "sentencekv:budget=60,offload=false",
 }
 
@@ -80,9 +83,12 @@ def test_captured_step_matches_the_eager_step(llama, name):
             assert torch.equal(g[layer].clamp(min=-1), r[layer]), layer
     assert [ref_cache.lengths(l) for l in range(3)] == [got_cache.lengths(l) for l in range(3)]
     assert ref_cache.positions == got_cache.positions
+    for l in range(3):
+        n = max(ref_cache.lengths(l))
+        torch.testing.assert_close(got_cache.k[l][:, :, :n], ref_cache.k[l][:, :, :n], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["dense", "delta", "quest", "sentencekv"])
+@pytest.mark.parametrize("name", ["dense", "delta", "quest", "sentencekv", "streamingllm", "h2o", "tova"])
 def test_captured_step_has_no_graph_break(llama, name):
     cm = _compile(llama, RECIPES[name])
     program = cm.program
@@ -130,10 +136,35 @@ def test_one_compiled_step_serves_every_cache_of_the_same_shapes(llama):
 
 
 def test_policies_without_a_captured_step_are_refused(llama):
-    cm = skimfx.compile(llama, "h2o:heavy=20,recent=20")
-    with pytest.raises(NotImplementedError, match=r"does not run the KV policies \['H2O'\].*decode='eager'"):
+    cm = _compile(llama, "sentencekv:budget=60")                      # offloaded: host copies each step
+    with pytest.raises(NotImplementedError, match=r"does not run the KV policies \['SentenceKV'\].*decode='eager'"):
         cm.generate(_prompts(100), max_new_tokens=4, decode="compiled")
     with pytest.raises(ValueError, match="decode must be .auto. or one of"):
         cm.generate(_prompts(100), max_new_tokens=4, decode="cuda")
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         skimfx.compile(llama).generate(_prompts(10), max_new_tokens=4, decode="graph")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_verification_of_several_tokens_is_captured_too(arch):
+    """The k + 1 tokens of a self-speculative verification in one captured step (no graph break): the same
+    logits as the eager runtime's multi-token extend, on a model with sliding-window layers too."""
+    from skimfx.runtime.engine import extend
+
+    model = tiny_model(arch)
+    program = skimfx.compile(model).program
+    prompts = _prompts(60, 45)
+    draft = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(2))
+    caches = [KVCache.for_program(program, 2, plan_capacity(program, 60, 10)) for _ in range(2)]
+    with torch.inference_mode():
+        for c in caches:
+            prefill(program, c, prompts)
+        ref = extend(program, caches[0], draft, all_logits=True)
+        dec = StaticDecoder(program, caches[1], backend="eager")
+        got = dec.step(draft)
+        explained = torch._dynamo.explain(step_function(program, None))(caches[1], dec.lengths.clone(),
+                                                                        dec.positions.clone(), draft)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert explained.graph_break_count == 0
+    dec.finish()
+    assert caches[1].lengths(0) == caches[0].lengths(0) and caches[1].positions == caches[0].positions

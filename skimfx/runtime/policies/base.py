@@ -96,9 +96,10 @@ class KVPolicy:
         ``sctx.write`` and attend. q [B, Hq, 1, D] -> [B, Hq, 1, D]."""
         raise NotImplementedError(f"{self.name} has no captured decode step")
 
-    def static_read(self, n: int) -> int:
-        """Keys one sequence of ``n`` cached keys reads in a captured step (for the stats)."""
-        return n
+    def static_count(self, n: int, b: int) -> tuple[int, int]:
+        """(keys read, keys cached) of sequence ``b`` in a captured step that grew its layer to ``n`` slots
+        without eviction (for the stats, as the eager step counts them)."""
+        return n, n
 
     def static_state(self) -> list[torch.Tensor]:
         """Copies of the state the captured step mutates (restored after a warm-up run)."""

@@ -60,8 +60,8 @@ class Delta(SparseReadPolicy):
         # the set size is a constant of the compiled step: the budget at the length the step starts from
         self.static_size = min(cache.capacity(self.layer), self.params.tokens(n) + self.params.recent)
 
-    def static_read(self, n: int) -> int:
-        return n if self.params.role == "select" else min(n, self.static_size)
+    def static_count(self, n: int, b: int) -> tuple[int, int]:
+        return (n if self.params.role == "select" else min(n, self.static_size)), n
 
     def static_decode(self, sctx, q, k, v, scale, softcap):
         """A select layer attends to everything and keeps the ``static_size`` best slots (slots past a

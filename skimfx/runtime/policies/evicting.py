@@ -143,10 +143,50 @@ class EvictingPolicy(KVPolicy):
         ctx.count(layer, cache.lengths(layer))
         return out
 
-    # -- the captured decode step: a compacted cache that does not evict during decode is read densely --
-    @property
-    def supports_static(self) -> bool:
-        return not self.decode_evict
+    # -- the captured decode step ---------------------------------------------------------------------
+    supports_static = True
+
+    def prepare_static(self, cache) -> None:
+        """Decode-eviction state at the layer's capacity (fixed shapes), started for a one-token prompt."""
+        if not self.decode_evict:
+            return
+        cap = cache.capacity(self.layer)
+        if self.seen is None:
+            self.start_empty(cache.batch, cache.num_kv_heads, cap, cache.device)
+            self.seen = cache.lengths_tensor(self.layer).clone()
+        self.age = grow(self.age, cap)
+        self.grow_state(cap)
+
+    def grow_state(self, cap: int) -> None:
+        """Per-slot state of the method at ``cap`` slots (H2O's scores)."""
+
+    def static_count(self, n: int, b: int) -> tuple[int, int]:
+        m = min(n, int(self.budget_tokens[b])) if self.decode_evict else n
+        return m, m
 
     def static_decode(self, sctx, q, k, v, scale, softcap):
-        return sctx.attend_dense(self.layer, q, k, v, scale, None, softcap)
+        """The eager decode eviction as a tensor function: every sequence picks a victim slot; the full ones
+        write the new token there, the others append it."""
+        if not self.decode_evict:
+            return sctx.attend_dense(self.layer, q, k, v, scale, None, softcap)
+        cache, layer = sctx.cache, self.layer
+        B, H = k.shape[0], k.shape[1]
+        cap = cache.capacity(layer)
+        L = sctx.lengths[layer] + 0                                                  # [B], a copy
+        full = L >= self.budget_tokens
+        j = torch.arange(cap, device=q.device)[None, None]
+        protected = (self.age >= (self.seen - self.recent)[:, None, None]) | (j >= L[:, None, None])
+        victim = self.priority(cap).masked_fill(protected, float("inf")).argmin(-1)    # [B, Hkv]
+        slot = torch.where(full[:, None], victim, L[:, None].expand(B, H))
+        idx = slot[:, :, None, None].expand(B, H, 1, cache.head_dim)
+        cache.k[layer].scatter_(2, idx, k.to(cache.dtype))
+        cache.v[layer].scatter_(2, idx, v.to(cache.dtype))
+        self.age.scatter_(2, slot[:, :, None], self.seen[:, None, None].expand(B, H, 1))
+        self.on_slot_written(slot, cap)
+        self.seen += 1
+        kv_len = torch.where(full, L, L + 1)
+        sctx.lengths[layer] = kv_len
+        keys, values = cache.k[layer], cache.v[layer]
+        out = sctx.attention(q, keys, values, kv_len, scale, None, softcap)
+        self.observe(q, keys, kv_len, scale)
+        return out

@@ -59,6 +59,9 @@ class H2O(EvictingPolicy):
         super().start_empty(B, H, cap, dev)
         self.score = torch.zeros(B, H, cap, device=dev)
 
+    def grow_state(self, cap):
+        self.score = grow(self.score, cap)
+
     def priority(self, cap):
         self.score = grow(self.score, cap)
         return self.score.clone()

@@ -88,8 +88,8 @@ class Quest(SparseReadPolicy):
             self.kmin = torch.zeros(B, H, n_pages, D, dtype=torch.float32, device=cache.device)
             self.kmax = torch.zeros_like(self.kmin)
 
-    def static_read(self, n: int) -> int:
-        return min(n, self.static_pages * self.params.page_size)
+    def static_count(self, n: int, b: int) -> tuple[int, int]:
+        return min(n, self.static_pages * self.params.page_size), n
 
     def static_decode(self, sctx, q, k, v, scale, softcap):
         """Write, refresh the newest token's page, read the top ``static_pages`` pages (fixed shapes; pages

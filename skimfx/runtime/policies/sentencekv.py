@@ -174,8 +174,8 @@ class SentenceKV(KVPolicy):
         self.static_sid = F.pad(self.sid, (0, pad))
         self.static_selectable = F.pad(self.selectable, (0, pad))
 
-    def static_read(self, n: int) -> int:
-        return n        # an estimate: the masked read touches every slot (the chosen set varies per head and step)
+    def static_count(self, n: int, b: int) -> tuple[int, int]:
+        return n, n     # the masked read touches every slot (the chosen set varies per head and step)
 
     def static_decode(self, sctx, q, k, v, scale, softcap):
         """Write the token (it stays resident); attend to the chosen whole sentences plus every

@@ -63,3 +63,33 @@ class TOVA(EvictingPolicy):
         cache.write_slots(layer, slot, k_new, v_new)
         cache.advance(layer, [-1 if o else 0 for o in over.tolist()])
         return out
+
+    # -- the captured decode step ---------------------------------------------------------------------
+    def prepare_static(self, cache) -> None:
+        if self.decode_evict and self.budget_tokens is None:
+            self.budget_tokens = torch.full((cache.batch,), self.params.tokens(1), device=cache.device)
+
+    def static_count(self, n: int, b: int) -> tuple[int, int]:
+        m = min(n, int(self.budget_tokens[b]) + 1) if self.decode_evict else n
+        return m, m
+
+    def static_decode(self, sctx, q, k, v, scale, softcap):
+        """Append, attend over budget + 1 keys, then the lowest-scoring slot takes the newest token."""
+        if not self.decode_evict:
+            return sctx.attend_dense(self.layer, q, k, v, scale, None, softcap)
+        cache, layer = sctx.cache, self.layer
+        kv_len = sctx.write(layer, k, v)
+        keys, values = cache.k[layer], cache.v[layer]
+        out, p = decode_attention_scores(q, keys, values, kv_len, scale, softcap)       # p [B, C]
+        over = kv_len > self.budget_tokens
+        j = torch.arange(p.shape[1], device=q.device)[None]
+        victim = p.masked_fill(j >= kv_len[:, None], float("inf")).argmin(-1)          # [B]
+        newest = kv_len - 1
+        slot = torch.where(over, victim, newest)
+        B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+        src = newest[:, None, None, None].expand(B, H, 1, D)
+        dst = slot[:, None, None, None].expand(B, H, 1, D)
+        cache.k[layer].scatter_(2, dst, torch.gather(keys, 2, src))
+        cache.v[layer].scatter_(2, dst, torch.gather(values, 2, src))
+        sctx.lengths[layer] = torch.where(over, newest, kv_len)
+        return out
