@@ -118,3 +118,27 @@ def _load(path: str | Path, kind: str, made_by: str, fields) -> dict:
         raise CalibrationFileError(f"{str(path)!r} is not a file saved by {kind}.save (it lacks {missing}; it "
                                    f"holds {has}): {redo}")
     return data
+
+
+class FieldsFile:
+    """``save`` / ``load`` for a calibration dataclass whose fields are plain data: the fields as one dict;
+    ``load`` checks that the ``REQUIRED`` ones are there (the others keep their defaults) and refuses a file
+    holding anything else (``torch.load(weights_only=True)``). ``MADE_BY``: the function that makes one."""
+
+    REQUIRED: tuple[str, ...] = ()
+    MADE_BY = ""
+
+    def save(self, path: str | Path) -> None:
+        """The fields as one dict of plain data; ``load`` reads it back without unpickling anything else."""
+        _save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """The calibration saved at ``path`` by ``save``. The file is read with ``torch.load(weights_only=True)``:
+        one holding anything but plain data and tensors is refused (``CalibrationFileError``)."""
+        d = _load(path, cls.__name__, cls.MADE_BY, cls.REQUIRED)
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise CalibrationFileError(f"{str(path)!r} is not a valid {cls.__name__} file ({e}): make one with "
+                                       f"skimfx.{cls.MADE_BY}(...) and save it with .save(path)") from None

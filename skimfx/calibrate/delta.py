@@ -5,20 +5,17 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..runtime.cache import KVCache
 from ..runtime.engine import decode_step, prefill
-from .common import CalibrationFileError, _compiled, _load, _logit_agreement, _save
+from .common import FieldsFile, _compiled, _logit_agreement
 
-_FIELDS = ("num_layers", "budget", "recent", "full_layers", "selection_layers", "kl", "top1", "default_layers",
-           "default_kl", "default_top1", "tried")
 
 
 @dataclass
-class DeltaCalibration:
+class DeltaCalibration(FieldsFile):
     """Where DELTA's select layers go, chosen by the output error on prompts like the ones to serve.
 
     ``full_layers`` dense layers, then ``selection_layers`` (the first is ``full_layers``); each layer
@@ -26,6 +23,10 @@ class DeltaCalibration:
     position that lowers the mean KL divergence of the next-token distribution from the dense model's
     (teacher-forced on the dense model's own continuation), until no move helps. ``tried`` maps every
     placement evaluated to its KL; ``default_kl`` is ``Delta``'s default placement's."""
+
+    REQUIRED = ("num_layers", "budget", "recent", "full_layers", "selection_layers", "kl", "top1", "default_layers",
+           "default_kl", "default_top1", "tried")
+    MADE_BY = "calibrate_delta"
 
     num_layers: int
     budget: int | float
@@ -56,21 +57,6 @@ class DeltaCalibration:
             f"top-1 {self.top1:.1%}",
             f"default: full_layers={self.default_layers[0]}, selection_layers={list(self.default_layers[1:])}: "
             f"KL {self.default_kl:.4f}, top-1 {self.default_top1:.1%}"])
-
-    def save(self, path: str | Path) -> None:
-        """The fields as one dict of plain data; ``load`` reads it back without unpickling anything else."""
-        _save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "DeltaCalibration":
-        """The calibration saved at ``path`` by ``save``. The file is read with ``torch.load(weights_only=True)``:
-        one holding anything but plain data and tensors is refused (``CalibrationFileError``)."""
-        d = _load(path, "DeltaCalibration", "calibrate_delta", _FIELDS)
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise CalibrationFileError(f"{str(path)!r} is not a valid DeltaCalibration file ({e}): make one with "
-                                       "skimfx.calibrate_delta(...) and save it with .save(path)") from None
 
 
 def _with_policies(program, cache: KVCache) -> KVCache:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..runtime.executor import Executor
-from .common import CalibrationFileError, _compiled, _load, _save, _start, _tokenize_upto
+from .common import FieldsFile, _compiled, _start, _tokenize_upto
 
-_FIELDS = ("num_layers", "order", "ablation", "agreement", "expected", "skip", "draft_tokens", "verify_cost")
 
 
 @dataclass
-class SkipCalibration:
+class SkipCalibration(FieldsFile):
     """The layers a self-speculative draft pass skips (Draft&Verify), chosen on real text.
 
     ``order`` ranks the layers by the top-1 agreement with the full model when that layer alone is
@@ -24,6 +22,9 @@ class SkipCalibration:
     maximises the modelled speed-up ``expected[s]``: with per-token agreement ``a`` and ``k`` drafts, a
     verification keeps ``(1 - a^(k+1)) / (1 - a)`` tokens and costs ``k (L - s) / L`` forwards of
     drafting plus ``1 + verify_cost k`` forwards of verification."""
+
+    REQUIRED = ("num_layers", "order", "ablation", "agreement", "expected", "skip", "draft_tokens", "verify_cost")
+    MADE_BY = "calibrate_skip"
 
     num_layers: int
     order: tuple[int, ...]
@@ -56,21 +57,6 @@ class SkipCalibration:
         for s, (a, e) in enumerate(zip(self.agreement, self.expected)):
             lines.append(f"| {s} | {self.order[s - 1] if s else '-'} | {a:.1%} | {e:.2f}x |")
         return "\n".join(lines)
-
-    def save(self, path: str | Path) -> None:
-        """The fields as one dict of plain data; ``load`` reads it back without unpickling anything else."""
-        _save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SkipCalibration":
-        """The calibration saved at ``path`` by ``save``. The file is read with ``torch.load(weights_only=True)``:
-        one holding anything but plain data and tensors is refused (``CalibrationFileError``)."""
-        d = _load(path, "SkipCalibration", "calibrate_skip", _FIELDS)
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise CalibrationFileError(f"{str(path)!r} is not a valid SkipCalibration file ({e}): make one with "
-                                       "skimfx.calibrate_skip(...) and save it with .save(path)") from None
 
 
 def _skip_speedup(a: float, s: int, L: int, k_max: int, verify_cost: float) -> float:

@@ -93,9 +93,11 @@ class SentenceKV(KVPolicy):
         index = torch.where(index < 0, index[:, :1], index)
         cache.compact(layer, index, kept)
 
-    def sentence_index(self, q: torch.Tensor) -> torch.Tensor:
-        """The prompt slots of the best whole sentences per KV head within the room -> [B, Hkv, K] (-1
-        padded). q [B, Hq, 1, D]; sentences are scored by (sum of the GQA group's queries) · (mean key)."""
+    def chosen_tokens(self, q: torch.Tensor, sid: torch.Tensor, selectable: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S] bool: the selectable prompt slots of the best whole sentences per KV head within the
+        room. q [B, Hq, 1, D]; sentences are scored by (sum of the GQA group's queries) · (mean key), best
+        first while their sizes fit. ``sid`` / ``selectable`` [B, S]: each slot's sentence and whether it is
+        read only when chosen (S: the prompt, or the whole capacity for the captured step)."""
         cent = self.centroid
         B, H, NS, D = cent.shape
         qg = q[:, :, 0].float().view(B, H, -1, D).sum(2)                              # [B, H, D]
@@ -106,9 +108,11 @@ class SentenceKV(KVPolicy):
         fits = torch.gather(size, 2, order).cumsum(-1) <= self.room[:, None, None]
         fits &= torch.gather(score, 2, order) > float("-inf")
         chosen = torch.zeros(B, H, NS, dtype=torch.bool, device=q.device).scatter_(2, order, fits)
-        S = self.sid.shape[1]
-        tokens = torch.gather(chosen, 2, self.sid[:, None].expand(B, H, S)) & self.selectable[:, None]
-        return mask_to_index(tokens)
+        return torch.gather(chosen, 2, sid[:, None].expand(B, H, sid.shape[1])) & selectable[:, None]
+
+    def sentence_index(self, q: torch.Tensor) -> torch.Tensor:
+        """The prompt slots of the best whole sentences per KV head -> [B, Hkv, K] (-1 padded)."""
+        return mask_to_index(self.chosen_tokens(q, self.sid, self.selectable))
 
     def decode(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
         """One new token per sequence: write it (it stays resident), read the chosen sentences plus the
@@ -185,18 +189,9 @@ class SentenceKV(KVPolicy):
         cache = sctx.cache
         kv_len = sctx.write(self.layer, k, v)
         keys, values = cache.k[self.layer], cache.v[self.layer]
-        cent = self.centroid
-        B, H, NS, D = cent.shape
-        qg = q[:, :, 0].float().view(B, H, -1, D).sum(2)                              # [B, H, D]
-        score = torch.einsum("bhd,bhnd->bhn", qg, cent)
-        size = self.size[:, None].expand(B, H, NS)
-        score = score.masked_fill(size == 0, float("-inf"))
-        order = score.argsort(dim=-1, descending=True)
-        fits = torch.gather(size, 2, order).cumsum(-1) <= self.room[:, None, None]
-        fits &= torch.gather(score, 2, order) > float("-inf")
-        chosen = torch.zeros(B, H, NS, dtype=torch.bool, device=q.device).scatter_(2, order, fits)
+        B, H, _, D = self.centroid.shape
         C = keys.shape[2]
-        tokens = torch.gather(chosen, 2, self.static_sid[:, None].expand(B, H, C)) & self.static_selectable[:, None]
+        tokens = self.chosen_tokens(q, self.static_sid, self.static_selectable)
         j = torch.arange(C, device=q.device)[None]
         always = (j < kv_len[:, None]) & ~self.static_selectable                     # [B, C]
         mask = (tokens | always[:, None])[:, :, None]                                 # [B, H, 1, C]
