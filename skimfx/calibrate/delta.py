@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime.cache import KVCache
-from ..runtime.engine import decode_step, prefill
+from ..runtime.steps import decode_step, prefill
 from .common import FieldsFile, _compiled, _logit_agreement
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..runtime import KVCache, decode_step, generate, prefill
-from ..runtime.engine import plan_capacity
+from ..runtime.steps import plan_capacity
 from ..runtime.sampling import SamplingConfig
 
 

@@ -18,6 +18,8 @@ Kernels (FlashAttention-2 style online softmax):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -292,11 +294,22 @@ def _check(q, k, v, q_start, kv_len):
         raise ValueError("attention: all tensors must be on one device")
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_programs(device: torch.device) -> int:
+    """How many decode programs fill ``device``: 4 per SM on a GPU (one program per SM leaves each SM waiting
+    on its loads: the H200 run read 6-10% of HBM bandwidth at head dim 64 with ~128 programs on 132 SMs);
+    128 elsewhere (the interpreter)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 128
+
+
 def _decode_splits(q, B: int, Hkv: int, n_keys: int, block_n: int, min_split: int, block_g: int, block_d: int):
     """Split-K plan of the decode kernels: keys per split (at least ``min_split``, more splits when
-    B * Hkv programs alone cannot fill the device) and the fp32 buffers of each split's partial
-    softmax state (running max, sum, unnormalised output) that the combine kernel merges."""
-    split_len = max(min_split, triton.cdiv(n_keys, max(1, 128 // max(1, B * Hkv))))
+    B * Hkv programs alone cannot fill the device: ``_decode_programs``) and the fp32 buffers of each
+    split's partial softmax state (running max, sum, unnormalised output) that the combine kernel merges."""
+    programs = _decode_programs(q.device)
+    split_len = max(min_split, triton.cdiv(n_keys, max(1, programs // max(1, B * Hkv))))
     split_len = triton.cdiv(split_len, block_n) * block_n
     nsplit = triton.cdiv(max(n_keys, 1), split_len)
     mpart = torch.empty(B * Hkv * nsplit * block_g, device=q.device, dtype=torch.float32)

@@ -10,7 +10,7 @@ import torch
 from ...program import DecodeConfig, Program
 from ..cache import KVCache
 from ..context import Ctx
-from ..engine import plan_capacity, prefill
+from ..steps import plan_capacity, prefill
 from ..executor import Executor
 from ..sampling import SamplingConfig
 from ..stats import DecodeStats, Generation, Stats

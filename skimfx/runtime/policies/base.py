@@ -24,7 +24,6 @@ import torch
 
 if TYPE_CHECKING:
     from ...program import CachePolicy
-    from ..context import Ctx
 
 POLICIES: dict[str, type["KVPolicy"]] = {}
 
