@@ -15,6 +15,7 @@ from ..program import Program
 from .cache import KVCache
 from .decoding import generate as generate_with_decoder
 from .sampling import SamplingConfig, sample
+from .static import CAPACITY_STEP, StaticDecoder
 from .stats import Generation, Stats
 from .steps import decode_step, extend, pad_right, plan_capacity, prefill
 
@@ -58,8 +59,6 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
     capacity = plan_capacity(program, max(lens), max_new_tokens)
     if decode != "eager":
         # a captured step is compiled per shape: round the capacities up so that calls share graphs
-        from .static import CAPACITY_STEP
-
         capacity = [-(-c // CAPACITY_STEP) * CAPACITY_STEP for c in capacity]
     cache = KVCache.for_program(program, len(prompts), capacity)
     gen = torch.Generator(device=device)
@@ -100,9 +99,7 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
             step = lambda t: decode_step(program, cache, t, reads=stats.reads, moved=moved)  # noqa: E731
             static = None
         else:
-            from .static import StaticDecoder
-
-            static = StaticDecoder.for_cache(program, cache, backend, cuda_graph=decode == "graph")
+            static = StaticDecoder(program, cache, backend, cuda_graph=decode == "graph")
             step = static.step
         while not all(done):
             logits = step(tok)

@@ -174,11 +174,6 @@ class StaticDecoder:
         self._tokens = torch.zeros(cache.batch, dtype=torch.long, device=dev)
         self._logits = None
 
-    @classmethod
-    def for_cache(cls, program: Program, cache: KVCache, backend: str | None = "inductor",
-                  cuda_graph: bool = False) -> "StaticDecoder":
-        return cls(program, cache, backend, cuda_graph)
-
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per sequence (``tokens [B]``) -> next-token logits [B, V]; or T tokens per sequence
         (``tokens [B, T]``: the last token and T - 1 drafts of a self-speculative verification, dense layers

@@ -14,14 +14,15 @@ from .base import register
 from .sparse import SparseReadPolicy
 
 
-def delta_index(recent: int, p: torch.Tensor, kv_len: torch.Tensor, budget: int) -> torch.Tensor:
-    """DELTA's token set: the ``budget`` slots with the highest attention ``p [B, S]`` from the new query
-    (summed over all heads), plus the ``recent`` newest -> [B, K] in slot order."""
+def delta_index(recent: int, p: torch.Tensor, kv_len: torch.Tensor, size: int) -> torch.Tensor:
+    """DELTA's token set: the ``size`` slots with the highest attention ``p [B, S]`` from the new query
+    (summed over all heads), the ``recent`` newest always -> [B, size] in slot order. A sequence with fewer
+    than ``size`` cached slots pads with -1 (first in the order; ``sparse_attention`` skips them)."""
     j = torch.arange(p.shape[1], device=p.device)[None]
     p = p.masked_fill(j >= (kv_len - recent)[:, None], float("inf"))
     p = p.masked_fill(j >= kv_len[:, None], float("-inf"))
-    K = min(p.shape[1], budget + recent)
-    return p.topk(K, dim=-1).indices.sort(dim=-1).values        # slot order: the gathers read forward
+    top = p.topk(size, dim=-1)
+    return torch.where(top.values > float("-inf"), top.indices, -1).sort(dim=-1).values   # the gathers read forward
 
 
 @register
@@ -48,7 +49,7 @@ class Delta(SparseReadPolicy):
             if max(lengths) <= budget + self.params.recent:
                 return None, None
             out, p = decode_attention_scores(q, keys, values, kv_len, scale, softcap)
-            self.index = delta_index(self.params.recent, p, kv_len, budget)
+            self.index = delta_index(self.params.recent, p, kv_len, min(p.shape[1], budget + self.params.recent))
             return None, out
         return (self.source.index if self.source is not None else None), None
 
@@ -70,10 +71,6 @@ class Delta(SparseReadPolicy):
         keys, values = sctx.cache.k[self.layer], sctx.cache.v[self.layer]
         if self.params.role == "select":
             out, p = decode_attention_scores(q, keys, values, kv_len, scale, softcap)   # p [B, C]
-            j = torch.arange(p.shape[1], device=p.device)[None]
-            p = p.masked_fill(j >= (kv_len - self.params.recent)[:, None], float("inf"))
-            p = p.masked_fill(j >= kv_len[:, None], float("-inf"))
-            top = p.topk(self.static_size, dim=-1)
-            self.index = torch.where(top.values > float("-inf"), top.indices, -1).sort(dim=-1).values
+            self.index = delta_index(self.params.recent, p, kv_len, self.static_size)
             return out
         return sparse_attention(q[:, :, 0], keys, values, self.source.index, kv_len, scale, softcap)[:, :, None]

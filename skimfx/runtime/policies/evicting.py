@@ -102,10 +102,10 @@ class EvictingPolicy(KVPolicy):
             raise ValueError(f"{self.name}: a cache that evicts during decode takes one new token per step; "
                              f"extending it by {T} tokens at once is not supported (prefill the whole prompt)")
 
-    def start_empty(self, B: int, H: int, cap: int, dev) -> None:
-        """A one-token prompt: nothing was written by a prefill."""
-        L = torch.zeros(B, dtype=torch.long, device=dev)
-        self.seen = L
+    def start_empty(self, lengths: torch.Tensor, H: int, cap: int) -> None:
+        """A one-token prompt: nothing was written by a prefill; the layer holds ``lengths [B]`` tokens."""
+        B, dev = lengths.shape[0], lengths.device
+        self.seen = lengths.clone()
         self.budget_tokens = torch.full((B,), self.params.tokens(1), device=dev)
         self.age = torch.zeros(B, H, cap, dtype=torch.long, device=dev)
         self.recent = torch.full((B,), min(amount(getattr(self.params, "recent", 0), 1), self.params.tokens(1)),
@@ -120,8 +120,7 @@ class EvictingPolicy(KVPolicy):
         L = cache.lengths_tensor(layer)
         cap = cache.capacity(layer)
         if self.seen is None:
-            self.start_empty(B, H, cap, dev)
-            self.seen = L.clone()
+            self.start_empty(L, H, cap)
         self.age = age = grow(self.age, cap)
         full = L >= self.budget_tokens                                              # [B]
         slot = L[:, None].expand(B, H)
@@ -152,8 +151,7 @@ class EvictingPolicy(KVPolicy):
             return
         cap = cache.capacity(self.layer)
         if self.seen is None:
-            self.start_empty(cache.batch, cache.num_kv_heads, cap, cache.device)
-            self.seen = cache.lengths_tensor(self.layer).clone()
+            self.start_empty(cache.lengths_tensor(self.layer), cache.num_kv_heads, cap)
         self.age = grow(self.age, cap)
         self.grow_state(cap)
 

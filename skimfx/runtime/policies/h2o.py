@@ -55,9 +55,9 @@ class H2O(EvictingPolicy):
         score[:, :, :index.shape[-1]] = torch.gather(self.score, 2, index)
         self.score = score
 
-    def start_empty(self, B, H, cap, dev):
-        super().start_empty(B, H, cap, dev)
-        self.score = torch.zeros(B, H, cap, device=dev)
+    def start_empty(self, lengths, H, cap):
+        super().start_empty(lengths, H, cap)
+        self.score = torch.zeros(lengths.shape[0], H, cap, device=lengths.device)
 
     def grow_state(self, cap):
         self.score = grow(self.score, cap)

@@ -65,15 +65,19 @@ class Quest(SparseReadPolicy):
 
     def page_index(self, q, kv_len: torch.Tensor, longest: int, budget: int) -> torch.Tensor:
         """Token slots of the top pages per KV head (the newest page always) -> [B, Hkv, n_pages * page_size]."""
+        last = -(-longest // self.params.page_size)
+        return self.top_pages(q, kv_len, last, min(last, max(1, budget // self.params.page_size)))
+
+    def top_pages(self, q, kv_len: torch.Tensor, pages: int, n_sel: int) -> torch.Tensor:
+        """The slots of the ``n_sel`` best of the first ``pages`` pages per KV head (the newest page always)
+        -> [B, Hkv, n_sel * page_size]; a page past a sequence's length scores -inf and its slots are -1."""
         ps = self.params.page_size
-        last = -(-longest // ps)
-        scores = page_scores(q[:, :, 0], self.kmin[:, :, :last], self.kmax[:, :, :last], kv_len, ps)
+        scores = page_scores(q[:, :, 0], self.kmin[:, :, :pages], self.kmax[:, :, :pages], kv_len, ps)
         newest = ((kv_len - 1) // ps)[:, None, None].expand(-1, scores.shape[1], 1)
         scores = scores.scatter(2, newest, float("inf"))
-        n_sel = min(last, max(1, budget // ps))
-        pages = scores.topk(n_sel, dim=-1).indices                                  # [B, Hkv, n]
-        slots = pages[..., None] * ps + torch.arange(ps, device=q.device)
-        return slots.flatten(2)
+        top = scores.topk(n_sel, dim=-1)                                            # [B, Hkv, n]
+        slots = top.indices[..., None] * ps + torch.arange(ps, device=q.device)
+        return torch.where((top.values > float("-inf"))[..., None], slots, -1).flatten(2)
 
     # -- the captured decode step -------------------------------------------------------------------
     supports_static = True
@@ -94,15 +98,10 @@ class Quest(SparseReadPolicy):
     def static_decode(self, sctx, q, k, v, scale, softcap):
         """Write, refresh the newest token's page, read the top ``static_pages`` pages (fixed shapes; pages
         past a sequence's length score -inf and their slots are masked)."""
-        cache, ps = sctx.cache, self.params.page_size
+        cache = sctx.cache
         kv_len = sctx.write(self.layer, k, v)
         self._update_one_page(cache, kv_len)
-        scores = page_scores(q[:, :, 0], self.kmin, self.kmax, kv_len, ps)       # [B, Hkv, P]
-        newest = ((kv_len - 1) // ps)[:, None, None].expand(-1, scores.shape[1], 1)
-        scores = scores.scatter(2, newest, float("inf"))
-        top = scores.topk(self.static_pages, dim=-1)
-        slots = top.indices[..., None] * ps + torch.arange(ps, device=q.device)
-        slots = torch.where((top.values > float("-inf"))[..., None], slots, -1).flatten(2)
+        slots = self.top_pages(q, kv_len, self.kmin.shape[2], self.static_pages)
         keys, values = cache.k[self.layer], cache.v[self.layer]
         return sparse_attention(q[:, :, 0], keys, values, slots, kv_len, scale, softcap)[:, :, None]
 
