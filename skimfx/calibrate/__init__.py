@@ -8,9 +8,9 @@ what they share (``common``: the dense compiled model, tokenizing, the safe file
 ``resolve``, which loads the calibration files a recipe names by path. Each calibration's
 ``.recipe(...)`` returns the recipe it calibrates.
 
-Every calibration runs the model through the public stage executor (``runtime.Executor``). Files hold
-plain data and tensors only and are read with ``torch.load(weights_only=True)``: a file that would
-construct other objects is refused (``CalibrationFileError``), never unpickled.
+Every calibration runs the model through the public stage executor (``runtime.Executor``). Files are
+safetensors (tensors) with JSON metadata (everything else): reading one runs no code; a pickle file
+(the older ``torch.save`` format) is refused with ``CalibrationFileError``, never unpickled.
 
 May import: ``runtime``, ``recipes``, ``kernels``, ``program``, ``capture``, ``passes``. Imported only
 by the top level (``skimfx/__init__.py``, ``cli``, ``eval``, ``bench``); recipes read calibrations by

@@ -2,8 +2,7 @@
 budget, running teacher-forced pieces through the stage executor, and loading their files safely."""
 from __future__ import annotations
 
-import pickle
-import re
+import json
 from pathlib import Path
 
 import torch
@@ -74,42 +73,93 @@ def _logit_agreement(ref: torch.Tensor, got: torch.Tensor) -> dict:
 
 
 # -- files --------------------------------------------------------------------------------------------
-# A calibration is saved as one dict of plain data (dicts, lists, tuples, str, int, float, bool, None,
-# tensors) and loaded with ``torch.load(weights_only=True)``, which refuses anything else: a file never
-# gets to construct arbitrary objects (a pickle can name any callable to run while it is read).
-def _plain(x):
-    """``x`` with every container made of plain data; raises TypeError on anything else (what save may write)."""
-    if x is None or isinstance(x, (bool, int, float, str, torch.Tensor)):
+# A calibration is one dict of plain data (dicts, lists, tuples, str, int, float, bool, None, tensors),
+# written as a safetensors file: the tensors as its entries, the rest as JSON in its metadata, each tensor
+# replaced by {"__tensor__": name}. Reading it parses JSON and raw tensor bytes, so a file can never run
+# code (a pickle, which torch.save writes, can name any callable to call while it is read).
+FORMAT = "skimfx-calibration/1"
+_META_KEY = "skimfx"
+
+
+def _encode(x, tensors: dict):
+    """``x`` as JSON-ready data, its tensors moved into ``tensors``; raises TypeError on anything else."""
+    if x is None or isinstance(x, (bool, int, float, str)):
         return x
+    if isinstance(x, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = x.detach().cpu().contiguous().clone()    # safetensors refuses shared storage
+        return {"__tensor__": name}
     if isinstance(x, tuple):
-        return tuple(_plain(v) for v in x)
+        return {"__tuple__": [_encode(v, tensors) for v in x]}
     if isinstance(x, list):
-        return [_plain(v) for v in x]
+        return [_encode(v, tensors) for v in x]
     if isinstance(x, dict):
-        return {_plain(k): _plain(v) for k, v in x.items()}
+        if all(isinstance(k, str) and not k.startswith("__") for k in x):
+            return {k: _encode(v, tensors) for k, v in x.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in x.items()]}
     raise TypeError(f"a calibration file holds plain data only; got a {type(x).__name__}")
 
 
+def _decode(x, tensors):
+    if isinstance(x, list):
+        return [_decode(v, tensors) for v in x]
+    if isinstance(x, dict):
+        if "__tensor__" in x:
+            return tensors[x["__tensor__"]]
+        if "__tuple__" in x:
+            return tuple(_decode(v, tensors) for v in x["__tuple__"])
+        if "__items__" in x:
+            return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in x["__items__"]}
+        return {k: _decode(v, tensors) for k, v in x.items()}
+    return x
+
+
+def _hashable(k):
+    return tuple(_hashable(v) for v in k) if isinstance(k, (list, tuple)) else k
+
+
 def _save(data: dict, path: str | Path) -> None:
-    torch.save(_plain(data), path)
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta = json.dumps({"format": FORMAT, "data": _encode(data, tensors)})
+    save_file(tensors, str(path), metadata={_META_KEY: meta})
+
+
+def _is_pickle(head: bytes) -> bool:
+    """torch.save's zip archive, or a raw pickle stream (protocol 2+ starts with 0x80)."""
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _load(path: str | Path, kind: str, made_by: str, fields) -> dict:
-    """The dict saved by ``kind.save`` at ``path``, loaded without running code from the file; the
-    errors name the file and what to do."""
+    """The dict saved by ``kind.save`` at ``path``, read without running code from the file; the errors
+    name the file and what to do."""
+    from safetensors import SafetensorError, safe_open
+
     redo = f"make one with skimfx.{made_by}(...) and save it with .save(path)"
     try:
-        data = torch.load(path, weights_only=True, map_location="cpu")
+        with open(path, "rb") as f:
+            head = f.read(8)
     except FileNotFoundError:
         raise CalibrationFileError(f"no {kind} file at {str(path)!r}: check the path, or {redo}") from None
-    except pickle.UnpicklingError as e:
-        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
-        what = f" (it names {', '.join(names)})" if names else ""
+    except OSError as e:
+        raise CalibrationFileError(f"cannot read {kind} from {str(path)!r} ({e})") from None
+    if _is_pickle(head):
         raise CalibrationFileError(
-            f"refused to load {kind} from {str(path)!r}: the file holds objects other than tensors and plain "
-            f"containers{what}, and unpickling them could run code from the file. Load only files you made; "
-            f"{redo}") from None
-    except Exception as e:                  # not a torch file at all (torch raises many kinds of error)
+            f"refused to load {kind} from {str(path)!r}: it is a pickle (torch.save) file, the format of older "
+            f"skimfx versions, and unpickling could run code from the file. Calibrations are now safetensors "
+            f"files: {redo}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = (f.metadata() or {}).get(_META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta is None:
+            raise ValueError("it holds no skimfx calibration metadata")
+        doc = json.loads(meta)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"unknown format {doc.get('format') if isinstance(doc, dict) else doc!r}")
+        data = _decode(doc["data"], tensors)
+    except (SafetensorError, ValueError, KeyError, OSError) as e:
         raise CalibrationFileError(f"cannot read {kind} from {str(path)!r} ({type(e).__name__}: {e}); it is not a "
                                    f"file saved by {kind}.save: {redo}") from None
     missing = [f for f in fields if not isinstance(data, dict) or f not in data]
@@ -122,8 +172,8 @@ def _load(path: str | Path, kind: str, made_by: str, fields) -> dict:
 
 class FieldsFile:
     """``save`` / ``load`` for a calibration dataclass whose fields are plain data: the fields as one dict;
-    ``load`` checks that the ``REQUIRED`` ones are there (the others keep their defaults) and refuses a file
-    holding anything else (``torch.load(weights_only=True)``). ``MADE_BY``: the function that makes one."""
+    ``load`` checks that the ``REQUIRED`` ones are there (the others keep their defaults) and refuses any
+    other file (safetensors + JSON, no pickle). ``MADE_BY``: the function that makes one."""
 
     REQUIRED: tuple[str, ...] = ()
     MADE_BY = ""
@@ -134,8 +184,8 @@ class FieldsFile:
 
     @classmethod
     def load(cls, path: str | Path):
-        """The calibration saved at ``path`` by ``save``. The file is read with ``torch.load(weights_only=True)``:
-        one holding anything but plain data and tensors is refused (``CalibrationFileError``)."""
+        """The calibration saved at ``path`` by ``save`` (a safetensors file: tensors + JSON, nothing executable):
+        one not written by ``save`` (e.g. a pickle) is refused (``CalibrationFileError``)."""
         d = _load(path, cls.__name__, cls.MADE_BY, cls.REQUIRED)
         try:
             return cls(**d)

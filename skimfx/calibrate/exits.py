@@ -119,8 +119,8 @@ class ExitCalibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "ExitCalibration":
-        """The calibration saved at ``path`` by ``save``. The file is read with ``torch.load(weights_only=True)``:
-        one holding anything but plain data and tensors is refused (``CalibrationFileError``)."""
+        """The calibration saved at ``path`` by ``save`` (a safetensors file: tensors + JSON, nothing executable):
+        one not written by ``save`` (e.g. a pickle) is refused (``CalibrationFileError``)."""
         d = _load(path, "ExitCalibration", "calibrate_exits", _FIELDS)
         adapters = {}
         try:

@@ -1,6 +1,7 @@
-"""Calibration files: saved as plain data, loaded with ``torch.load(weights_only=True)`` (a crafted file
-that would run code is refused and runs nothing), clear errors, ``resolve`` (recipe fields that name a
+"""Calibration files: safetensors + JSON metadata, read without unpickling anything (a crafted pickle
+file is refused and runs nothing; so is an older torch.save file), clear errors, ``resolve`` (recipe fields that name a
 file) and each calibration's ``.recipe()``."""
+import json
 import os
 
 import pytest
@@ -73,11 +74,26 @@ def test_a_file_that_would_run_code_is_refused_and_runs_nothing(cls, maker, tmp_
     assert not marker.exists()
 
 
+def _safetensors_doc(path) -> dict:
+    """The JSON a calibration file carries (read with safetensors alone: the file is plain safetensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["skimfx"])
+
+
+def test_an_older_torch_save_file_is_refused_with_what_to_do(skip, tmp_path):
+    torch.save({k: getattr(skip, k) for k in skip.__dataclass_fields__}, tmp_path / "old.pt")
+    with pytest.raises(CalibrationFileError, match=r"old\.pt.*pickle \(torch\.save\) file.*skimfx\.calibrate_skip"):
+        SkipCalibration.load(tmp_path / "old.pt")
+
+
 def test_exit_calibration_round_trips_as_plain_data(cm, exits, tmp_path):
     path = tmp_path / "exits.pt"
     exits.save(path)
-    raw = torch.load(path, weights_only=True)                         # plain data and tensors only
-    assert set(raw) == {"method", "layers", "curves", "raw_agreement", "agreement", "tokens", "seconds", "adapters"}
+    assert _safetensors_doc(path)["format"] == "skimfx-calibration/1"
+    assert set(_safetensors_doc(path)["data"]) == {"method", "layers", "curves", "raw_agreement", "agreement",
+                                                   "tokens", "seconds", "adapters"}
     back = ExitCalibration.load(path)
     assert back.method == "distill" and back.layers == (0, 1) and back.tokens == exits.tokens
     assert back.agreement == exits.agreement and back.raw_agreement == exits.raw_agreement
@@ -95,11 +111,11 @@ def test_exit_calibration_round_trips_as_plain_data(cm, exits, tmp_path):
 
 def test_skip_and_delta_calibrations_round_trip(skip, tmp_path):
     skip.save(tmp_path / "skip.pt")
-    torch.load(tmp_path / "skip.pt", weights_only=True)
+    _safetensors_doc(tmp_path / "skip.pt")
     assert SkipCalibration.load(tmp_path / "skip.pt") == skip
     d = delta_calibration()
     d.save(tmp_path / "delta.pt")
-    torch.load(tmp_path / "delta.pt", weights_only=True)
+    _safetensors_doc(tmp_path / "delta.pt")
     assert DeltaCalibration.load(tmp_path / "delta.pt") == d
 
 
