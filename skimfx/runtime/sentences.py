@@ -12,13 +12,17 @@ tokens is built once per tokenizer from its vocabulary; segmenting a prompt is a
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _ENDINGS = (".", "!", "?", "\u3002", "\uff01", "\uff1f", "\u2026")
 _CLOSERS = "\"')]}\u201d\u2019\u00bb*"
 # byte-level BPE (GPT-2 / Llama 3 / SmolLM) and SentencePiece spell spaces and newlines this way
 _SPACES = {"\u0120": " ", "\u010a": "\n", "\u2581": " ", "<0x0A>": "\n", "<0x0D>": "\n"}
-_TABLES: dict[int, torch.Tensor] = {}
+# Keyed weakly by the tokenizer object: an entry goes with its tokenizer (keying by id() would hand a
+# later tokenizer that reuses a freed object's id the old tokenizer's table).
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _text(token: str) -> str:
@@ -28,23 +32,28 @@ def _text(token: str) -> str:
 
 
 def sentence_end_table(tokenizer) -> torch.Tensor:
-    """[vocab] bool: does a sentence end after this token id? Cached per tokenizer object."""
-    key = id(tokenizer)
-    if key not in _TABLES:
-        vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-        tokens = tokenizer.convert_ids_to_tokens(list(range(vocab)))
-        ends = torch.zeros(vocab, dtype=torch.bool)
-        for i, tok in enumerate(tokens):
-            if tok is None:
-                continue
-            text = _text(tok)
-            tail = text.rstrip().rstrip(_CLOSERS)
-            ends[i] = "\n" in text or tail.endswith(_ENDINGS)
-        for i in tokenizer.all_special_ids:
-            if 0 <= i < vocab:
-                ends[i] = True
-        _TABLES[key] = ends
-    return _TABLES[key]
+    """[vocab] bool: does a sentence end after this token id? Cached per tokenizer object (while it lives)."""
+    try:
+        return _TABLES[tokenizer]
+    except (KeyError, TypeError):        # TypeError: an object that takes no weak reference is not cached
+        pass
+    vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    ends = torch.zeros(vocab, dtype=torch.bool)
+    for i, tok in enumerate(tokens):
+        if tok is None:
+            continue
+        text = _text(tok)
+        tail = text.rstrip().rstrip(_CLOSERS)
+        ends[i] = "\n" in text or tail.endswith(_ENDINGS)
+    for i in tokenizer.all_special_ids:
+        if 0 <= i < vocab:
+            ends[i] = True
+    try:
+        _TABLES[tokenizer] = ends
+    except TypeError:
+        pass
+    return ends
 
 
 def segment(ids: torch.Tensor, ends: torch.Tensor, max_len: int = 64) -> torch.Tensor:
