@@ -2,22 +2,50 @@
 
 Triton is optional on CPU machines: kernels fall back to their torch references there, and tests
 run the Triton kernels under ``TRITON_INTERPRET=1`` when triton is installed.
+
+A failed import is never silent where it matters: on a machine with a CUDA device (where the runtime
+would take the Triton path) it warns once with the reason, and ``SKIMFX_REQUIRE_TRITON=1`` turns any
+failure into an ImportError (for GPU CI, so that a broken install cannot pass by running the torch
+references).
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
-try:  # pragma: no cover - depends on the install
-    import triton
-    import triton.language as tl
+REQUIRE_ENV = "SKIMFX_REQUIRE_TRITON"
 
-    HAS_TRITON = True
-except Exception:  # ImportError, or a triton build that fails to load
-    triton = None
-    tl = None
-    HAS_TRITON = False
+
+class TritonUnavailableWarning(UserWarning):
+    """Triton failed to import on a machine with a CUDA device: kernels run their torch references."""
+
+
+def _import_triton():
+    """(triton, triton.language, None) or (None, None, the exception that stopped the import)."""
+    try:  # pragma: no cover - depends on the install
+        import triton as tr
+        import triton.language as tl_
+
+        return tr, tl_, None
+    except Exception as e:  # ImportError, or a triton build that fails to load (missing libs, ABI mismatch)
+        return None, None, e
+
+
+triton, tl, IMPORT_ERROR = _import_triton()
+HAS_TRITON = IMPORT_ERROR is None
+
+if IMPORT_ERROR is not None:
+    _why = f"{type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}"
+    if os.environ.get(REQUIRE_ENV, "0") == "1":
+        raise ImportError(f"{REQUIRE_ENV}=1 but Triton failed to import ({_why}); install a Triton that matches "
+                          f"this torch ({torch.__version__}), or unset {REQUIRE_ENV} to run the torch "
+                          "references") from IMPORT_ERROR
+    if torch.cuda.is_available():
+        warnings.warn(f"skimfx: Triton failed to import ({_why}); every kernel runs its torch reference on "
+                      f"this CUDA machine, far slower. Fix the Triton install, or set {REQUIRE_ENV}=1 to make "
+                      "this an error.", TritonUnavailableWarning, stacklevel=2)
 
 
 def interpreting() -> bool:

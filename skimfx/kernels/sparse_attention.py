@@ -19,7 +19,10 @@ import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, launch, tl, triton, use_triton
 from .compact import gather_kv_ref
-from .attention import _attn_decode_combine_kernel, _decode_configs, _decode_splits, _online_softmax_step, _scores_log2
+from .attention import _decode_splits
+
+if HAS_TRITON:     # the shared Triton pieces exist only where Triton imported
+    from .attention import _attn_decode_combine_kernel, _decode_configs, _online_softmax_step, _scores_log2
 
 
 def _check(q, k, v, index, kv_len):
