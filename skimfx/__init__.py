@@ -16,7 +16,7 @@ from .passes import PassError, PassManager, default_passes, final_passes
 from .program import Program
 from .recipes import (RECIPES, H2O, TOVA, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError,
                       SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, parse_recipe, recipe_label)
-from .runtime import CompiledModel, Generation, KVCache, Stats
+from .runtime import CompiledModel, Generation, KVCache, ModelChangedError, Stats
 from .calibrate import (DeltaCalibration, ExitAdapter, ExitCalibration, SkipCalibration, calibrate_delta, calibrate_exits,
                         calibrate_skip, reference_texts, resolve)
 
@@ -59,7 +59,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
 
 
 __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",
-           "default_passes", "CompiledModel", "Generation", "Stats", "KVCache", "UnsupportedModelError",
+           "default_passes", "CompiledModel", "ModelChangedError", "Generation", "Stats", "KVCache", "UnsupportedModelError",
            "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM",
            "H2O", "TOVA", "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "calibrate_exits",
            "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "calibrate_delta", "DeltaCalibration", "reference_texts", "parse_recipe",

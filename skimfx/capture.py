@@ -6,8 +6,10 @@ Python code on fake tensors and records ATen ops, each carrying ``nn_module_stac
 belongs to) and ``meta["val"]`` (its symbolic shape: which dimension is the token axis). Batch and
 token axes are dynamic, so one capture serves every prompt length and batch size.
 
-The user's model is not modified: it is exported as it is (eval mode and SDPA attention are set for
-the duration of the export and restored), and the graph reads the model's own parameter tensors.
+Capture does not modify the user's model: it is exported as it is (eval mode and SDPA attention are set
+for the duration of the export and restored), and the graph reads the model's own parameter objects.
+(The fusion pass later makes the q/k/v and gate/up parameters views of one merged buffer per layer:
+same objects, same values; ``runtime.model_guard`` refuses calls after the model is changed otherwise.)
 """
 from __future__ import annotations
 
@@ -126,14 +128,18 @@ def _export_mode(model: torch.nn.Module):
 
 
 # One export per model object: compiling the same model with several recipes re-uses it (export is
-# most of compile's time). Keyed weakly by the model, and checked against the identity of its
-# parameters and its attention implementation, so a model whose modules were replaced is re-exported.
+# most of compile's time). Keyed weakly by the model, and checked against the identity, dtype, device and
+# shape of every parameter and buffer and the attention implementation: a model whose modules were
+# replaced, or that was moved to another dtype or device, is re-exported (the graph records dtype-
+# dependent casts and the device, so an old export would be stale). Storage addresses are not part of
+# the key: fusion re-points q/k/v into a merged buffer, and the graph reads the parameter objects.
 _EXPORTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(model: torch.nn.Module, example_tokens: int) -> tuple:
-    return (tuple(id(p) for p in model.parameters()), getattr(model.config, "_attn_implementation", None),
-            example_tokens)
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return (tuple((name, id(t), t.dtype, t.device, tuple(t.shape)) for name, t in tensors),
+            getattr(model.config, "_attn_implementation", None), example_tokens)
 
 
 def capture(model: torch.nn.Module, example_tokens: int = 16) -> Program:

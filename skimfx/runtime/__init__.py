@@ -13,9 +13,10 @@ from .decoding import EarlyExitDecoder, NGramDrafts, SpeculativeDecoder
 from .engine import decode_step, extend, generate, prefill
 from .executor import Executor, Rerun
 from .hf import CausalLMOutput, CompiledModel
+from .model_guard import ModelChangedError
 from .sampling import SamplingConfig, sample
 from .stats import DecodeStats, Generation, Stats
 
 __all__ = ["KVCache", "CacheFullError", "Ctx", "Executor", "Rerun", "Generation", "Stats", "extend", "prefill",
            "decode_step", "generate", "gather_tokens", "CompiledModel", "CausalLMOutput", "SamplingConfig",
-           "sample", "DecodeStats", "EarlyExitDecoder", "SpeculativeDecoder", "NGramDrafts"]
+           "sample", "DecodeStats", "EarlyExitDecoder", "SpeculativeDecoder", "NGramDrafts", "ModelChangedError"]

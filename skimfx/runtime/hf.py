@@ -1,6 +1,8 @@
 """The compiled model users hold: HF-shaped ``__call__`` and a ``generate`` that takes prompts.
 
-It keeps a reference to the user's model (its weights are the graph's weights) and never changes it.
+It keeps a reference to the user's model (its weights are the graph's weights; fusion makes the q/k/v and
+gate/up parameters views of one merged buffer, values unchanged) and checks before each call that the
+model still holds the tensors it was compiled with (``model_guard``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from ..program import Program
 from .cache import KVCache
 from .engine import DECODE_MODES, Generation, extend, generate, pad_right
+from .model_guard import ModelSnapshot
 from .policies import POLICIES
 from .sampling import SamplingConfig
 
@@ -40,6 +43,12 @@ class CompiledModel:
         self.tokenizer = tokenizer
         self.max_cache_len = max_cache_len or program.info.max_positions
         self.decode = self._decode_mode(decode)
+        self.snapshot = ModelSnapshot(model)
+
+    def check_model(self) -> None:
+        """Raise ``ModelChangedError`` if the user's model no longer holds the tensors (dtype, device,
+        storage) it was compiled with; run before every call."""
+        self.snapshot.check(self.model)
 
     def _decode_mode(self, decode: str) -> str:
         """"auto": the captured step replayed as a CUDA graph on a GPU when every KV policy has a captured
@@ -108,6 +117,7 @@ class CompiledModel:
     # ---- HF-style forward ---------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> CausalLMOutput:
         """Logits for every position, [B, T, V] (padding positions, if any, get zeros)."""
+        self.check_model()
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]
         prompts = self._prompts(ids, attention_mask)
         lens = [len(p) for p in prompts]
@@ -146,6 +156,7 @@ class CompiledModel:
         given (``[]`` for none). ``callback(batch_index, token_id)`` streams tokens. ``decode`` overrides
         the compiled model's decode mode ("eager", "compiled", "graph"; ``backend`` for torch.compile).
         """
+        self.check_model()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         inputs = input_ids if input_ids is not None else prompts
