@@ -43,7 +43,7 @@ class CompiledModel:
         self.tokenizer = tokenizer
         self.max_cache_len = max_cache_len or program.info.max_positions
         self.decode = self._decode_mode(decode)
-        self.snapshot = ModelSnapshot(model)
+        self.snapshot = ModelSnapshot(model, program)
 
     def check_model(self) -> None:
         """Raise ``ModelChangedError`` if the user's model no longer holds the tensors (dtype, device,

@@ -28,20 +28,35 @@ def _entries(model: torch.nn.Module):
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def _state(model: torch.nn.Module) -> tuple:
-    return tuple((name, id(t), t.dtype, t.device, t.data_ptr() if t.device.type != "meta" else 0, tuple(t.shape))
+def _storage(t: torch.Tensor) -> int:
+    return 0 if t.device.type == "meta" else t.untyped_storage().data_ptr()
+
+
+def _state(model: torch.nn.Module, pinned: frozenset) -> tuple:
+    return tuple((name, id(t), t.dtype, t.device, t.data_ptr() if id(t) in pinned else 0, tuple(t.shape))
                  for name, t in _entries(model))
 
 
-class ModelSnapshot:
-    """Identity, dtype, device, storage and shape of every parameter and buffer of ``model`` when it
-    was compiled; ``check(model)`` raises ``ModelChangedError`` naming what changed and what to do."""
+def _held_storages(program) -> set[int]:
+    """Storages of the tensors the program's modules hold (the merged q/k/v and gate/up buffers among them)."""
+    modules = [program.graph_module] + [s.module for s in program.stages]
+    return {_storage(b) for m in modules for _, b in m.named_buffers()}
 
-    def __init__(self, model: torch.nn.Module):
-        self.state = _state(model)
+
+class ModelSnapshot:
+    """Identity, dtype, device and shape of every parameter and buffer of ``model`` when it was compiled,
+    and the storage of those that are views of a buffer the program holds (fused projections: the program
+    reads the merged buffer, so a parameter moved elsewhere would no longer be what it computes with; the
+    other tensors are read through the parameter objects, which follow ``param.data = ...``).
+    ``check(model)`` raises ``ModelChangedError`` naming what changed and what to do."""
+
+    def __init__(self, model: torch.nn.Module, program=None):
+        held = _held_storages(program) if program is not None else set()
+        self.pinned = frozenset(id(t) for _, t in _entries(model) if _storage(t) in held)
+        self.state = _state(model, self.pinned)
 
     def check(self, model: torch.nn.Module) -> None:
-        now = _state(model)
+        now = _state(model, self.pinned)
         if now != self.state:
             raise ModelChangedError(self._explain(now))
 
@@ -64,7 +79,8 @@ class ModelSnapshot:
             elif i1 != i0:
                 changes.append(f"{name} is a new tensor object (e.g. load_state_dict(..., assign=True))")
             elif p1 != p0:
-                changes.append(f"{name} now points at new storage (e.g. param.data = ...)")
+                changes.append(f"{name} now points at new storage (e.g. param.data = ...), away from the merged "
+                               "buffer the fused projection reads")
         more = sum(1 for n in cur if n not in was or was[n] != cur[n]) + sum(1 for n in was if n not in cur)
         listed = "; ".join(changes) + (f"; and {more - len(changes)} more" if more > len(changes) else "")
         return ("the model was changed after skimfx.compile, and the compiled model still reads the tensors it was "

@@ -39,12 +39,28 @@ def test_a_change_the_compiled_model_cannot_follow_is_refused_with_what_to_do(co
         assert "skimfx.compile(model, ...)" in str(e.value)
 
 
-def test_param_data_reassignment_is_refused(compiled):
+def test_param_data_reassignment_of_a_fused_projection_is_refused(compiled):
+    model, cm = compiled
+    w = model.model.layers[1].self_attn.k_proj.weight
+    w.data = w.data.clone()
+    with pytest.raises(ModelChangedError, match=r"layers\.1\.self_attn\.k_proj\.weight now points at new storage"):
+        cm(IDS)
+
+
+def test_param_data_reassignment_elsewhere_is_followed(compiled):
     model, cm = compiled
     w = model.model.layers[1].mlp.down_proj.weight
-    w.data = w.data.clone()
-    with pytest.raises(ModelChangedError, match=r"layers\.1\.mlp\.down_proj\.weight now points at new storage"):
-        cm(IDS)
+    w.data = w.data * 1.25                        # the graph reads the parameter object: it sees the new data
+    torch.testing.assert_close(cm(IDS).logits, hf_logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_an_unfused_compile_survives_a_later_fused_compile_of_the_same_model():
+    model = tiny_model("llama")
+    unfused = skimfx.compile(model, fuse=False)
+    fused = skimfx.compile(model)                 # re-points q/k/v and gate/up into merged buffers
+    ref = hf_logits(model)
+    torch.testing.assert_close(unfused(IDS).logits, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused(IDS).logits, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_in_place_load_state_dict_is_followed_including_the_fused_projections(compiled):

@@ -167,6 +167,7 @@ def test_draft_length_follows_measured_costs_and_acceptance():
     assert good.best(8, two, plain, first=2)[0] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
 def test_lossless_modes_are_token_identical_to_dense_on_real_models(which, request):
     model, tok = request.getfixturevalue(which)
