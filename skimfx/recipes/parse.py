@@ -99,7 +99,9 @@ def parse_recipe(text: str) -> list[Recipe]:
         except TypeError as e:
             missing = sorted(f.name for f in dataclasses.fields(cls)
                              if f.default is dataclasses.MISSING and f.name not in kwargs)
-            raise RecipeError(f"{name}: missing parameter(s) {', '.join(missing)} ({e})") from None
+            if missing:
+                raise RecipeError(f"{name}: missing parameter(s) {', '.join(missing)}") from None
+            raise RecipeError(f"{name}: invalid parameter value ({e})") from None
         if not isinstance(recipe, Dense):
             out.append(recipe)
     pruning = [r for r in out if isinstance(r, PRUNING)]

@@ -65,7 +65,10 @@ class PromptDistill(Recipe):
     def __post_init__(self):
         sentence_ok(self)
         layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
-        keep = (self.keep,) if isinstance(self.keep, int) else tuple(self.keep)
+        keep = (self.keep,) if isinstance(self.keep, (int, float)) else tuple(self.keep)
+        if any(isinstance(k, bool) or not isinstance(k, int) for k in keep):
+            raise RecipeError(f"keep is a number of prompt tokens per selection layer (an int, or one per layer), "
+                              f"got {self.keep!r}")
         if not layers:
             raise RecipeError("layers must name at least one selection layer")
         if len(keep) == 1 and len(layers) > 1:

@@ -1,5 +1,7 @@
 """Recipe-string values that are file paths keep their slashes; quoted values are taken verbatim; the
 label of a recipe parses back to the same recipe."""
+import re
+
 import pytest
 
 import skimfx
@@ -43,3 +45,12 @@ def test_cli_loads_a_calibration_named_by_a_relative_path(tmp_path, monkeypatch,
                  "--recipe", "selfspeculative:draft=skip,skip_layers=./cal dir/skip.st"]) == 0
     out = capsys.readouterr().out
     assert "drafts from skip (skipping layers [11, 17])" in out, out[-1500:]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("promptdistill:layers=1,keep=0.5", "keep is a number of prompt tokens per selection layer"),
+    ("promptdistill:keep=3", "missing parameter(s) layers"),
+])
+def test_bad_values_say_what_was_wrong(text, says):
+    with pytest.raises(skimfx.RecipeError, match=re.escape(says)):
+        parse_recipe(text)
