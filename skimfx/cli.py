@@ -73,6 +73,37 @@ def cmd_show(args) -> None:
     print(program)
 
 
+def measure(compiled: dict, prompts: list[list[int]], max_new_tokens: int, repeats: int,
+            stop_tokens=None) -> dict:
+    """{configuration: [Generation per repeat]}. Every configuration first runs once unmeasured (first-call
+    costs: allocator growth, lazy initialisation, caches of shapes), then ``repeats`` rounds each run every
+    configuration once, the order rotated per round, so that no configuration always runs first or right
+    after the same neighbour."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    names = list(compiled)
+    kw = dict(max_new_tokens=max_new_tokens) | ({} if stop_tokens is None else {"stop_tokens": stop_tokens})
+    for name in names:
+        compiled[name].generate(prompts, **kw)
+    runs: dict = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            runs[name].append(compiled[name].generate(prompts, **kw))
+    return runs
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _spread(xs: list[float], fmt: str) -> str:
+    """``median`` and, with several runs, ``[min-max]``."""
+    m = format(_median(xs), fmt)
+    return m if len(xs) == 1 else f"{m} [{format(min(xs), fmt)}-{format(max(xs), fmt)}]"
+
+
 def _table(rows: list[tuple]) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
@@ -92,26 +123,28 @@ def cmd_demo(args) -> None:
     recipes = ["dense"] + (args.recipe or [r.format(q=quarter) for r in DEMO_RECIPES])
     print(f"model {args.model}; prompt: {len(prompt.ids)} tokens of filler with a pass key ({prompt.key}) hidden "
           f"in the middle, then 'What is the pass key?'\n")
+    compiled = {r: skimfx.compile(model, r, tokenizer=tok)
+                for r in tqdm(recipes, desc="compile", unit="recipe", file=sys.stderr)}
+    runs = measure(compiled, [prompt.ids], args.max_new_tokens, args.repeats)
     rows = [("recipe", "answer", "correct", "TTFT ms", "decode tok/s", "KV MiB", "KV read", "agreement")]
-    dense_tokens = None
-    for r in tqdm(recipes, desc="recipes", unit="recipe", file=sys.stderr):
-        cm = skimfx.compile(model, r, tokenizer=tok)
-        g = cm.generate(prompt.ids, max_new_tokens=args.max_new_tokens)
-        toks = g.tokens[0]
-        if dense_tokens is None:
-            dense_tokens = toks
+    dense_tokens = runs["dense"][0].tokens[0]
+    for r, gs in runs.items():
+        toks = gs[0].tokens[0]
         n = max(len(toks), len(dense_tokens))
         agree = sum(a == b for a, b in zip(toks, dense_tokens)) / n
         answer = tok.decode(toks, skip_special_tokens=True).strip().replace("\n", " ")
-        s = g.stats
-        rows.append((r, answer[:40], "yes" if passkey_correct(tok, prompt, toks) else "no", f"{s.ttft_s * 1e3:.0f}",
-                     f"{s.decode_tokens_per_s:.1f}", f"{s.kv_bytes / 2**20:.1f}", f"{s.attended_fraction:.0%}",
-                     f"{agree:.0%}"))
+        s = gs[0].stats
+        rows.append((r, answer[:40], "yes" if passkey_correct(tok, prompt, toks) else "no",
+                     _spread([g.stats.ttft_s * 1e3 for g in gs], ".0f"),
+                     _spread([g.stats.decode_tokens_per_s for g in gs], ".1f"), f"{s.kv_bytes / 2**20:.1f}",
+                     f"{s.attended_fraction:.0%}", f"{agree:.0%}"))
     print(_table(rows))
+    print(f"\ntimes: median [min-max] of {args.repeats} interleaved runs after one warm-up run per recipe")
 
 
 def cmd_bench(args) -> None:
-    """Dense and each recipe on the same prompts at each length, dense first: speed, memory, fidelity."""
+    """Dense and each recipe on the same prompts at each length: speed (warmed up, interleaved, median of
+    repeats), memory, fidelity."""
     import skimfx
     from skimfx.eval import passkey_prompts
     from tqdm import tqdm
@@ -125,19 +158,25 @@ def cmd_bench(args) -> None:
     model, tok = skimfx.load_model(args.model)
     compiled = {r: skimfx.compile(model, r, tokenizer=tok) for r in recipes}
     rows = [("tokens", "recipe", "TTFT s", "TTFT x", "decode tok/s", "decode x", "KV MiB", "KV read", "agreement")]
-    work = [(n, r) for n in lengths for r in recipes]
-    dense = {}
-    for n, r in tqdm(work, desc="bench", unit="run", file=sys.stderr):
+    for n in tqdm(lengths, desc="bench", unit="length", file=sys.stderr):
         depths = tuple((i + 1) / (args.batch + 1) for i in range(args.batch))
         prompts = [p.ids for p in passkey_prompts(tok, n, depths=depths, keys_per_depth=1, seed=args.seed)]
-        g = compiled[r].generate(prompts, max_new_tokens=args.max_new_tokens, stop_tokens=[])
-        s = g.stats
-        base = dense.setdefault(n, g)
-        agree = sum(sum(a == b for a, b in zip(x, y)) / len(y) for x, y in zip(g.tokens, base.tokens)) / len(prompts)
-        rows.append((str(len(prompts[0])), r, f"{s.ttft_s:.2f}", f"{base.stats.ttft_s / s.ttft_s:.2f}",
-                     f"{s.decode_tokens_per_s:.1f}", f"{s.decode_tokens_per_s / base.stats.decode_tokens_per_s:.2f}",
-                     f"{s.kv_bytes / 2**20:.1f}", f"{s.attended_fraction:.0%}", f"{agree:.0%}"))
+        runs = measure(compiled, prompts, args.max_new_tokens, args.repeats, stop_tokens=[])
+        base = runs["dense"]
+        ttft0 = _median([g.stats.ttft_s for g in base])
+        tps0 = _median([g.stats.decode_tokens_per_s for g in base])
+        for r, gs in runs.items():
+            g = gs[0]
+            s = g.stats
+            agree = sum(sum(a == b for a, b in zip(x, y)) / len(y) for x, y in zip(g.tokens, base[0].tokens)) / len(prompts)
+            ttft = [x.stats.ttft_s for x in gs]
+            tps = [x.stats.decode_tokens_per_s for x in gs]
+            rows.append((str(len(prompts[0])), r, _spread(ttft, ".3f"), f"{ttft0 / _median(ttft):.2f}",
+                         _spread(tps, ".1f"), f"{_median(tps) / tps0:.2f}",
+                         f"{s.kv_bytes / 2**20:.1f}", f"{s.attended_fraction:.0%}", f"{agree:.0%}"))
     print(_table(rows))
+    print(f"\ntimes: median [min-max] of {args.repeats} interleaved runs after one warm-up run per recipe; "
+          "x: ratio of medians to dense (> 1 is faster)")
 
 
 def cmd_eval(args) -> None:
@@ -172,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--max-new-tokens", type=int, default=16)
     d.add_argument("--recipe", action="append", help="recipe string (repeatable); default: a few at 25%% kept")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--repeats", type=int, default=3, help="timed runs per recipe after a warm-up (median reported)")
     d.set_defaults(fn=cmd_demo)
 
     g = sub.add_parser("generate", help="generate text with a compiled embedded model")
@@ -199,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--max-new-tokens", type=int, default=32)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per recipe after a warm-up (median reported)")
     b.set_defaults(fn=cmd_bench)
 
     e = sub.add_parser("eval", help="score dense and recipes on a task; table + plot")

@@ -104,12 +104,19 @@ def test_cli_bad_arguments_are_one_line_errors(argv, match, capsys):
 def test_cli_bench_table(capsys, cli_model):
     assert main(["bench", "--lengths", "200", "--max-new-tokens", "4", "--recipe", "snapkv:budget=0.5",
                  "--recipe", "quest:token_budget=64"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    import re
+
+    out = capsys.readouterr().out
+    lines = out.splitlines()
     head = lines.index(next(l for l in lines if l.startswith("tokens")))
-    rows = [l.split() for l in lines[head + 1:] if l.strip() and not l.startswith("-")]
-    assert [r[1] for r in rows] == ["dense", "snapkv:budget=0.5", "quest:token_budget=64"]
-    assert rows[0][5] == "1.00" and rows[0][-1] == "100%"          # dense is its own baseline
-    assert float(rows[1][6]) < 0.7 * float(rows[0][6])              # SnapKV at 50% holds ~half the KV
+    end = lines.index("", head)
+    cols = re.split(r"\s{2,}", lines[head].strip())
+    rows = [dict(zip(cols, re.split(r"\s{2,}", l.strip()))) for l in lines[head + 1:end]]
+    assert [r["recipe"] for r in rows] == ["dense", "snapkv:budget=0.5", "quest:token_budget=64"]
+    assert rows[0]["TTFT x"] == "1.00" and rows[0]["decode x"] == "1.00" and rows[0]["agreement"] == "100%"
+    assert re.fullmatch(r"[\d.]+ \[[\d.]+-[\d.]+\]", rows[1]["TTFT s"])    # median [min-max] of 3 runs
+    assert float(rows[1]["KV MiB"]) < 0.7 * float(rows[0]["KV MiB"])     # SnapKV at 50% holds ~half the KV
+    assert "median [min-max] of 3 interleaved runs after one warm-up run" in out
 
 
 @pytest.mark.slow
@@ -131,3 +138,26 @@ def test_lm_eval_hflm_wraps_the_compiled_model(smollm2):
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
     assert got[0][1] is True                     # " Paris" is the greedy continuation
     assert ours.generate_until(gen) == ref.generate_until(gen)
+
+
+def test_measure_warms_up_every_configuration_and_interleaves_the_timed_runs():
+    from skimfx.cli import _spread, measure
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def generate(self, prompts, **kw):
+            calls.append(self.name)
+            return (self.name, len(calls))
+
+    runs = measure({n: Fake(n) for n in ("dense", "a", "b")}, [[1, 2]], 4, repeats=3)
+    assert calls[:3] == ["dense", "a", "b"]                                   # one unmeasured warm-up each
+    assert calls[3:] == ["dense", "a", "b", "a", "b", "dense", "b", "dense", "a"]   # rotated rounds
+    assert {n: len(r) for n, r in runs.items()} == {"dense": 3, "a": 3, "b": 3}
+    assert all(len(calls) - 9 < i for _, i in runs["dense"])                  # none of the warm-ups is reported
+    assert _spread([3.0, 1.0, 2.0], ".1f") == "2.0 [1.0-3.0]" and _spread([5.0], ".0f") == "5"
+    with pytest.raises(ValueError, match="--repeats must be >= 1"):
+        measure({"dense": Fake("dense")}, [[1]], 1, repeats=0)
