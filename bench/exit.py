@@ -66,7 +66,7 @@ def main() -> None:
     texts = skimfx.reference_texts()
     cals = {}
     for m in methods:
-        path = Path(args.calibration_dir) / f"exits_{m}_{'_'.join(map(str, layers))}.pt" if args.calibration_dir else None
+        path = Path(args.calibration_dir) / f"exits_{m}_{'_'.join(map(str, layers))}.safetensors" if args.calibration_dir else None
         if path is not None and path.exists():
             cals[m] = skimfx.ExitCalibration.load(path)
         else:
@@ -79,7 +79,7 @@ def main() -> None:
         print(cals[m].report(args.target), flush=True)
 
     # Draft&Verify: which layers a draft may skip (single-layer ablation, then growing prefixes)
-    path = Path(args.calibration_dir) / "skip.pt" if args.calibration_dir else None
+    path = Path(args.calibration_dir) / "skip.safetensors" if args.calibration_dir else None
     if path is not None and path.exists():
         skip_cal = skimfx.SkipCalibration.load(path)
     else:

@@ -2,8 +2,8 @@
 the confidence thresholds that reach a target agreement with the final layer on held-out text.
 
     cal = skimfx.calibrate_exits(model, texts, layers=(16, 24), method="ridge", tokenizer=tok)
-    cal.save("exits.pt")
-    cm = skimfx.compile(model, skimfx.EarlyExit(layers=(16, 24), calibration="exits.pt", target_agreement=0.95))
+    cal.save("exits.safetensors")
+    cm = skimfx.compile(model, skimfx.EarlyExit(layers=(16, 24), calibration="exits.safetensors", target_agreement=0.95))
 
 Methods (the model's weights never change; an adapter is applied on the exit branch only):
 - "none": the model's own final norm + LM head on the layer's output (thresholds only).
