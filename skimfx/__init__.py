@@ -14,8 +14,9 @@ from .capture import UnsupportedModelError, capture
 from .models import EMBEDDED, load_model
 from .passes import PassError, PassManager, default_passes, final_passes
 from .program import Program
-from .recipes import (RECIPES, H2O, TOVA, Delta, Dense, GemFilter, PromptDistill, Quest, Recipe, RecipeError,
-                      SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, parse_recipe, recipe_label)
+from .recipes import (RECIPES, H2O, TOVA, Delta, Dense, GemFilter, KeyDiff, Knorm, KVzip, PromptDistill, Quest, Recipe,
+                      RecipeError, SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, kvzip_prompt_ids,
+                      parse_recipe, recipe_label)
 from .runtime import CompiledModel, Generation, KVCache, ModelChangedError, Stats
 from .calibrate import (DeltaCalibration, ExitAdapter, ExitCalibration, SkipCalibration, calibrate_delta, calibrate_exits,
                         calibrate_skip, reference_texts, resolve)
@@ -40,7 +41,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
     if passes is None:
         recipes = parse_recipe(recipe) if isinstance(recipe, str) else \
             [] if recipe is None else [recipe] if isinstance(recipe, Recipe) else list(recipe)
-        recipes = [resolve(r) for r in recipes]        # saved calibrations named by path are loaded here
+        recipes = [resolve(r).with_tokenizer(tokenizer) for r in recipes]   # calibration files loaded, text tokenized
     program = capture(model)
     if passes is None:
         # recipes read what lowering found (e.g. which layers are sliding-window layers)
@@ -61,6 +62,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
 __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",
            "default_passes", "CompiledModel", "ModelChangedError", "Generation", "Stats", "KVCache", "UnsupportedModelError",
            "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM",
-           "H2O", "TOVA", "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "calibrate_exits",
+           "H2O", "TOVA", "Quest", "Delta", "SentenceKV", "Knorm", "KeyDiff", "KVzip", "kvzip_prompt_ids", "EarlyExit",
+           "SelfSpeculative", "calibrate_exits",
            "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "calibrate_delta", "DeltaCalibration", "reference_texts", "parse_recipe",
            "recipe_label", "resolve"]

@@ -9,8 +9,9 @@ plain parameters, never runtime objects; calibrations are read by their attribut
 """
 from .base import Dense, Recipe, RecipeError
 from .exit import DRAFT_SOURCES, EarlyExit, SelfSpeculative
-from .kv import (H2O, TOVA, Delta, DeltaPolicy, H2OPolicy, KVRecipe, Quest, QuestPolicy, SentenceKV, SentenceKVPolicy,
-                 SnapKV, SnapKVPolicy, StreamingLLM, StreamingLLMPolicy, TOVAPolicy, pyramid_budgets)
+from .kv import (H2O, KVZIP_PROMPT, TOVA, Delta, DeltaPolicy, H2OPolicy, KeyDiff, KeyDiffPolicy, Knorm, KnormPolicy,
+                 KVRecipe, KVzip, KVzipPolicy, Quest, QuestPolicy, SentenceKV, SentenceKVPolicy, SnapKV, SnapKVPolicy,
+                 StreamingLLM, StreamingLLMPolicy, TOVAPolicy, kvzip_prompt_ids, pyramid_budgets)
 from .parse import parse_recipe, recipe_label
 from .pruning import GemFilter, PromptDistill
 from .registry import RECIPES
@@ -18,4 +19,5 @@ from .registry import RECIPES
 __all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM", "H2O", "TOVA",
            "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "RECIPES", "parse_recipe", "recipe_label",
            "pyramid_budgets", "KVRecipe", "DRAFT_SOURCES", "SnapKVPolicy", "StreamingLLMPolicy", "H2OPolicy",
-           "TOVAPolicy", "QuestPolicy", "DeltaPolicy", "SentenceKVPolicy"]
+           "TOVAPolicy", "QuestPolicy", "DeltaPolicy", "SentenceKVPolicy", "Knorm", "KeyDiff", "KVzip", "KnormPolicy",
+           "KeyDiffPolicy", "KVzipPolicy", "kvzip_prompt_ids", "KVZIP_PROMPT"]

@@ -22,6 +22,11 @@ class Recipe(ABC):
     def passes(self, info: ModelInfo) -> list:
         """The passes (after lower_attention and split_layers) that implement this recipe."""
 
+    def with_tokenizer(self, tokenizer) -> "Recipe":
+        """This recipe completed from the tokenizer ``skimfx.compile`` was given (e.g. text it must
+        tokenize); default: unchanged."""
+        return self
+
 
 @dataclass(frozen=True)
 class Dense(Recipe):
@@ -65,12 +70,13 @@ def layers_ok(layers) -> tuple[int, ...] | None:
     return layers
 
 
-def sentence_ok(r) -> None:
+def sentence_ok(r, granularities: tuple[str, ...] = ("token", "sentence")) -> None:
     """``granularity``: "token" (the papers' rule) or "sentence": score each sentence by the max (or
     mean, ``sentence_reduce``) of its tokens' scores and keep whole sentences, best first, up to the
-    budget; sentences are cut at ``max_sentence`` tokens. Needs the tokenizer at compile time."""
-    if r.granularity not in ("token", "sentence"):
-        raise RecipeError(f"granularity must be 'token' or 'sentence', got {r.granularity!r}")
+    budget; sentences are cut at ``max_sentence`` tokens. Needs the tokenizer at compile time. The KV
+    policies also take "chunk" (fixed runs of tokens, ``recipes.kv``)."""
+    if r.granularity not in granularities:
+        raise RecipeError(f"granularity must be {' or '.join(map(repr, granularities))}, got {r.granularity!r}")
     if r.sentence_reduce not in ("max", "mean"):
         raise RecipeError(f"sentence_reduce must be 'max' or 'mean', got {r.sentence_reduce!r}")
     if not isinstance(r.max_sentence, int) or r.max_sentence < 1:

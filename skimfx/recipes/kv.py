@@ -3,10 +3,12 @@
 Each method has two small classes here: its per-layer parameters (a ``CachePolicy`` subclass: plain,
 validated data in the Program, executed by the runtime policy registered under the same ``method`` in
 ``runtime/policies/``) and its recipe (which layers, which budgets). Evicting: SnapKV / PyramidKV,
-StreamingLLM, H2O, TOVA. Sparse reads: Quest, DELTA, SentenceKV.
+StreamingLLM, H2O, TOVA (SnapKV, H2O and TOVA also at sentence or ChunkKV chunk granularity), Knorm,
+KeyDiff, KVzip. Sparse reads: Quest, DELTA, SentenceKV.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..passes.kv_policy import kv_policy
@@ -18,6 +20,8 @@ from .base import Recipe, RecipeError, amount_ok, bind_pass, layers_ok, positive
 # per-layer parameters (the Program's ``policies[layer]``)
 # ----------------------------------------------------------------------------------------------
 def _sentence_details(p) -> list[str]:
+    if p.granularity == "chunk":
+        return [f"whole chunks of {p.chunk} ({p.sentence_reduce})"]
     return [f"whole sentences ({p.sentence_reduce})"] if p.granularity == "sentence" else []
 
 
@@ -30,6 +34,7 @@ class SnapKVPolicy(CachePolicy):
     granularity: str = "token"
     sentence_reduce: str = "max"
     max_sentence: int = 64
+    chunk: int = 10
     method = "snapkv"
     kind = "evict"
 
@@ -59,6 +64,7 @@ class H2OPolicy(CachePolicy):
     granularity: str = "token"
     sentence_reduce: str = "max"
     max_sentence: int = 64
+    chunk: int = 10
     decode_evict = True
     method = "h2o"
     kind = "evict"
@@ -76,6 +82,7 @@ class TOVAPolicy(CachePolicy):
     granularity: str = "token"
     sentence_reduce: str = "max"
     max_sentence: int = 64
+    chunk: int = 10
     method = "tova"
     kind = "evict"
 
@@ -140,6 +147,20 @@ class SentenceKVPolicy(CachePolicy):
 # ----------------------------------------------------------------------------------------------
 # recipes
 # ----------------------------------------------------------------------------------------------
+def _units_ok(r) -> None:
+    """The KV selectors' ``granularity``: "token", "sentence" (``base.sentence_ok``) or "chunk" (ChunkKV,
+    Liu et al., 2025, "ChunkKV: Semantic-Preserving KV Cache Compression"): the prompt is cut into runs of
+    ``chunk`` tokens and each KV head keeps whole chunks by the max (or mean, ``sentence_reduce``; ChunkKV
+    uses the mean) of their tokens' scores, best first while they fit, topped up with the best single
+    tokens to the budget. No tokenizer needed."""
+    sentence_ok(r, ("token", "sentence", "chunk"))
+    positive("chunk", r.chunk)
+
+
+def _unit_fields(r) -> dict:
+    return dict(sentence_fields(r), chunk=r.chunk)
+
+
 def _policy_layers(info: ModelInfo, layers: tuple[int, ...] | None, skip: int = 0) -> list[int]:
     """The layers a policy applies to: the given ones, or every full-attention layer from ``skip`` on
     (sliding-window layers already read a bounded window)."""
@@ -182,7 +203,8 @@ class SnapKV(KVRecipe):
     most (softmax attention summed over the window, mean over the GQA group, avg-pool ``pool_kernel``),
     the window itself always. ``pyramid``: PyramidKV per-layer budgets with the same total.
     ``granularity="sentence"``: each KV head keeps whole prompt sentences by their tokens' scores (see
-    ``base.sentence_ok``), topped up with the best single tokens so that every head keeps the budget."""
+    ``base.sentence_ok``), topped up with the best single tokens so that every head keeps the budget;
+    ``granularity="chunk"``: the same with runs of ``chunk`` tokens (ChunkKV, see ``_units_ok``)."""
 
     budget: int | float
     window: int = 32
@@ -192,11 +214,12 @@ class SnapKV(KVRecipe):
     granularity: str = "token"
     sentence_reduce: str = "max"
     max_sentence: int = 64
+    chunk: int = 10
     name = "snapkv"
 
     def __post_init__(self):
         amount_ok("budget", self.budget)
-        sentence_ok(self)
+        _units_ok(self)
         positive("window", self.window)
         if isinstance(self.budget, int) and self.window >= self.budget:
             raise RecipeError(f"window ({self.window}) must be smaller than budget ({self.budget})")
@@ -211,7 +234,7 @@ class SnapKV(KVRecipe):
     def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
         floor = self.window if isinstance(self.budget, int) else 0.0
         return self._policies(info, lambda b: SnapKVPolicy(b, window=self.window, pool_kernel=self.pool_kernel,
-                                                           **sentence_fields(self)),
+                                                           **_unit_fields(self)),
                               floor)
 
 
@@ -251,8 +274,8 @@ class H2O(KVRecipe):
     queries so far is accumulated; each KV head keeps the ``heavy`` highest-scoring tokens plus the
     ``recent`` newest, after prefill and at every decode step (the lowest non-recent token is evicted
     for each new one). ``granularity="sentence"``: the prefill compression keeps whole prompt sentences
-    by their tokens' accumulated scores (topped up with single tokens to the budget); decode-time
-    eviction stays per token."""
+    by their tokens' accumulated scores (topped up with single tokens to the budget); ``"chunk"``: runs
+    of ``chunk`` tokens instead (ChunkKV, see ``_units_ok``); decode-time eviction stays per token."""
 
     heavy: int | float
     recent: int | float
@@ -261,11 +284,12 @@ class H2O(KVRecipe):
     granularity: str = "token"
     sentence_reduce: str = "max"
     max_sentence: int = 64
+    chunk: int = 10
     name = "h2o"
 
     def __post_init__(self):
         amount_ok("heavy", self.heavy)
-        sentence_ok(self)
+        _units_ok(self)
         amount_ok("recent", self.recent)
         if type(self.heavy) is not type(self.recent):
             raise RecipeError(f"heavy and recent must both be token counts or both fractions, got "
@@ -279,7 +303,7 @@ class H2O(KVRecipe):
         return self.heavy + self.recent
 
     def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
-        return self._policies(info, lambda b: H2OPolicy(b, recent=self.recent, **sentence_fields(self)), self.recent)
+        return self._policies(info, lambda b: H2OPolicy(b, recent=self.recent, **_unit_fields(self)), self.recent)
 
 
 @dataclass(frozen=True)
@@ -410,8 +434,9 @@ class TOVA(KVRecipe):
     stay. After prefill the last prompt query keeps the ``budget`` best prompt tokens (the last one
     always, as kvpress's TOVAPress); with ``evict_during_decode`` each new token is attended to with the
     others and the lowest-scoring token is then dropped, so the layer stays at its budget (TOVA's rule).
-    ``granularity="sentence"``: the prefill compression keeps whole sentences (see ``base.sentence_ok``);
-    decode-time eviction stays per token. ``pyramid``: PyramidKV per-layer budgets."""
+    ``granularity="sentence"``: the prefill compression keeps whole sentences (see ``base.sentence_ok``),
+    ``"chunk"``: runs of ``chunk`` tokens (ChunkKV, see ``_units_ok``); decode-time eviction stays per
+    token. ``pyramid``: PyramidKV per-layer budgets."""
 
     budget: int | float
     evict_during_decode: bool = True
@@ -420,11 +445,12 @@ class TOVA(KVRecipe):
     granularity: str = "token"
     sentence_reduce: str = "max"
     max_sentence: int = 64
+    chunk: int = 10
     name = "tova"
 
     def __post_init__(self):
         amount_ok("budget", self.budget)
-        sentence_ok(self)
+        _units_ok(self)
         if not isinstance(self.evict_during_decode, bool):
             raise RecipeError(f"evict_during_decode must be true or false, got {self.evict_during_decode!r}")
         object.__setattr__(self, "layers", layers_ok(self.layers))
@@ -435,5 +461,175 @@ class TOVA(KVRecipe):
 
     def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
         return self._policies(info, lambda b: TOVAPolicy(b, decode_evict=self.evict_during_decode,
-                                                         **sentence_fields(self)), 1 if isinstance(self.budget, int)
+                                                         **_unit_fields(self)), 1 if isinstance(self.budget, int)
                               else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# scorers of the cached keys alone: Knorm, KeyDiff
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KnormPolicy(CachePolicy):
+    """Knorm: each KV head keeps the prompt tokens whose keys have the lowest L2 norm."""
+
+    method = "knorm"
+    kind = "evict"
+
+    def details(self):
+        return ["lowest key norms"]
+
+
+@dataclass(frozen=True)
+class Knorm(KVRecipe):
+    """Knorm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
+    Compression"): a low key norm goes with high attention, so after prefill each KV head keeps the
+    ``budget`` prompt tokens whose cached (post-RoPE) keys have the lowest L2 norm. No attention is
+    computed; decode appends to the compacted cache."""
+
+    budget: int | float
+    layers: tuple[int, ...] | int | None = None
+    name = "knorm"
+
+    def __post_init__(self):
+        amount_ok("budget", self.budget)
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        return self._policies(info, KnormPolicy, 0)
+
+
+@dataclass(frozen=True)
+class KeyDiffPolicy(CachePolicy):
+    """KeyDiff: each KV head keeps the prompt tokens whose keys are least similar to the mean key."""
+
+    method = "keydiff"
+    kind = "evict"
+
+    def details(self):
+        return ["keys least like their head's mean key"]
+
+
+@dataclass(frozen=True)
+class KeyDiff(KVRecipe):
+    """KeyDiff (Park et al., 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM
+    Inference in Resource-Constrained Environments"): distinctive keys matter. Per KV head the anchor is
+    the mean of the prompt's L2-normalised keys; after prefill each KV head keeps the ``budget`` prompt
+    tokens whose keys have the lowest cosine similarity to it. The paper applies the rule block by block
+    while a prompt streams into a fixed-size cache; here it runs once over the whole prompt (as
+    kvpress's KeyDiffPress), and decode appends to the compacted cache."""
+
+    budget: int | float
+    layers: tuple[int, ...] | int | None = None
+    name = "keydiff"
+
+    def __post_init__(self):
+        amount_ok("budget", self.budget)
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        return self._policies(info, KeyDiffPolicy, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# KVzip: scores from a reconstruction of the prompt
+# ----------------------------------------------------------------------------------------------
+KVZIP_PROMPT = "\n\nRepeat the previous context exactly."
+KVZIP_SCOPES = ("chunk", "full", "local")
+
+
+def kvzip_prompt_ids(tokenizer, text: str = KVZIP_PROMPT) -> tuple[int, ...]:
+    """The token ids of KVzip's reconstruction instruction in ``tokenizer``'s vocabulary (no special
+    tokens), for ``KVzip(prompt_ids=...)``."""
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+@dataclass(frozen=True)
+class KVzipPolicy(CachePolicy):
+    """KVzip: after prefill the model reconstructs the prompt in chunks of ``chunk`` tokens (after
+    ``prompt_ids`` and ``overlap`` preceding tokens); each KV head keeps the pairs that the reconstruction
+    attends to most (``scope``: which keys a reconstruction query scores and reads), plus ``sinks``."""
+
+    chunk: int = 2048
+    scope: str = "chunk"
+    sinks: int = 4
+    overlap: int = 8
+    prompt_ids: tuple[int, ...] = ()
+    method = "kvzip"
+    kind = "evict"
+
+    def details(self):
+        return ([f"scored by reconstructing the prompt in chunks of {self.chunk} ({self.scope} scope)"]
+                + ([f"{self.sinks} sinks"] if self.sinks else []))
+
+
+@dataclass(frozen=True)
+class KVzip(KVRecipe):
+    """KVzip (Kim et al., 2025, "KVzip: Query-Agnostic KV Cache Compression with Context
+    Reconstruction"): after prefill the model reconstructs the prompt, teacher-forced, one chunk of
+    ``chunk`` tokens per forward over the full cache (each forward: ``prompt_ids``, the ``overlap`` prompt
+    tokens before the chunk, the chunk). A cached pair's score is the largest softmax attention it
+    receives from the reconstruction queries, over the queries and the query heads of its GQA group; each
+    KV head keeps its ``budget`` best (the first ``sinks`` tokens always); the reconstruction's own k/v
+    are discarded. Prefill costs about twice as much; decode appends to the compacted cache.
+
+    ``scope``: "chunk" (KVzip's chunked scoring: a chunk's reconstruction scores that chunk's pairs, its
+    softmax over the sinks, the chunk and the reconstruction), "full" (every reconstruction query scores
+    every pair with the softmax over the whole cache), or "local" (the cheaper variant: as "chunk", and
+    the reconstruction also attends only to the sinks, its chunk and itself, so its attention costs
+    O(prompt x chunk) instead of O(prompt^2)). ``prompt_ids``: the instruction's token ids, e.g.
+    ``kvzip_prompt_ids(tok)`` for KVzip's "Repeat the previous context exactly."; ``skimfx.compile(...,
+    tokenizer=tok)`` fills that in when none are given; without a tokenizer and with none given, the chunk
+    repeats right after the prompt (after the ``overlap`` tokens that precede it)."""
+
+    budget: int | float
+    chunk: int = 2048
+    scope: str = "chunk"
+    sinks: int = 4
+    overlap: int = 8
+    prompt_ids: tuple[int, ...] | int = ()
+    layers: tuple[int, ...] | int | None = None
+    name = "kvzip"
+
+    def __post_init__(self):
+        amount_ok("budget", self.budget)
+        positive("chunk", self.chunk)
+        if self.scope not in KVZIP_SCOPES:
+            raise RecipeError(f"scope must be {' or '.join(map(repr, KVZIP_SCOPES))}, got {self.scope!r}")
+        for name in ("sinks", "overlap"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise RecipeError(f"{name} must be an integer >= 0, got {v!r}")
+        if isinstance(self.budget, int) and self.budget <= self.sinks:
+            raise RecipeError(f"budget ({self.budget}) must exceed sinks ({self.sinks}): the sinks are always kept")
+        ids = (self.prompt_ids,) if isinstance(self.prompt_ids, int) else self.prompt_ids
+        if not isinstance(ids, (tuple, list)) or any(not isinstance(t, int) or isinstance(t, bool) or t < 0
+                                                     for t in ids):
+            raise RecipeError(f"prompt_ids must be token ids (integers >= 0; in a recipe string 1/2/3), e.g. "
+                              f"skimfx.kvzip_prompt_ids(tokenizer); got {self.prompt_ids!r}")
+        object.__setattr__(self, "prompt_ids", tuple(ids))
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.budget
+
+    def with_tokenizer(self, tokenizer) -> "KVzip":
+        """With no ``prompt_ids`` given, KVzip's instruction in the tokenizer's vocabulary."""
+        if self.prompt_ids or tokenizer is None:
+            return self
+        return dataclasses.replace(self, prompt_ids=kvzip_prompt_ids(tokenizer))
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        outside = [t for t in self.prompt_ids if t >= info.vocab_size]
+        if outside:
+            raise RecipeError(f"prompt_ids {outside} are outside the model's vocabulary of {info.vocab_size} tokens")
+        return self._policies(info, lambda b: KVzipPolicy(b, chunk=self.chunk, scope=self.scope, sinks=self.sinks,
+                                                          overlap=self.overlap, prompt_ids=self.prompt_ids), 0)

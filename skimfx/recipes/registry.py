@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from .base import Dense
 from .exit import EarlyExit, SelfSpeculative
-from .kv import H2O, TOVA, Delta, Quest, SentenceKV, SnapKV, StreamingLLM
+from .kv import H2O, TOVA, Delta, KeyDiff, Knorm, KVzip, Quest, SentenceKV, SnapKV, StreamingLLM
 from .pruning import GemFilter, PromptDistill
 
 RECIPES: dict[str, type] = {cls.name: cls for cls in (Dense, GemFilter, PromptDistill, SnapKV, StreamingLLM, H2O, TOVA,
-                                                      Quest, Delta, SentenceKV, EarlyExit, SelfSpeculative)}
+                                                      Quest, Delta, SentenceKV, Knorm, KeyDiff, KVzip, EarlyExit,
+                                                      SelfSpeculative)}

@@ -124,6 +124,26 @@ class KVCache:
         self._lengths[layer] = list(lengths)
         self._lengths_dev[layer] = None
 
+    def resize(self, layer: int, capacity: int) -> None:
+        """Reallocate ``layer`` to ``capacity`` slots, keeping its filled ones (room for a probe forward, and
+        back after it)."""
+        filled = max(self._lengths[layer])
+        if capacity < filled:
+            raise ValueError(f"layer {layer}: cannot resize to {capacity} slots, {filled} are filled")
+        for buf in (self.k, self.v):
+            new = torch.zeros(self.batch, self.num_kv_heads, capacity, self.head_dim, dtype=self.dtype,
+                              device=self.device)
+            new[:, :, :filled] = buf[layer][:, :, :filled]
+            buf[layer] = new
+
+    def rewind(self, layer: int, lengths: list[int]) -> None:
+        """Forget the slots past ``lengths[b]`` that a probe forward wrote. Unlike ``truncate`` this is
+        allowed under any policy: no policy saw those tokens, so its state still describes the cache."""
+        if any(n > m for n, m in zip(lengths, self._lengths[layer])):
+            raise ValueError(f"layer {layer}: cannot rewind {self._lengths[layer]} to {lengths}")
+        self._lengths[layer] = list(lengths)
+        self._lengths_dev[layer] = None
+
     def reset(self, headroom: int, tokens: int) -> None:
         """Empty the cache and reallocate every layer to ``tokens + headroom`` slots."""
         for buf in (self.k, self.v):

@@ -44,6 +44,7 @@ class Ctx:
         self.compress = compress
         self.kept: list[int] | None = None               # kept count per sequence after the last selection
         self.sentence_ids: torch.Tensor | None = None    # [B, T] sentence of each token (sentence granularity)
+        self.probe: int | None = None                    # which probe forward this is (``runtime/probe.py``)
         self._bounds: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         # the stats sink
         self.selected: dict[int, list[list[int]]] = {}   # selection layer -> kept token indices per sequence
@@ -84,6 +85,8 @@ class Ctx:
         policy = self.cache.policies.get(layer)
         if policy is None:
             return self.attend_dense(layer, q, k, v, scale, window, softcap)
+        if self.probe is not None:      # tokens the cache forgets after this forward: no policy state moves
+            return policy.probe_attend(self, q, k, v, scale, window, softcap)
         return policy.attend(self, layer, q, k, v, scale, window, softcap)
 
     # -- what policies build on -------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ..program import Program
 from .cache import KVCache
 from .context import Ctx
 from .executor import Executor, Rerun
+from .probe import probe_prompt
 
 
 def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: list[int] | None = None,
@@ -27,7 +28,8 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
     ``select`` stages) runs when this is the first prefill of the cache and ``all_logits`` is off.
     ``record`` receives the kept token indices of each selection layer, ``record_kv`` the prompt
     slots each evicting layer kept, ``reads`` per layer [keys read, keys cached] of single-token steps,
-    ``moved[0]`` the bytes copied from offloaded (host) KV to the device.
+    ``moved[0]`` the bytes copied from offloaded (host) KV to the device. After the first prefill, the
+    probe forwards that a KV policy asks for run before it compresses (``probe.py``: KVzip).
     """
     B, T = input_ids.shape
     n_valid = [T] * B if n_valid is None else list(n_valid)
@@ -40,6 +42,8 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
     ctx = Ctx(cache, n_valid, program, prune=prune, compress=fresh and not rerun)
     executor = Executor(program)
     out = executor.forward(ctx, input_ids, position_ids, last_only=not all_logits)
+    if ctx.compress and not isinstance(out, Rerun):
+        probe_prompt(executor, ctx, input_ids, n_valid)
     if record is not None:
         record.update(ctx.selected)
     if record_kv is not None:
@@ -59,6 +63,7 @@ def extend(program: Program, cache: KVCache, input_ids: torch.Tensor, n_valid: l
         ctx = Ctx(cache, out.kept, program, prune=False, compress=True)
         positions = torch.arange(K, device=dev)[None].expand(B, -1)
         out = executor.forward(ctx, ids, positions, last_only=True)
+        probe_prompt(executor, ctx, ids, ctx.n_valid)
         cache.positions = list(ctx.n_valid)
         if record_kv is not None:
             record_kv.update(ctx.kv_kept)

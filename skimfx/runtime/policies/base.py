@@ -10,6 +10,9 @@ ages, accumulated scores, page bounds, ...). ``Ctx.attend`` hands it every atten
 - ``decode``: one new token per sequence (default: the dense path).
 - ``after_write``: keep per-slot state current after tokens were written (Quest's page bounds).
 - ``after_prefill``: the prompt is in: compress it (evicting policies) or summarise it (SentenceKV).
+- ``probe_inputs`` / ``probe_attend`` / ``after_probes``: a policy that scores the prompt by running more
+  tokens through the whole model first (KVzip's context reconstruction) asks for those forwards after
+  the prompt; they attend over the full cache, their own k/v are forgotten afterwards, then it compresses.
 - ``state_tensors`` / ``host_tensors``: what the state holds, for the cache's byte counts; a layer
   with state cannot be rolled back by truncation.
 
@@ -78,6 +81,26 @@ class KVPolicy:
 
     def after_prefill(self, ctx: "Ctx", q: torch.Tensor, scale: float) -> None:
         """The whole prompt was written and attended to (q: its queries [B, Hq, T, D])."""
+
+    # -- probe forwards after the prompt (``runtime/probe.py`` runs them) ---------------------------
+    def probe_inputs(self, ctx: "Ctx", ids: torch.Tensor, n: list[int]) -> list[list[list[int]]] | None:
+        """The token ids to run through the whole model after the prompt before this layer compresses it:
+        one forward per entry, entry[b] the ids of sequence b (an empty list: sequence b sits that forward
+        out). Each forward starts right after the prompt; every layer forgets its k/v afterwards. ``ctx``
+        is the prompt's prefill context, ``ids [B, T]`` its token ids (sequence b's are the first ``n[b]``).
+        None: no probe forwards."""
+        return None
+
+    def probe_attend(self, ctx: "Ctx", q, k, v, scale: float, window: int | None,
+                     softcap: float | None) -> torch.Tensor:
+        """The layer's attention in probe forward ``ctx.probe``: the probe tokens' q [B, Hq, T, D] over the
+        cache plus their own k/v [B, Hkv, T, D] (written after each sequence's cached tokens and forgotten
+        after the forward), so no state that describes the cache may change (what the policy measures from
+        the probe may be recorded). Default: the dense path."""
+        return ctx.attend_dense(self.layer, q, k, v, scale, window, softcap)
+
+    def after_probes(self, ctx: "Ctx") -> None:
+        """Every probe forward this policy asked for has run (``ctx``: the prompt's prefill context)."""
 
     # -- the captured decode step (runtime/static.py) -----------------------------------------------
     supports_static = False     # whether ``static_decode`` exists for this policy

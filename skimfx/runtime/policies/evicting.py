@@ -12,6 +12,10 @@ decode, the eviction priority of each slot (``priority``: the lowest unprotected
 Sentence granularity (``granularity="sentence"``): each KV head keeps whole sentences by the max (or
 mean) of their tokens' scores, best first while they fit, then the best single tokens up to the
 budget (the cache compacts to one length per sequence, so every head keeps the same count).
+Chunk granularity (``granularity="chunk"``, after ChunkKV, Liu et al., 2025): the same with fixed-size
+runs of ``chunk`` prompt tokens as the units. ChunkKV itself sums the scores over the heads, so that
+every head keeps the same chunks, and reduces a chunk by its mean (``sentence_reduce="mean"``); here each
+KV head chooses its own chunks, as sentence granularity does.
 """
 from __future__ import annotations
 
@@ -77,20 +81,34 @@ class EvictingPolicy(KVPolicy):
         kept = [min(b, m) for b, m in zip(budget, n)]
         if kept == n:
             return
-        j = torch.arange(S, device=dev)[None, None]
-        kv_len = torch.tensor(n, device=dev)[:, None, None]
-        scores = self.prefill_scores(ctx, q, keys, n, budget, scale).masked_fill(j >= kv_len, float("-inf"))
-        if self.params.sentence_granular:
+        self.keep_best(ctx, self.prefill_scores(ctx, q, keys, n, budget, scale), n, budget)
+
+    def keep_best(self, ctx, scores: torch.Tensor, n: list[int], budget: list[int]) -> None:
+        """Shrink the layer to the ``min(budget[b], n[b])`` best slots of each (sequence, KV head) row by
+        ``scores [B, Hkv, S]`` (+inf = always kept), whole units first at sentence or chunk granularity."""
+        cache, layer = ctx.cache, self.layer
+        dev = scores.device
+        B, H, S = scores.shape
+        kept = [min(b, m) for b, m in zip(budget, n)]
+        j = torch.arange(S, device=dev)
+        scores = scores.masked_fill(j[None, None] >= torch.tensor(n, device=dev)[:, None, None], float("-inf"))
+        granularity = getattr(self.params, "granularity", "token")
+        if granularity == "sentence":
             if ctx.sentence_ids is None:
                 raise ValueError(f"{self.name} with granularity='sentence' needs the prompt's sentence ids")
             index = sentence_keep_index(scores, ctx.sentence_ids[:, :S], kept, self.params.sentence_reduce, n)
+        elif granularity == "chunk":
+            # ChunkKV's units: runs of ``chunk`` slots, i.e. of prompt positions (of the kept tokens, in
+            # order, when token pruning below this layer kept a subset)
+            units = (j // self.params.chunk).expand(B, S)
+            index = sentence_keep_index(scores, units, kept, self.params.sentence_reduce, n)
         else:
             index = keep_index(scores, kept)                                        # [B, Hkv, K]
         headroom = max(budget) - index.shape[-1] + self.spare_slots if self.decode_evict else None
         cache.compact(layer, index, kept, headroom=headroom)
         cap = cache.capacity(layer)
         if self.decode_evict:
-            age = torch.zeros(len(n), H, cap, dtype=torch.long, device=dev)
+            age = torch.zeros(B, H, cap, dtype=torch.long, device=dev)
             age[:, :, :index.shape[-1]] = index
             self.age = age
         self.after_compact(index, cap)
