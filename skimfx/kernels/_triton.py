@@ -10,6 +10,7 @@ references).
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -88,6 +89,8 @@ def rows_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` as [rows, N] with unit column stride and one row stride; a copy only when its layout has
     neither (e.g. a transposed view)."""
     n = t.shape[-1]
+    if t.numel() == 0:                       # no elements: -1 cannot be inferred when n == 0
+        return t.reshape(math.prod(t.shape[:-1]), n)
     if t.stride(-1) == 1 or n == 1:
         try:
             return t.view(-1, n)

@@ -64,10 +64,11 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: to
         return out.to(out_dtype)
     gqa = Hq != Hkv
     if Tq == 1:
-        # decode: every sequence reads keys [lo, kv_len); with no padding and no window cut, that is
-        # all S keys and no mask is needed. Otherwise the GQA group's queries become the query axis
+        # decode: every sequence reads keys [lo, min(kv_len, q_start + 1)); when that is all S keys (no
+        # padding, the query is the last key, no window cut) no mask is needed. Otherwise the GQA group's queries become the query axis
         # of one SDPA per kv head, so the [B, 1, 1, S] mask broadcasts without repeating k/v.
-        if (window is None or window >= S) and not torch.compiler.is_compiling() and bool((kv_len == S).all()):
+        if ((window is None or window >= S) and not torch.compiler.is_compiling() and bool((kv_len == S).all())
+                and bool((q_start >= S - 1).all())):
             out = F.scaled_dot_product_attention(qf, kf, vf, scale=scale, enable_gqa=gqa)
         else:
             mask = attention_mask(1, S, q_start, kv_len, window)

@@ -138,7 +138,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: f
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x2 = rows_view(x)
     n_rows = x2.shape[0]
-    if n_rows == 0:
+    if n_rows == 0 or N == 0:             # nothing to normalise (empty rows have no elements to write)
         return y
     _rms_norm_kernel[_grid(n_rows)](
         x2, x2, weight.contiguous(), y, y, x2.stride(0), 0, N, n_rows, N, row_bucket(n_rows), float(eps), float(offset),
@@ -155,7 +155,7 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     y = torch.empty_like(h)
     x2, r2 = rows_view(x), rows_view(residual)
     n_rows = x2.shape[0]
-    if n_rows == 0:
+    if n_rows == 0 or N == 0:
         return h, y
     _rms_norm_kernel[_grid(n_rows)](
         x2, r2, weight.contiguous(), h, y, x2.stride(0), r2.stride(0), N, n_rows, N, row_bucket(n_rows),
