@@ -1,22 +1,127 @@
-"""Shared by the benchmark scripts: write a result table (markdown + json), load a model (the embedded
-one, or its architecture with random weights), get pyplot if installed."""
+"""Shared by the benchmark scripts: write a result table (markdown + json) with the provenance of the run,
+publish it into its section of docs/benchmarks.md, load a model (the embedded one, or its architecture
+with random weights), get pyplot if installed."""
 from __future__ import annotations
 
 import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+PAGES = (DOC, ROOT / "docs" / "gpu.md", ROOT / "README.md")      # pages with script-owned sections
+PROVENANCE = "Provenance:"
+
+
+def provenance() -> dict:
+    """What produced a result: commit (``+dirty`` with uncommitted changes), library versions, machine."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    try:
+        import triton
+        triton_v = triton.__version__
+    except Exception:                        # not installed, or a broken install
+        triton_v = "none"
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return dict(commit=commit, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), python=platform.python_version(),
+                torch=torch.__version__, triton=triton_v, transformers=transformers.__version__,
+                machine=f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+                        + (f"; {gpu}" if gpu else ""),
+                command="python " + " ".join([Path(sys.argv[0]).name if sys.argv[0] else "?"] + sys.argv[1:]))
+
+
+def provenance_line(p: dict | None = None) -> str:
+    p = p or provenance()
+    return (f"{PROVENANCE} `{p['command']}` at commit {p['commit']} on {p['date']}; torch {p['torch']}, triton "
+            f"{p['triton']}, transformers {p['transformers']}, Python {p['python']}; {p['machine']}.")
 
 
 def save(stem: str, lines: list[str], data, out: str | Path | None = None) -> None:
-    """<out>/<stem>.md (the table, also printed) and <stem>.json (the raw rows); out: bench/results."""
+    """<out>/<stem>.md (the table, also printed, with the run's provenance) and <stem>.json (the raw rows
+    and the provenance); out: bench/results, whose tables are also published into docs/benchmarks.md."""
     out = Path(out) if out is not None else RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    prov = provenance()
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n\n" + provenance_line(prov) + "\n")
+    if isinstance(data, dict):
+        data = {**data, "provenance": prov}
     (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
     print("\n".join(lines))
+    if out.resolve() == RESULTS.resolve():
+        publish(stem)
+
+
+def finish(stem: str, out: str | Path | None = None) -> None:
+    """For scripts that write <stem>.md themselves: append the run's provenance, then publish it."""
+    out = Path(out) if out is not None else RESULTS
+    md = out / f"{stem}.md"
+    text = md.read_text().rstrip("\n")
+    md.write_text(text + "\n\n" + provenance_line() + "\n")
+    if out.resolve() == RESULTS.resolve():
+        publish(stem)
+
+
+# -- docs/benchmarks.md: each result owns a marked section, rewritten from bench/results/<stem>.md -------------
+def _markers(stem: str) -> tuple[str, str]:
+    return f"<!-- bench:{stem} -->", f"<!-- /bench:{stem} -->"
+
+
+def section_text(stem: str) -> str:
+    """The published form of bench/results/<stem>.md: its headings demoted under the page's, links to the
+    plots next to it, and a note when the run recorded no provenance."""
+    md = (RESULTS / f"{stem}.md").read_text().rstrip("\n")
+    md = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 1, 6) + " ", md, flags=re.M)
+    if PROVENANCE not in md:
+        md += ("\n\n" + PROVENANCE + " not recorded (this result was produced before results recorded their "
+               "commit and machine; re-run the script to refresh it).")
+    plots = sorted(p.name for p in RESULTS.glob(f"{stem}*.png"))
+    for name in plots:
+        md += f"\n\n![{name}](../bench/results/{name})"
+    return md
+
+
+def publish(stem: str, pages=PAGES) -> int:
+    """Rewrite the section of ``stem`` (between its markers) in every page that has one, from
+    bench/results/<stem>.md; returns how many pages had it."""
+    done = 0
+    for doc in pages:
+        if not doc.exists():
+            continue
+        text = doc.read_text()
+        start, end = _markers(stem)
+        if start not in text or end not in text:
+            continue
+        a, b = text.index(start) + len(start), text.index(end)
+        doc.write_text(text[:a] + "\n" + section_text(stem) + "\n" + text[b:])
+        done += 1
+    return done
+
+
+def sections(doc: Path) -> list[str]:
+    """The stems that ``doc`` has sections for, in page order."""
+    return re.findall(r"<!-- bench:([\w.-]+) -->", doc.read_text()) if doc.exists() else []
 
 
 # The embedded models' architectures, for random-weight runs (values from their GGUF configs): speed does not

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import skimfx
+from _results import finish
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -135,6 +136,7 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "e2e_dense.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "e2e_dense.json").write_text(json.dumps(dict(rows=rows, profile=prof, compile_s=compile_s), indent=1))
+    finish("e2e_dense")
     print("\n".join(lines))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import skimfx
-from _results import load_model
+from _results import finish, load_model
 from e2e_dense import prompt_ids, run_hf    # the same prompt text and HF timing as the dense benchmark
 
 RESULTS = Path(__file__).parent / "results"
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     stem = "fuse" if args.device == "cpu" else f"fuse_{args.device}"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    finish(stem, out)
     print(text)
     return 0
 

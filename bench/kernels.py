@@ -122,6 +122,17 @@ def cases(device: str, dtype: torch.dtype, quick: bool, gpu_shapes: bool | None 
                         (lambda gate=gate, up=up: K.glu_triton(gate, up, "silu"),
                          lambda gate=gate, up=up: K.glu_ref(*f32(gate, up), "silu")) if tr else None))
 
+    # ---- linear: decode-shaped GEMMs (a few rows times every weight), the CPU path of kernels.linear
+    mats = [(96, 80)] if quick else ([(3072, 576), (576, 1536)] if not gpu else [(28672, 4096), (4096, 14336)])
+    ms = [1, 4] if quick else [1, 2, 4, 16, 512]
+    for n_out, k_in in mats:
+        w = r(n_out, k_in)
+        for m in ms:
+            x = r(m, k_in)
+            out.append(Case("linear", f"{m}x{k_in}->{n_out}", (n_out * k_in + m * (k_in + n_out)) * e,
+                            2 * m * n_out * k_in,
+                            {"skimfx": lambda x=x, w=w: K.linear(x, w), "torch F.linear": lambda x=x, w=w: F.linear(x, w)}))
+
     # ---- RoPE of q and k (q, k as the transposed views the projections give)
     heads = [(9, 3, 64)] if not gpu else [(32, 8, 128)]
     lens = [5] if quick else ([1, 512, 4096] if not gpu else [1, 4096, 16384])
@@ -482,6 +493,9 @@ def main(argv=None) -> int:
     (out_dir / f"kernels_{tag}.json").write_text(json.dumps(dict(device=name, dtype=args.dtype, peak_bw=peak_bw,
                                                                  peak_flops=peak_fl, rows=rows, checks=checks), indent=1))
     print(text)
+    from _results import finish
+
+    finish(f"kernels_{tag}", out_dir)
     return 0 if all(c["ok"] for c in checks) else 1
 
 

@@ -181,6 +181,9 @@ def write(rows, args) -> None:
     (RESULTS / "kvpress_compare.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "kvpress_compare.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
+    from _results import finish
+
+    finish("kvpress_compare")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import skimfx
-from _results import agreement, delta_calibration, pyplot, save, save_figure
+from _results import agreement, delta_calibration, finish, pyplot, save, save_figure
 from skimfx.eval import passkey_correct, passkey_prompts
 
 RESULTS = Path(__file__).parent / "results"
@@ -248,6 +248,7 @@ def write(speed, quality, args, n_pk, cal=None) -> None:
     (RESULTS / "sparse.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "sparse.json").write_text(json.dumps({"speed": speed, "quality": quality}, indent=1))
     print("\n".join(lines))
+    finish("sparse")
     try:
         import matplotlib
 

@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 SCRIPT = Path(__file__).with_name("compile_sm90.py")
 
 
+@pytest.mark.slow          # builds every kernel for sm90: the full lane only
 def test_every_kernel_builds_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")

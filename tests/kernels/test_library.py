@@ -80,6 +80,7 @@ def test_ops_inside_torch_compile_fullgraph():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(*args), f(*args))
 
 
+@pytest.mark.slow          # torch.compile of every stage
 def test_compiled_stages_generate_the_same_tokens():
     model = tiny_model("llama")
     ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(3))

@@ -17,6 +17,8 @@ from skimfx.kernels import (HAS_TRITON, add_rms_norm_ref, add_rms_norm_triton, a
                             token_scores_triton)
 from skimfx.kernels.token_scores import decode_attention_scores_triton
 
+pytestmark = pytest.mark.slow          # hundreds of generated cases per kernel: the full lane only
+
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 IMPLS = [pytest.param("ref", id="ref"), pytest.param("triton", id="triton", marks=needs_triton)]
 

@@ -12,6 +12,8 @@ import torch
 import skimfx
 from tiny import tiny_model
 
+pytestmark = pytest.mark.slow          # compiles every tiny architecture twice in bf16: the full lane only
+
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
 # Max |logit - HF bf16 logit| relative to max |HF logit|: a few bf16 ulps (2^-8 = 0.4% relative) of
 # accumulated rounding over the layers.

@@ -19,6 +19,7 @@ def real_gguf():
     return models._gguf_path(SMOL)
 
 
+@pytest.mark.slow                      # reads the 100 MB GGUF
 def test_a_complete_gguf_passes(real_gguf):
     check_gguf(real_gguf, SMOL)
 
@@ -31,6 +32,7 @@ def test_not_a_gguf(tmp_path):
         check_gguf(bad, SMOL)
 
 
+@pytest.mark.slow                      # reads the 100 MB GGUF
 @pytest.mark.parametrize("keep", [64, 0.5, 0.999])
 def test_a_truncated_gguf(real_gguf, tmp_path, keep):
     data = real_gguf.read_bytes()
@@ -40,12 +42,14 @@ def test_a_truncated_gguf(real_gguf, tmp_path, keep):
         check_gguf(cut, SMOL)
 
 
+@pytest.mark.slow                      # reads the 100 MB GGUF
 def test_another_architecture(real_gguf):
     gemma = dataclasses.replace(SMOL, name="other", arch="gemma3")
     with pytest.raises(ModelFileError, match=r"holds a 'llama' model, not other \(gemma3\)"):
         check_gguf(real_gguf, gemma)
 
 
+@pytest.mark.slow                      # reads the 100 MB GGUF
 def test_load_model_reports_a_damaged_gguf_before_transformers_reads_it(real_gguf, tmp_path, monkeypatch):
     pkg = tmp_path / "pkg"
     pkg.mkdir()

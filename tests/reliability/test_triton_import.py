@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow          # each case starts a fresh interpreter: the full lane only
+
 PROBE = """
 import json, sys, warnings
 sys.modules["triton"] = None             # `import triton` now raises ImportError

@@ -9,6 +9,8 @@ from skimfx import Delta
 from skimfx.eval import logit_agreement, teacher_forced_logits
 from tiny import COMMON, tiny_model
 
+pytestmark = pytest.mark.slow          # runs calibration searches: the full lane only
+
 
 def deep_llama(layers: int = 8):
     torch.manual_seed(0)

@@ -9,6 +9,8 @@ from skimfx.runtime.engine import decode_step, plan_capacity, prefill
 from skimfx.runtime.static import StaticDecoder, step_function
 from tiny import tiny_model
 
+pytestmark = pytest.mark.slow          # compiles decode steps with torch.compile (inductor): the full lane only
+
 # every policy with a captured step; int budgets (a fraction is fixed at the length the step starts from)
 RECIPES = {
     "dense": None,

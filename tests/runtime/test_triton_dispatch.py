@@ -18,7 +18,8 @@ from skimfx.eval import teacher_forced_logits
 from skimfx.kernels._triton import HAS_TRITON, interpreting
 from tiny import tiny_model
 
-pytestmark = pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="needs triton, interpreted")
+pytestmark = [pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="needs triton, interpreted"),
+              pytest.mark.slow]          # generates through the Triton interpreter: the full lane only
 
 # every kernels module whose ops dispatch through use_triton
 DISPATCHING = [m for m in (importlib.import_module(f"skimfx.kernels.{i.name}")

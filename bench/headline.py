@@ -1,0 +1,80 @@
+"""The README's headline table: the best recipe of each axis against dense, read from the result files
+the benchmark scripts wrote (prune.json, sparse.json, exit.json, e2e_dense.json), with the rule that
+picked it stated in the table. Writes bench/results/headline.md and publishes it into the README.
+
+    python bench/headline.py
+
+Rules (quality first, then the saving; every number from one script's run, dense in the same run):
+- dense: skimfx's dense pipeline vs HF at the longest prompt of bench/e2e_dense.py.
+- prefill pruning: among bench/prune.py's passkey settings that keep >= 95% of dense accuracy, the
+  largest TTFT speedup on those same prompts.
+- KV policy: among bench/sparse.py's policies that keep >= 95% of dense passkey accuracy, the smallest
+  resident KV (ties: fewest keys read); its decode speed and greedy agreement at the longest context.
+- self-speculation: bench/exit.py's lossless mode (greedy tokens equal to dense) with the largest decode
+  speedup, on each prompt kind.
+"""
+from __future__ import annotations
+
+import json
+
+from _results import RESULTS, save
+
+KEEP = 0.95
+
+
+def load(stem: str):
+    return json.loads((RESULTS / f"{stem}.json").read_text())
+
+
+def main() -> None:
+    rows = []
+    e2e = load("e2e_dense")["rows"]
+    r = max(e2e, key=lambda x: x["prompt_tokens"])
+    rows.append(("dense (no recipe)", f"{r['prompt_tokens']}-token prompt vs HF eager",
+                 f"TTFT {r['ttft_ratio']:.2f}x, decode {r['decode_ratio']:.2f}x HF's",
+                 f"greedy tokens equal to HF: {r['token_agreement']:.0%}", "e2e_dense"))
+
+    q = load("prune")["quality"]
+    dense = q[0]
+    ok = [x for x in q[1:] if x["passkey_acc"] >= KEEP * dense["passkey_acc"]]
+    if ok:
+        best = max(ok, key=lambda x: dense["ttft_s"] / x["ttft_s"])
+        rows.append((f"prefill pruning: {best['recipe']}", f"{best['keep_fraction']:.0%} of ~1k-token passkey prompts kept",
+                     f"TTFT {dense['ttft_s'] / best['ttft_s']:.2f}x dense",
+                     f"passkey {best['passkey_acc']:.0%} (dense {dense['passkey_acc']:.0%})", "prune"))
+
+    sp = load("sparse")
+    dq = sp["quality"][0]
+    ok = [x for x in sp["quality"][1:] if x["passkey"] >= KEEP * dq["passkey"]]
+    if ok:
+        best = min(ok, key=lambda x: (x["kv_mib"], x["attended"]))
+        longest = max(x["context"] for x in sp["speed"])
+        speed = next((x for x in sp["speed"] if x["recipe"] == best["recipe"] and x["context"] == longest
+                      and x["batch"] == 1), None)
+        saving = f"KV {best['kv_mib'] / dq['kv_mib']:.0%} of dense, {best['attended']:.0%} of keys read"
+        if speed:
+            saving += f"; decode {speed['decode_speedup']:.2f}x at {longest} tokens"
+        quality = f"passkey {best['passkey']:.0%} (dense {dq['passkey']:.0%})"
+        if speed:
+            quality += f"; greedy agreement {speed['agreement']:.0%} at {longest}"
+        rows.append((f"KV policy: {best['recipe']}", f"25% budget, ~{best['prompt_tokens']}-token passkey prompts",
+                     saving, quality, "sparse"))
+
+    ex = load("exit")["decoding"]
+    for kind in dict.fromkeys(x["prompts"] for x in ex):
+        lossless = [x for x in ex if x["prompts"] == kind and x["agreement"] == 1.0 and x["mode"] != "dense"]
+        if lossless:
+            best = max(lossless, key=lambda x: x["speedup"])
+            rows.append((f"self-speculation: {best['mode']}", f"'{kind}' prompts", f"decode {best['speedup']:.2f}x dense",
+                         "greedy tokens equal to dense (100%)", "exit"))
+
+    lines = ["| axis and recipe | setting | saving (measured) | quality vs dense (same inputs) | from |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} | [{e}](docs/benchmarks.md) |" for a, b, c, d, e in rows]
+    lines += ["", f"SmolLM2-135M-Instruct, fp32, CPU. Picked by the rules in `bench/headline.py` (quality >= "
+              f"{KEEP:.0%} of dense first, then the largest saving) from the result files of the scripts named."]
+    save("headline", lines, {"rows": [dict(zip(("axis", "setting", "saving", "quality", "source"), r)) for r in rows]})
+
+
+if __name__ == "__main__":
+    main()
