@@ -480,15 +480,13 @@ class KnormPolicy(CachePolicy):
 
 
 @dataclass(frozen=True)
-class Knorm(KVRecipe):
-    """Knorm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
-    Compression"): a low key norm goes with high attention, so after prefill each KV head keeps the
-    ``budget`` prompt tokens whose cached (post-RoPE) keys have the lowest L2 norm. No attention is
-    computed; decode appends to the compacted cache."""
+class KeyRuleRecipe(KVRecipe):
+    """A policy that keeps, per KV head, the ``budget`` prompt tokens a rule on the cached keys alone ranks
+    best (no attention is computed); decode appends to the compacted cache. ``POLICY``: its parameters."""
 
     budget: int | float
     layers: tuple[int, ...] | int | None = None
-    name = "knorm"
+    POLICY = None
 
     def __post_init__(self):
         amount_ok("budget", self.budget)
@@ -499,7 +497,18 @@ class Knorm(KVRecipe):
         return self.budget
 
     def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
-        return self._policies(info, KnormPolicy, 0)
+        return self._policies(info, self.POLICY, 0)
+
+
+@dataclass(frozen=True)
+class Knorm(KeyRuleRecipe):
+    """Knorm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache
+    Compression"): a low key norm goes with high attention, so after prefill each KV head keeps the
+    ``budget`` prompt tokens whose cached (post-RoPE) keys have the lowest L2 norm. No attention is
+    computed; decode appends to the compacted cache."""
+
+    name = "knorm"
+    POLICY = KnormPolicy
 
 
 @dataclass(frozen=True)
@@ -514,7 +523,7 @@ class KeyDiffPolicy(CachePolicy):
 
 
 @dataclass(frozen=True)
-class KeyDiff(KVRecipe):
+class KeyDiff(KeyRuleRecipe):
     """KeyDiff (Park et al., 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM
     Inference in Resource-Constrained Environments"): distinctive keys matter. Per KV head the anchor is
     the mean of the prompt's L2-normalised keys; after prefill each KV head keeps the ``budget`` prompt
@@ -522,20 +531,8 @@ class KeyDiff(KVRecipe):
     while a prompt streams into a fixed-size cache; here it runs once over the whole prompt (as
     kvpress's KeyDiffPress), and decode appends to the compacted cache."""
 
-    budget: int | float
-    layers: tuple[int, ...] | int | None = None
     name = "keydiff"
-
-    def __post_init__(self):
-        amount_ok("budget", self.budget)
-        object.__setattr__(self, "layers", layers_ok(self.layers))
-
-    @property
-    def budget_total(self):
-        return self.budget
-
-    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
-        return self._policies(info, KeyDiffPolicy, 0)
+    POLICY = KeyDiffPolicy
 
 
 # ----------------------------------------------------------------------------------------------

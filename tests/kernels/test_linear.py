@@ -1,5 +1,7 @@
 """kernels.linear: F.linear's math on every shape; the weight-streaming CPU path for decode-shaped
 inputs, and F.linear wherever that path does not apply (gradients, other dtypes, strided weights)."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,49 @@ def test_strided_weight_and_other_dtypes_are_exact():
 def test_shape_mismatch_raises_like_f_linear():
     with pytest.raises(RuntimeError):
         linear(torch.randn(2, 31), torch.randn(8, 32))
+
+
+@pytest.mark.parametrize("path", ["torch", "stream", "onednn"])
+def test_every_cpu_path_computes_f_linear(path, monkeypatch):
+    lin = sys.modules["skimfx.kernels.linear"]
+
+    monkeypatch.setenv(lin.PATH_ENV, path)
+    monkeypatch.setattr(lin, "_CHOICE", {})
+    w, b = torch.randn(40, 24), torch.randn(40)
+    for m in (1, 3):
+        x = torch.randn(m, 24)
+        expect = path if path != "onednn" or (m == 1 and lin._ONEDNN) else "torch"
+        assert lin.choose_path(x, w, b) == expect
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_measures_once_per_shape_and_keeps_f_linear_on_a_near_tie(monkeypatch):
+    lin = sys.modules["skimfx.kernels.linear"]
+
+    monkeypatch.delenv(lin.PATH_ENV, raising=False)
+    monkeypatch.setattr(lin, "_CHOICE", {})
+    timed = []
+    speeds = {"torch": 1.0, "stream": 0.95, "onednn": 0.5}     # stream within MARGIN: F.linear stays
+
+    def fake_time(path, rows, weight, bias):
+        timed.append(path)
+        return speeds[path]
+
+    monkeypatch.setattr(lin, "_time", fake_time)
+    w = torch.randn(16, 8)
+    assert lin.choose_path(torch.randn(3, 8), w, None) == "torch"
+    assert lin.choose_path(torch.randn(3, 8), w, None) == "torch" and timed == ["torch", "stream"]
+    speeds["stream"] = 0.5
+    assert lin.choose_path(torch.randn(4, 8), w, None) == "stream"          # a new shape is measured
+    if lin._ONEDNN:
+        speeds["onednn"] = 0.3
+        assert lin.choose_path(torch.randn(1, 8), w, None) == "onednn"
+
+
+def test_a_bad_forced_path_is_a_clear_error(monkeypatch):
+    lin = sys.modules["skimfx.kernels.linear"]
+
+    monkeypatch.setenv(lin.PATH_ENV, "fastest")
+    monkeypatch.setattr(lin, "_CHOICE", {})
+    with pytest.raises(ValueError, match="SKIMFX_CPU_LINEAR='fastest': expected auto or one of torch, stream, onednn"):
+        linear(torch.randn(2, 8), torch.randn(4, 8))

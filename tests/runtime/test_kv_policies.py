@@ -78,17 +78,24 @@ def test_snapkv_generation_equals_hf_with_the_per_head_mask(llama):
     kept = g.stats.kv_kept[1][0]
     seq = ids + g.tokens[0]
     T, n, G = len(seq), len(ids), 3
-    mask = torch.ones(1, 6, T, T, dtype=torch.bool).tril()
-    for h in range(6):
-        row = torch.zeros(T, dtype=torch.bool)
-        row[kept[h // G]] = True
-        row[n:] = True
-        mask[0, h, n:] &= row
+    mask = per_head_kept_mask(kept, n, T, 6, G)
     # the mask applies to layer 1 only: patch the other layers' masks by running HF per layer is not
     # possible, so compare against a model whose layers 0 and 2 see the same tokens under both masks:
     # layer 0/2 read everything, which the per-layer mask cannot express -> use the layer-1-only check
     ref = _hf_with_layer_mask(llama, seq, {1: mask})
     assert ref[n - 1:T - 1].tolist() == g.tokens[0]
+
+
+def per_head_kept_mask(kept, n: int, T: int, heads: int, group: int) -> torch.Tensor:
+    """[1, heads, T, T] causal mask whose rows from ``n`` on (the generated tokens) let query head h read
+    only the prompt positions ``kept[h // group]`` (its KV head's kept set) and every generated token."""
+    mask = torch.ones(1, heads, T, T, dtype=torch.bool).tril()
+    for h in range(heads):
+        row = torch.zeros(T, dtype=torch.bool)
+        row[kept[h // group]] = True
+        row[n:] = True
+        mask[0, h, n:] &= row
+    return mask
 
 
 def _hf_with_layer_mask(model, seq, masks: dict):

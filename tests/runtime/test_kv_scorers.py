@@ -10,7 +10,7 @@ from skimfx import KeyDiff, Knorm, RecipeError
 from tiny import tiny_model
 
 from tests.passes.test_prune_tokens import reference_qk  # noqa: E402
-from tests.runtime.test_kv_policies import _hf_with_layer_mask, prompts  # noqa: E402
+from tests.runtime.test_kv_policies import _hf_with_layer_mask, per_head_kept_mask, prompts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +63,7 @@ def test_generation_equals_hf_with_the_per_head_mask(llama, method):
     assert kept == rule(hf_keys(llama, ids, 1), 33)
     seq, n, G = ids + g.tokens[0], len(ids), 3
     T = len(seq)
-    mask = torch.ones(1, 6, T, T, dtype=torch.bool).tril()
-    for h in range(6):
-        row = torch.zeros(T, dtype=torch.bool)
-        row[kept[h // G]] = True
-        row[n:] = True
-        mask[0, h, n:] &= row
+    mask = per_head_kept_mask(kept, n, T, 6, G)
     ref = _hf_with_layer_mask(llama, seq, {1: mask})
     assert ref[n - 1:T - 1].tolist() == g.tokens[0]
 

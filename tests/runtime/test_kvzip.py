@@ -15,7 +15,7 @@ from skimfx.recipes import KVZIP_PROMPT, kvzip_prompt_ids
 from skimfx.runtime.policies.kvzip import max_attention_received
 from tiny import tiny_model
 
-from tests.runtime.test_kv_policies import _hf_with_layer_mask, prompts  # noqa: E402
+from tests.runtime.test_kv_policies import _hf_with_layer_mask, per_head_kept_mask, prompts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +118,7 @@ def test_generation_after_kvzip_equals_hf_with_the_per_head_mask(llama):
     assert kept == kvzip_reference(llama, ids, 36, 50, "chunk")[1]
     seq, n, G = ids + g.tokens[0], len(ids), 3
     T = len(seq)
-    mask = torch.ones(1, 6, T, T, dtype=torch.bool).tril()
-    for h in range(6):
-        row = torch.zeros(T, dtype=torch.bool)
-        row[kept[h // G]] = True
-        row[n:] = True
-        mask[0, h, n:] &= row
+    mask = per_head_kept_mask(kept, n, T, 6, G)
     ref = _hf_with_layer_mask(llama, seq, {1: mask})
     assert ref[n - 1:T - 1].tolist() == g.tokens[0]
 
