@@ -14,9 +14,9 @@ What it does:
   replaced by the k and v that its attention would cache, dead code eliminated (no attention, no
   MLP). When a token exits at E, the runtime runs these on the exited hidden state (CALM's state
   propagation), so the skipped layers still cache k/v for it and later tokens can attend to it.
-The layer stages themselves do not change. Requires ``split_layers``; refuses layers that carry a KV
-cache policy above the lowest exit (their cache is evicted or read sparsely, so a skipped token
-cannot be filled in or rolled back).
+The layer stages themselves do not change. Requires ``split_layers``. Whether the exits can be used over
+the Program's KV cache policies depends on the decoding mode (lossy early exit fills k/v past them,
+self-speculation verifies and rolls back): ``decode_with`` and ``kv_policy`` check it.
 """
 from __future__ import annotations
 
@@ -117,10 +117,6 @@ def early_exit(program: Program, layers: tuple[int, ...] | list[int],
     extra = set(adapters) - set(layers)
     if extra:
         raise EarlyExitError(f"adapters given for layers {sorted(extra)} that have no exit ({layers})")
-    with_policy = [l for l in program.policies if l > layers[0]]
-    if with_policy:
-        raise EarlyExitError(f"layers {with_policy} carry a KV cache policy above the lowest exit ({layers[0]}); "
-                             "a token that exits cannot be filled into or rolled back from an evicted or sparse cache")
     for l in layers:
         program.exits[l] = exit_stage(program, l, adapters.get(l))
     for l in range(layers[0] + 1, L):

@@ -117,8 +117,10 @@ class SelfSpeculative(Recipe):
     the remaining layers verify), "skip" (Draft&Verify: the model without ``skip_layers`` drafts, the
     whole model verifies; ``skimfx.calibrate_skip`` chooses the layers), or several tried in order
     ("lookahead/exit": an n-gram draft when one is found, else the exit draft). Up to ``draft_tokens``
-    drafts per step, verified in one pass; the output is the dense greedy output. ``adaptive``: the draft
-    length follows acceptance (n-gram drafts start at ``draft_tokens``, model drafts at 2), and exit and
+    drafts per step, verified in one pass; the output is the greedy output without self-speculation: the
+    dense one, or with a KV cache policy that policy's own (each draft token reads what its decode step
+    would read; policies that evict during decode and SentenceKV with offload are refused).
+    ``adaptive``: the draft length follows acceptance (n-gram drafts start at ``draft_tokens``, model drafts at 2), and exit and
     skip drafting are switched off for a while when they measure slower than plain decoding.
     ``calibration``: adapters for the exit branch. ``skip_layers``: layer indices, or a
     ``SkipCalibration`` (or its saved path) whose chosen set is used."""

@@ -37,6 +37,9 @@ class KVCache:
         # state (slot ages, scores, page bounds, offloaded KV). Layers without one are dense.
         self._policy_params = dict(policies or {})
         self.policies: dict[int, KVPolicy] = make_policies(self._policy_params)
+        # between begin_speculation and end_speculation the tokens written are drafts: a multi-token write
+        # is verified token by token by the policies, and truncate may roll the drafts back
+        self.speculating = False
 
     @classmethod
     def for_program(cls, program, batch: int, capacity: int | list[int]) -> "KVCache":
@@ -113,14 +116,31 @@ class KVCache:
         self.k[layer].scatter_(2, idx, k_new.to(self.dtype))
         self.v[layer].scatter_(2, idx, v_new.to(self.dtype))
 
+    def begin_speculation(self) -> None:
+        """Draft tokens follow: until ``end_speculation`` a write of several tokens is a verification (each
+        token reads what a one-token decode step would read, ``KVPolicy.verify``), and ``truncate`` may
+        roll drafts back (the policies keep what that needs). Called again, it starts over from the current
+        lengths."""
+        for pol in self.policies.values():
+            pol.begin_speculation(self)
+        self.speculating = True
+
+    def end_speculation(self) -> None:
+        """The drafts were accepted or rolled back."""
+        for pol in self.policies.values():
+            pol.end_speculation(self)
+        self.speculating = False
+
     def truncate(self, layer: int, lengths: list[int]) -> None:
         """Forget the slots past ``lengths[b]`` (rejected speculative tokens): the next write goes there.
-        Only for layers without a cache policy (their per-slot state would go stale)."""
-        if any(n > m for n, m in zip(lengths, self._lengths[layer])):
-            raise ValueError(f"layer {layer}: cannot truncate {self._lengths[layer]} up to {lengths}")
+        The layer's cache policy rolls its state back with them (``KVPolicy.truncate``) or refuses (state
+        that decode changed and the policy cannot restore, e.g. decode-time eviction)."""
+        old = self._lengths[layer]
+        if any(n > m for n, m in zip(lengths, old)):
+            raise ValueError(f"layer {layer}: cannot truncate {old} up to {lengths}")
         pol = self.policies.get(layer)
-        if pol is not None and pol.has_state:
-            raise ValueError(f"layer {layer} has cache-policy state ({pol.name}); it cannot be rolled back")
+        if pol is not None:
+            pol.truncate(self, list(old), list(lengths))      # raises before anything changed
         self._lengths[layer] = list(lengths)
         self._lengths_dev[layer] = None
 
@@ -154,6 +174,7 @@ class KVCache:
         self._lengths_dev = [None] * self.num_layers
         self.positions = [0] * self.batch
         self.policies = make_policies(self._policy_params)
+        self.speculating = False
 
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]

@@ -25,6 +25,14 @@ with any pruning, is the ordinary one).
   measured step times and the acceptance so far; a source that does not beat plain decoding is passed
   over and retried later.
 
+Over KV cache policies. Self-speculation brackets each draft-and-verify step with
+``KVCache.begin_speculation`` / ``end_speculation``: in between, a multi-token pass is a verification in
+which each layer's policy gives every draft token what its own decode step would read
+(``KVPolicy.verify``), and ``KVCache.truncate`` lets the policy restore its state for the tokens that stay
+(``KVPolicy.truncate``), so the output is the policy's own greedy output. A policy that evicts during
+decode, or that cannot verify several tokens (SentenceKV with offload), is refused
+(``KVPolicy.speculation_conflict``). Early exit runs over policies on layers at or below its lowest exit.
+
 What lives here: the shared generation loop, the registry and ``generate`` (``loop``), CALM early exit
 (``early_exit``), self-speculation (``speculative``), the n-gram drafts (``drafts``), and the draft-length
 schedule: measured step costs and the acceptance model (``schedule``). May import: the runtime modules

@@ -1,4 +1,8 @@
-"""Lossy early exit (CALM): exit at the first exit layer whose top-1 probability reaches its threshold."""
+"""Lossy early exit (CALM): exit at the first exit layer whose top-1 probability reaches its threshold.
+
+A KV policy may sit on layers at or below the lowest exit: every token runs those layers one at a
+time, as plain decoding does. Layers above it get the k/v of exited tokens written directly
+(``Executor.fill_kv``), which no policy sees, so policies there are refused."""
 from __future__ import annotations
 
 from ...program import EarlyExitConfig
@@ -24,6 +28,11 @@ class EarlyExitDecoder:
         return str(self.config)
 
     def start(self, ex: Executor, cache: KVCache, history: list[int]) -> DecodeState:
+        lowest = self.thresholds[0][0]
+        above = sorted(l for l in cache.policies if l > lowest)
+        if above:
+            raise ValueError(f"{self.config}: layers {above} carry a KV cache policy above the lowest exit ({lowest}); "
+                             "a token that exits gets those layers' k/v written past the policy")
         return DecodeState(history)
 
     def step(self, ex: Executor, cache: KVCache, state: DecodeState, tok: int, ds: DecodeStats) -> list[int]:

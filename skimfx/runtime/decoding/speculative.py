@@ -1,4 +1,6 @@
-"""Lossless self-speculation: draft with the sources in order, verify with the full model."""
+"""Lossless self-speculation: draft with the sources in order, verify with the full model (over the KV
+cache policies, whose verification reads per token what decoding reads, and whose rollback restores their
+state)."""
 from __future__ import annotations
 
 import time
@@ -30,7 +32,10 @@ class SpeculativeState(DecodeState):
     costs: dict[str, StepCosts] = field(default_factory=dict)
 
 
-def _lengths(ex: Executor, cache: KVCache) -> list[int]:
+def _begin(ex: Executor, cache: KVCache) -> list[int]:
+    """Each layer's length before the drafts; from here the cache's policies verify several tokens token by
+    token and keep what a rollback needs."""
+    cache.begin_speculation()
     return [cache.lengths(l)[0] for l in range(ex.num_layers)]
 
 
@@ -67,6 +72,10 @@ class SpeculativeDecoder:
         return str(self.config)
 
     def start(self, ex: Executor, cache: KVCache, history: list[int]) -> SpeculativeState:
+        for layer, pol in sorted(cache.policies.items()):
+            why = pol.speculation_conflict()
+            if why is not None:
+                raise ValueError(f"{self.config}: layer {layer}: {why}")
         prior = self.prior
         return SpeculativeState(
             history, ngram=NGramDrafts(*self.ngram),
@@ -133,11 +142,12 @@ class SpeculativeDecoder:
         while n < len(drafts) and preds[n] == drafts[n]:
             n += 1
         _rollback(cache, base, n + 1)
+        cache.end_speculation()
         cache.positions = [pos + n + 1]
         return drafts[:n] + [preds[n]], n
 
     def _verify_full(self, ex: Executor, cache: KVCache, tok: int, drafts: list[int]):
-        base, pos = _lengths(ex, cache), cache.positions[0]
+        base, pos = _begin(ex, cache), cache.positions[0]
         ctx, env = step_env(ex, cache, [tok] + drafts, pos)
         ex.run_layers(ctx, env, 0, ex.num_layers)
         return self._accept(cache, base, pos, drafts, ex.logits(ctx, env)[0])
@@ -146,7 +156,7 @@ class SpeculativeDecoder:
         """LayerSkip: k drafts from the first E + 1 layers and the exit branch (their k/v are kept), then
         layers E + 1.. verify the last token and the drafts from their layer-E states."""
         E = self.exit_layer
-        base, pos = _lengths(ex, cache), cache.positions[0]
+        base, pos = _begin(ex, cache), cache.positions[0]
         hs, drafts, x = [], [], tok
         for i in range(k + 1):                       # k drafts, then the last draft's layer-E state
             ctx, env = step_env(ex, cache, [x], pos + i)
@@ -166,7 +176,7 @@ class SpeculativeDecoder:
     def _skip_draft_and_verify(self, ex: Executor, cache: KVCache, tok: int, k: int):
         """Draft&Verify: k drafts from the model without ``skip_layers`` (the kept layers cache the drafts'
         k/v, overwritten by the verification), then one full pass over the last token and the drafts."""
-        base, pos = _lengths(ex, cache), cache.positions[0]
+        base, pos = _begin(ex, cache), cache.positions[0]
         drafts, x = [], tok
         for i in range(k):
             ctx, env = step_env(ex, cache, [x], pos + i)

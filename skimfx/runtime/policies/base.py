@@ -13,8 +13,15 @@ ages, accumulated scores, page bounds, ...). ``Ctx.attend`` hands it every atten
 - ``probe_inputs`` / ``probe_attend`` / ``after_probes``: a policy that scores the prompt by running more
   tokens through the whole model first (KVzip's context reconstruction) asks for those forwards after
   the prompt; they attend over the full cache, their own k/v are forgotten afterwards, then it compresses.
-- ``state_tensors`` / ``host_tensors``: what the state holds, for the cache's byte counts; a layer
-  with state cannot be rolled back by truncation.
+- ``state_tensors`` / ``host_tensors``: what the state holds, for the cache's byte counts.
+
+Self-speculation (``KVCache.begin_speculation`` .. ``end_speculation``) adds three hooks. ``verify``:
+several new tokens that are decode steps checked in one pass (the last emitted token and its drafts);
+query t must read exactly what ``decode`` would read for it with the layer holding the tokens up to t,
+so the verified output is the policy's own one-token-at-a-time output. ``truncate``: the cache forgets
+rejected drafts; the policy's state must become what it would be had they never been written.
+``speculation_conflict``: why a policy cannot do either (decode-time eviction), or None. A policy that
+overrides ``decode`` overrides ``verify`` too; one with state that decode changes overrides ``truncate``.
 
 Adding a policy: one file in this package with a ``@register``-ed subclass, its parameters and recipe
 in ``recipes/kv.py``, and tests.
@@ -57,6 +64,8 @@ class KVPolicy:
         T = q.shape[2]
         if T == 1:
             return self.decode(ctx, q, k, v, scale, softcap)
+        if ctx.cache.speculating:        # a draft under verification: each token is a decode step
+            return self.verify(ctx, q, k, v, scale, softcap)
         self.check_extend(ctx, T)
         old = list(ctx.cache.lengths(layer))
         out = ctx.attend_dense(layer, q, k, v, scale, window, softcap)
@@ -75,6 +84,32 @@ class KVPolicy:
         out = ctx.attend_dense(self.layer, q, k, v, scale, None, softcap)
         self.after_write(ctx, old)
         return out
+
+    def verify(self, ctx: "Ctx", q, k, v, scale: float, softcap: float | None) -> torch.Tensor:
+        """T decode tokens at once (speculative drafts): q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D],
+        query t reading what ``decode`` would read for it. Default, for a dense ``decode``: causal dense
+        attention, which is exactly that."""
+        old = list(ctx.cache.lengths(self.layer))
+        out = ctx.attend_dense(self.layer, q, k, v, scale, None, softcap)
+        self.after_write(ctx, old)
+        return out
+
+    def speculation_conflict(self) -> str | None:
+        """Why drafts cannot be verified over this layer and rolled back, or None when they can."""
+        return None
+
+    def begin_speculation(self, cache) -> None:
+        """Tokens written from now on may be rolled back (``truncate``): keep what that needs."""
+
+    def end_speculation(self, cache) -> None:
+        """The drafts were settled: what ``begin_speculation`` kept is no longer needed."""
+
+    def truncate(self, cache, old: list[int], new: list[int]) -> None:
+        """The cache is about to forget the slots past ``new[b]`` (it held ``old[b]``): bring the state to
+        what it would be had those tokens never been written, or raise. Default: nothing to bring back
+        for a policy without state; one with state refuses."""
+        if self.has_state:
+            raise ValueError(f"layer {self.layer} has cache-policy state ({self.name}); it cannot be rolled back")
 
     def after_write(self, ctx: "Ctx", old: list[int]) -> None:
         """Tokens were written after ``old[b]`` cached ones."""

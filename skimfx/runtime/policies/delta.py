@@ -4,6 +4,11 @@ The full cache stays. A "select" layer attends to everything and, from the same 
 (``decode_attention_scores``), picks the ``budget`` slots with the highest attention from the new query
 summed over all query heads, plus the ``recent`` newest (``index [B, K]``, its state for this step).
 The "reuse" layers above it, up to the next select layer, read only that set. Prefill is dense.
+
+Under self-speculation a select layer also keeps the set of every token written since
+``begin_speculation``, keyed by the layer's lengths after that token: a verification's reuse layers read
+the set of each draft token's own query (made in the same pass, or in the draft steps when an exit draft
+ran the select layer token by token), and a rollback makes the set of the last kept token current again.
 """
 from __future__ import annotations
 
@@ -33,25 +38,71 @@ class Delta(SparseReadPolicy):
         super().__init__(params, layer)
         self.index: torch.Tensor | None = None           # select layer: this step's token set [B, K]
         self.source: "Delta | None" = None               # reuse layer: the select layer it reads
+        # select layer: the set of each token by the layer's lengths after it (only the newest outside a
+        # speculation; every token since begin_speculation during one)
+        self.sets: dict[tuple[int, ...], torch.Tensor | None] = {}
+        self.speculating = False
 
     def bind(self, policies):
         src = self.params.reads_selection_of(self.layer, {l: p.params for l, p in policies.items()})
         self.source = policies[src] if src is not None else None
 
     def state_tensors(self):
-        return []                                         # the set is rebuilt every step: nothing to roll back
+        return []                 # the set is made for each step (and restored by ``truncate``), not cache memory
 
-    def read_index(self, ctx, q, keys, values, kv_len, scale, softcap):
-        lengths = ctx.cache.lengths(self.layer)
+    def read_index(self, ctx, q, keys, values, kv_len, scale, softcap, lengths=None):
+        lengths = ctx.cache.lengths(self.layer) if lengths is None else lengths
         budget = self.params.tokens(max(lengths))
         if self.params.role == "select":
-            self.index = None
-            if max(lengths) <= budget + self.params.recent:
-                return None, None
-            out, p = decode_attention_scores(q, keys, values, kv_len, scale, softcap)
-            self.index = delta_index(self.params.recent, p, kv_len, min(p.shape[1], budget + self.params.recent))
+            index = out = None
+            if max(lengths) > budget + self.params.recent:
+                out, p = decode_attention_scores(q, keys, values, kv_len, scale, softcap)
+                index = delta_index(self.params.recent, p, kv_len, min(p.shape[1], budget + self.params.recent))
+            self.record(lengths, index)
             return None, out
-        return (self.source.index if self.source is not None else None), None
+        if self.source is None:
+            return None, None
+        return self.source.set_for(lengths, newest=lengths == ctx.cache.lengths(self.layer)), None
+
+    def record(self, lengths: list[int], index: torch.Tensor | None) -> None:
+        """The select layer chose ``index`` for the token after which it holds ``lengths[b]`` slots."""
+        self.index = index
+        if not self.speculating:
+            self.sets.clear()
+        self.sets[tuple(lengths)] = index
+
+    def set_for(self, lengths: list[int], newest: bool) -> torch.Tensor | None:
+        """The set chosen for the token after which the layers hold ``lengths[b]`` slots. The newest token
+        of a step reads the latest set (also when a layer-skipping draft left the select layer out)."""
+        key = tuple(lengths)
+        if key in self.sets:
+            return self.sets[key]
+        if newest:
+            return self.index
+        raise ValueError(f"delta (select layer {self.layer}): no token set for the token at lengths {list(lengths)}; "
+                         "several tokens at once are verified only under KVCache.begin_speculation")
+
+    # -- self-speculation ---------------------------------------------------------------------------
+    def begin_speculation(self, cache) -> None:
+        if self.params.role == "select":
+            self.speculating = True
+            self.sets = {tuple(cache.lengths(self.layer)): self.index}
+
+    def end_speculation(self, cache) -> None:
+        if self.params.role == "select":
+            self.speculating = False
+            self.sets = {tuple(cache.lengths(self.layer)): self.index}
+
+    def truncate(self, cache, old: list[int], new: list[int]) -> None:
+        """The set of the last token that stays becomes current again (a reuse layer keeps nothing)."""
+        if self.params.role != "select" or old == new:
+            return
+        key = tuple(new)
+        if key not in self.sets:
+            raise ValueError(f"delta (select layer {self.layer}): the token set at lengths {new} was not kept; only "
+                             "tokens written after KVCache.begin_speculation can be rolled back")
+        self.index = self.sets[key]
+        self.sets = {k: s for k, s in self.sets.items() if all(a <= b for a, b in zip(k, new))}
 
     # -- the captured decode step -------------------------------------------------------------------
     supports_static = True

@@ -19,6 +19,8 @@ KV head chooses its own chunks, as sentence granularity does.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...kernels import attention
@@ -113,6 +115,26 @@ class EvictingPolicy(KVPolicy):
             self.age = age
         self.after_compact(index, cap)
         ctx.kv_kept[layer] = [[row[:m] for row in heads] for heads, m in zip(index.tolist(), cache.lengths(layer))]
+
+    # -- self-speculation -----------------------------------------------------------------------------
+    def speculation_conflict(self) -> str | None:
+        if not self.decode_evict:
+            return None          # compressed once after the prompt; decode appends and reads densely
+        optional = "decode_evict" in {f.name for f in dataclasses.fields(self.params)}
+        fix = "evict_during_decode=false compresses the prompt only" if optional else \
+            f"{self.name} has no prefill-only mode"
+        return (f"{self.name} evicts during decode: each new token may overwrite a cached slot, so a draft token "
+                f"would evict before it is verified and a rejected draft's eviction cannot be undone ({fix})")
+
+    def verify(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
+        if self.decode_evict:
+            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
+        return super().verify(ctx, q, k, v, scale, softcap)
+
+    def truncate(self, cache, old: list[int], new: list[int]) -> None:
+        if self.decode_evict:
+            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
+        super().truncate(cache, old, new)
 
     # -- decode -----------------------------------------------------------------------------------
     def check_extend(self, ctx, T: int) -> None:

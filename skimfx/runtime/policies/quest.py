@@ -56,8 +56,23 @@ class Quest(SparseReadPolicy):
         self.kmin[b, :, page] = keys.masked_fill(~ok, float("inf")).amin(2)
         self.kmax[b, :, page] = keys.masked_fill(~ok, float("-inf")).amax(2)
 
-    def read_index(self, ctx, q, keys, values, kv_len, scale, softcap):
-        lengths = ctx.cache.lengths(self.layer)
+    def truncate(self, cache, old: list[int], new: list[int]) -> None:
+        """Rejected drafts leave: the pages they touched get the bounds of the slots that stay (a page with
+        none left is zero, as one never written)."""
+        if self.kmin is None or old == new:
+            return
+        ps = self.params.page_size
+        first, last = min(new) // ps, -(-max(old) // ps)
+        keys, _ = cache.view(self.layer, min(cache.capacity(self.layer), last * ps))
+        kmin, kmax = page_minmax(keys, torch.tensor(new, device=keys.device), ps, first, last)
+        self.kmin[:, :, first:last] = kmin
+        self.kmax[:, :, first:last] = kmax
+
+    def read_index(self, ctx, q, keys, values, kv_len, scale, softcap, lengths=None):
+        # a draft's query t is verified with the bounds of every page as they stand after the whole draft:
+        # the pages before t's page are complete either way, its own page is always read, and pages past
+        # it lie beyond kv_len, so the page choice is the one a decode step at t makes
+        lengths = ctx.cache.lengths(self.layer) if lengths is None else lengths
         budget = self.params.tokens(max(lengths))
         if max(lengths) <= budget:
             return None, None

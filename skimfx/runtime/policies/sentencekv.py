@@ -122,8 +122,47 @@ class SentenceKV(KVPolicy):
         cache, layer = ctx.cache, self.layer
         cache.write(layer, k, v)
         cache.advance(layer, ctx.n_valid)
-        lengths = cache.lengths(layer)
-        kv_len = cache.lengths_tensor(layer)
+        return self.read(ctx, q, list(cache.lengths(layer)), scale, softcap)
+
+    # -- self-speculation -----------------------------------------------------------------------------
+    def speculation_conflict(self) -> str | None:
+        if not self.params.offload:
+            return None
+        return ("sentencekv with offload=true keeps the prompt's KV in host memory and decodes one token per step, "
+                "copying in the sentences that step's query chooses; drafts cannot be verified in one pass over "
+                "it (offload=false keeps the prompt's KV on the device and can)")
+
+    def verify(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
+        """Several draft tokens: all are written (they stay resident); query t reads the sentences it
+        chooses itself plus the resident tokens up to t, as its decode step would."""
+        if not self.summarised:
+            return super().verify(ctx, q, k, v, scale, softcap)
+        if self.params.offload:
+            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
+        cache, layer = ctx.cache, self.layer
+        old = list(cache.lengths(layer))
+        cache.write(layer, k, v)
+        cache.advance(layer, ctx.n_valid)
+        outs = [self.read(ctx, q[:, :, t:t + 1], [o + min(t + 1, n) for o, n in zip(old, ctx.n_valid)], scale,
+                          softcap) for t in range(q.shape[2])]
+        return torch.cat(outs, dim=2)
+
+    def truncate(self, cache, old: list[int], new: list[int]) -> None:
+        """Generated tokens may go (the summary describes the prompt only); the prompt may not."""
+        if not self.summarised or old == new:
+            return
+        if self.params.offload:
+            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
+        if any(n < p for n, p in zip(new, self.prompt.tolist())):
+            raise ValueError(f"layer {self.layer}: sentencekv summarised a prompt of {self.prompt.tolist()} tokens; "
+                             f"truncating to {new} would cut into it")
+
+    def read(self, ctx, q, lengths: list[int], scale: float, softcap) -> torch.Tensor:
+        """The attention of one query per sequence (``q [B, Hq, 1, D]``) over the first ``lengths[b]`` slots:
+        the sentences it chooses plus the resident tokens."""
+        cache, layer = ctx.cache, self.layer
+        kv_len = cache.lengths_tensor(layer) if lengths == cache.lengths(layer) else \
+            torch.tensor(lengths, device=q.device)
         L = max(lengths)
         keys, values = cache.view(layer, L)
         index = self.sentence_index(q)                                               # prompt slots, [B, H, K]

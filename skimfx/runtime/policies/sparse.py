@@ -1,6 +1,10 @@
 """What the sparse-read policies share: the full cache stays; each decode step writes the new token
 and reads a selected subset of the layer's slots (``read_index``), or everything when the policy
-selects nothing this step."""
+selects nothing this step.
+
+A verification of several draft tokens (``verify``) writes them all, then reads for each query what a
+decode step would have read with the layer holding the tokens up to that query: the selection is
+defined per query, so one shared selection (or a dense read) would change the output."""
 from __future__ import annotations
 
 import torch
@@ -10,22 +14,41 @@ from .base import KVPolicy
 
 
 class SparseReadPolicy(KVPolicy):
-    def read_index(self, ctx, q, keys, values, kv_len: torch.Tensor, scale: float, softcap) \
-            -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def read_index(self, ctx, q, keys, values, kv_len: torch.Tensor, scale: float, softcap,
+                   lengths: list[int] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(index [B, Hkv, K] or [B, K] of the slots to read, or None for all; an output this step already
-        computed, or None). Called after the new token was written."""
+        computed, or None) for the query ``q [B, Hq, 1, D]`` of the token that made the layer hold
+        ``lengths[b]`` slots (default: the cache's lengths). Called after the new tokens were written."""
         raise NotImplementedError
 
     def decode(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
+        self.write(ctx, k, v)
+        return self.read(ctx, q, list(ctx.cache.lengths(self.layer)), scale, softcap)
+
+    def verify(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
+        old = list(ctx.cache.lengths(self.layer))
+        self.write(ctx, k, v)
+        # query t of sequence b (padding past n_valid[b] reads as the last real token does)
+        outs = [self.read(ctx, q[:, :, t:t + 1], [o + min(t + 1, n) for o, n in zip(old, ctx.n_valid)], scale,
+                          softcap) for t in range(q.shape[2])]
+        return torch.cat(outs, dim=2)
+
+    def write(self, ctx, k, v) -> None:
+        """Write the new tokens' k/v after each sequence's cached ones and update the state."""
         cache, layer = ctx.cache, self.layer
         old = list(cache.lengths(layer))
         cache.write(layer, k, v)
         cache.advance(layer, ctx.n_valid)
         self.after_write(ctx, old)
-        lengths = cache.lengths(layer)
-        kv_len = cache.lengths_tensor(layer)
+
+    def read(self, ctx, q, lengths: list[int], scale: float, softcap) -> torch.Tensor:
+        """The attention of one query per sequence (``q [B, Hq, 1, D]``) over the first ``lengths[b]`` slots,
+        reading what the policy selects for it."""
+        cache, layer = ctx.cache, self.layer
+        current = lengths == cache.lengths(layer)
+        kv_len = cache.lengths_tensor(layer) if current else torch.tensor(lengths, device=q.device)
         keys, values = cache.view(layer, max(lengths))
-        index, out = self.read_index(ctx, q, keys, values, kv_len, scale, softcap)
+        index, out = self.read_index(ctx, q, keys, values, kv_len, scale, softcap, lengths)
         if out is not None:
             ctx.count(layer, lengths)
             return out
