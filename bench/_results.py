@@ -30,7 +30,8 @@ def provenance() -> dict:
             return ""
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    # uncommitted changes to code (results and the pages they are published into do not count)
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!docs", ":!README.md"):
         commit += "+dirty"
     try:
         import triton

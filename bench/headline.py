@@ -70,7 +70,11 @@ def main() -> None:
 
     lines = ["| axis and recipe | setting | saving (measured) | quality vs dense (same inputs) | from |",
              "|---|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} | [{e}](docs/benchmarks.md) |" for a, b, c, d, e in rows]
+    def source(stem: str) -> str:
+        recorded = "Provenance:" in (RESULTS / f"{stem}.md").read_text()
+        return f"[{stem}](docs/benchmarks.md)" + ("" if recorded else " (earlier run: provenance not recorded)")
+
+    lines += [f"| {a} | {b} | {c} | {d} | {source(e)} |" for a, b, c, d, e in rows]
     lines += ["", f"SmolLM2-135M-Instruct, fp32, CPU. Picked by the rules in `bench/headline.py` (quality >= "
               f"{KEEP:.0%} of dense first, then the largest saving) from the result files of the scripts named."]
     save("headline", lines, {"rows": [dict(zip(("axis", "setting", "saving", "quality", "source"), r)) for r in rows]})
