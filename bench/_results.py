@@ -111,13 +111,20 @@ def publish(stem: str, pages=PAGES) -> int:
         if not doc.exists():
             continue
         text = doc.read_text()
-        start, end = _markers(stem)
-        if start not in text or end not in text:
+        span = section_span(text, stem)
+        if span is None:
             continue
-        a, b = text.index(start) + len(start), text.index(end)
-        doc.write_text(text[:a] + "\n" + section_text(stem) + "\n" + text[b:])
+        doc.write_text(text[:span[0]] + "\n" + section_text(stem) + "\n" + text[span[1]:])
         done += 1
     return done
+
+
+def section_span(text: str, stem: str) -> tuple[int, int] | None:
+    """Where the body of ``stem``'s section lies in a page's ``text`` (between its markers), or None."""
+    start, end = _markers(stem)
+    if start not in text or end not in text:
+        return None
+    return text.index(start) + len(start), text.index(end)
 
 
 def sections(doc: Path) -> list[str]:

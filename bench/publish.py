@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _results import PAGES, RESULTS, _markers, publish, section_text, sections
+from _results import PAGES, RESULTS, publish, section_span, section_text, sections
 
 
 def all_sections() -> list[str]:
@@ -26,9 +26,8 @@ def stale() -> list[str]:
             continue
         text = doc.read_text()
         for stem in sections(doc):
-            start, end = _markers(stem)
-            body = text[text.index(start) + len(start):text.index(end)]
-            if body.strip() != section_text(stem).strip():
+            a, b = section_span(text, stem)
+            if text[a:b].strip() != section_text(stem).strip():
                 out.append(f"{doc.name}:{stem}")
     return out
 

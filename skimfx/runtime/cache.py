@@ -85,8 +85,11 @@ class KVCache:
 
     def advance(self, layer: int, counts: list[int]) -> None:
         """Mark ``counts[b]`` more slots of sequence b as filled in ``layer``."""
-        self._lengths[layer] = [a + c for a, c in zip(self._lengths[layer], counts)]
-        self._lengths_dev[layer] = None
+        self._set_lengths(layer, [a + c for a, c in zip(self._lengths[layer], counts)])
+
+    def _set_lengths(self, layer: int, lengths: list[int]) -> None:
+        self._lengths[layer] = list(lengths)
+        self._lengths_dev[layer] = None               # the device copy is rebuilt on next use
 
     def compact(self, layer: int, index: torch.Tensor, kept: list[int], headroom: int | None = None) -> None:
         """Keep only the slots ``index`` of each sequence, in that order: ``[B, K]`` (the same slots
@@ -103,8 +106,7 @@ class KVCache:
                               device=self.device)
             new[:, :, :K] = kept_kv
             buf[layer] = new
-        self._lengths[layer] = list(kept)
-        self._lengths_dev[layer] = None
+        self._set_lengths(layer, kept)
 
     def write_slots(self, layer: int, slots: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Write one new token per sequence (k/v [B, Hkv, 1, D]) into the given slot of each KV head
@@ -136,13 +138,11 @@ class KVCache:
         The layer's cache policy rolls its state back with them (``KVPolicy.truncate``) or refuses (state
         that decode changed and the policy cannot restore, e.g. decode-time eviction)."""
         old = self._lengths[layer]
-        if any(n > m for n, m in zip(lengths, old)):
-            raise ValueError(f"layer {layer}: cannot truncate {old} up to {lengths}")
+        self._check_shorter(layer, lengths, "truncate")
         pol = self.policies.get(layer)
         if pol is not None:
             pol.truncate(self, list(old), list(lengths))      # raises before anything changed
-        self._lengths[layer] = list(lengths)
-        self._lengths_dev[layer] = None
+        self._set_lengths(layer, lengths)
 
     def resize(self, layer: int, capacity: int) -> None:
         """Reallocate ``layer`` to ``capacity`` slots, keeping its filled ones (room for a probe forward, and
@@ -159,10 +159,12 @@ class KVCache:
     def rewind(self, layer: int, lengths: list[int]) -> None:
         """Forget the slots past ``lengths[b]`` that a probe forward wrote. Unlike ``truncate`` this is
         allowed under any policy: no policy saw those tokens, so its state still describes the cache."""
+        self._check_shorter(layer, lengths, "rewind")
+        self._set_lengths(layer, lengths)
+
+    def _check_shorter(self, layer: int, lengths: list[int], what: str) -> None:
         if any(n > m for n, m in zip(lengths, self._lengths[layer])):
-            raise ValueError(f"layer {layer}: cannot rewind {self._lengths[layer]} to {lengths}")
-        self._lengths[layer] = list(lengths)
-        self._lengths_dev[layer] = None
+            raise ValueError(f"layer {layer}: cannot {what} {self._lengths[layer]} to {lengths}")
 
     def reset(self, headroom: int, tokens: int) -> None:
         """Empty the cache and reallocate every layer to ``tokens + headroom`` slots."""
