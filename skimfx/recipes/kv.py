@@ -630,3 +630,247 @@ class KVzip(KVRecipe):
             raise RecipeError(f"prompt_ids {outside} are outside the model's vocabulary of {info.vocab_size} tokens")
         return self._policies(info, lambda b: KVzipPolicy(b, chunk=self.chunk, scope=self.scope, sinks=self.sinks,
                                                           overlap=self.overlap, prompt_ids=self.prompt_ids), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expected Attention: scores from a Gaussian model of the queries to come
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpectedAttentionPolicy(CachePolicy):
+    """Expected Attention: each KV head keeps the pairs that the modelled future queries (the prompt queries'
+    mean and covariance before RoPE, rotated to the next ``future`` positions) are expected to attend to,
+    times the value norm (``vnorm``); ``sinks`` always."""
+
+    future: int = 512
+    sinks: int = 4
+    covariance: bool = True
+    vnorm: bool = True
+    method = "expected_attention"
+    kind = "evict"
+
+    def details(self):
+        return ([f"expected attention of the next {self.future} queries"] + ([f"{self.sinks} sinks"] if self.sinks
+                                                                             else []))
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{name} must be true or false, got {value!r}")
+
+
+def _count(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RecipeError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExpectedAttention(KVRecipe):
+    """Expected Attention (Devoto et al., 2025, "Expected Attention: KV Cache Compression by Estimating
+    Attention from Future Queries Distribution"; kvpress's ExpectedAttentionPress): the queries to come are
+    modelled as Gaussian, with the mean and covariance of the prompt's queries before RoPE (the first
+    ``sinks`` left out) rotated by the average RoPE matrix of the next ``future`` positions; a key's
+    expected attention is the softmax of ``s mu.k + s^2/2 k^T Sigma k`` (``covariance=false``: the mean
+    term only), averaged over its GQA group and multiplied by the value norm (``vnorm``). After prefill each
+    KV head keeps its ``budget`` best (the first ``sinks`` always); decode appends. ``pyramid``: PyramidKV
+    per-layer budgets."""
+
+    budget: int | float
+    future: int = 512
+    sinks: int = 4
+    covariance: bool = True
+    vnorm: bool = True
+    pyramid: bool = False
+    layers: tuple[int, ...] | int | None = None
+    name = "expected_attention"
+
+    def __post_init__(self):
+        amount_ok("budget", self.budget)
+        positive("future", self.future)
+        _count("sinks", self.sinks)
+        _flag("covariance", self.covariance)
+        _flag("vnorm", self.vnorm)
+        if isinstance(self.budget, int) and self.budget <= self.sinks:
+            raise RecipeError(f"budget ({self.budget}) must exceed sinks ({self.sinks}): the sinks are always kept")
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def budget_total(self):
+        return self.budget
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        floor = self.sinks if isinstance(self.budget, int) else 0.0
+        return self._policies(info, lambda b: ExpectedAttentionPolicy(b, future=self.future, sinks=self.sinks,
+                                                                      covariance=self.covariance,
+                                                                      vnorm=self.vnorm), floor)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-head budgets: AdaKV over any scorer, DuoAttention
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdaKVPolicy(CachePolicy):
+    """AdaKV: the ``scorer``'s per-head scores choose head budgets that share the layer's ``budget * Hkv``
+    pairs (each head keeps at least ``alpha * budget``)."""
+
+    scorer: CachePolicy = None
+    alpha: float = 0.2
+    decode_evict = False
+    method = "adakv"
+    kind = "evict"
+
+    @property
+    def sentence_granular(self) -> bool:
+        return self.scorer.sentence_granular
+
+    @property
+    def max_sentence(self) -> int:
+        return self.scorer.max_sentence
+
+    def details(self):
+        return [f"head budgets from {self.scorer.describe()}", f"safeguard {self.alpha:g}"]
+
+
+def _adakv_scorers() -> dict:
+    """The evicting recipes AdaKV can take by name (each made with AdaKV's budget and its defaults)."""
+    return {"snapkv": SnapKV, "tova": lambda budget: TOVA(budget, evict_during_decode=False), "knorm": Knorm,
+            "keydiff": KeyDiff, "expected_attention": ExpectedAttention, "kvzip": KVzip}
+
+
+@dataclass(frozen=True)
+class AdaKV(KVRecipe):
+    """AdaKV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for
+    Efficient LLM Inference"): a wrapper over any evicting scorer. The layer's total budget stays ``budget``
+    per KV head, but the heads share it by their scores: per sequence, each head's ``int(alpha * budget)``
+    best pairs are kept (the safeguard), then the ``budget * Hkv`` best scores over all heads of the layer.
+    Heads keep different counts and the layer holds exactly its total (stored as head groups, the memory
+    released). ``scorer``: a name (``snapkv``, ``tova``, ``knorm``, ``keydiff``, ``expected_attention``,
+    ``kvzip``: made with ``budget`` and its defaults) or, in Python, a recipe (then ``budget`` comes from it;
+    it must not evict during decode)."""
+
+    budget: int | float | None = None
+    scorer: object = "snapkv"
+    alpha: float = 0.2
+    layers: tuple[int, ...] | int | None = None
+    name = "adakv"
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise RecipeError(f"alpha (the per-head safeguard, a fraction of the budget) must be in [0, 1], "
+                              f"got {self.alpha!r}")
+        if isinstance(self.scorer, str):
+            makers = _adakv_scorers()
+            if self.scorer not in makers:
+                raise RecipeError(f"scorer must be one of {', '.join(makers)} (or a recipe object), got "
+                                  f"{self.scorer!r}")
+            if self.budget is None:
+                raise RecipeError("adakv needs a budget (tokens per KV head on average, or a fraction of the prompt)")
+            amount_ok("budget", self.budget)
+            try:
+                self.scorer_recipe
+            except RecipeError as e:
+                raise RecipeError(f"adakv's scorer {self.scorer}: {e}") from None
+        elif isinstance(self.scorer, KVRecipe):
+            if type(self.scorer).__name__ == "AdaKV" or not hasattr(self.scorer, "budget_total"):
+                raise RecipeError(f"adakv's scorer must be an evicting recipe with a budget, got {self.scorer.name}")
+            if getattr(self.scorer, "evict_during_decode", False):
+                raise RecipeError(f"adakv's scorer {self.scorer.name} must not evict during decode "
+                                  "(evict_during_decode=False): the head budgets are chosen once, after the prompt")
+            if self.budget is not None and self.budget != self.scorer.budget_total:
+                raise RecipeError(f"adakv's budget ({self.budget}) differs from its scorer's "
+                                  f"({self.scorer.budget_total}); give it once")
+        else:
+            raise RecipeError(f"scorer must be a scorer name or a KV recipe, got {self.scorer!r}")
+        object.__setattr__(self, "layers", layers_ok(self.layers))
+
+    @property
+    def scorer_recipe(self) -> KVRecipe:
+        if isinstance(self.scorer, str):
+            return _adakv_scorers()[self.scorer](self.budget)
+        return self.scorer
+
+    @property
+    def budget_total(self):
+        return self.scorer_recipe.budget_total
+
+    def with_tokenizer(self, tokenizer) -> "AdaKV":
+        inner = self.scorer_recipe.with_tokenizer(tokenizer)
+        return self if inner == self.scorer_recipe else dataclasses.replace(self, scorer=inner, budget=None)
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        inner = self.scorer_recipe
+        if self.layers is not None:
+            inner = dataclasses.replace(inner, layers=self.layers)
+        return {l: AdaKVPolicy(p.budget, scorer=p, alpha=float(self.alpha)) for l, p in inner.policies(info).items()}
+
+
+@dataclass(frozen=True)
+class DuoPolicy(CachePolicy):
+    """DuoAttention: the KV heads in ``streaming`` keep ``sinks`` + ``recent`` prompt tokens, the others all."""
+
+    sinks: int = 64
+    recent: int = 256
+    streaming: tuple[int, ...] = ()
+    method = "duo_attention"
+    kind = "evict"
+
+    def details(self):
+        return [f"streaming KV heads {list(self.streaming)} keep {self.sinks} sinks + {self.recent} recent",
+                "the other heads keep everything"]
+
+
+@dataclass(frozen=True)
+class DuoAttention(KVRecipe):
+    """DuoAttention (Xiao et al., 2024, "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and
+    Streaming Heads"): retrieval heads keep the full cache, streaming heads keep the first ``sinks`` and the
+    ``recent`` newest prompt tokens. ``calibration``: per (layer, KV head) scores of how much each head needs
+    the full context (a ``DuoCalibration`` from ``skimfx.calibrate_duo``, a path to its file, or a nested
+    list [layer][KV head]); the ``streaming`` fraction of the full-attention layers' KV heads with the
+    lowest scores stream (as kvpress's ``head_compression_ratio``). After prefill each layer is stored as
+    head groups (full heads, streaming heads), the memory released; decode appends."""
+
+    calibration: object = None
+    streaming: float = 0.5
+    sinks: int = 64
+    recent: int = 256
+    name = "duo_attention"
+    calibration_kind = "duo"          # ``calibrate.resolve`` loads a path given here as a DuoCalibration
+
+    def __post_init__(self):
+        if isinstance(self.streaming, bool) or not isinstance(self.streaming, (int, float)) or \
+                not 0 <= self.streaming <= 1:
+            raise RecipeError(f"streaming (the fraction of KV heads that stream) must be in [0, 1], got "
+                              f"{self.streaming!r}")
+        _count("sinks", self.sinks)
+        positive("recent", self.recent)
+        if self.calibration is None:
+            raise RecipeError("duo_attention needs head scores: calibration=skimfx.calibrate_duo(model, tokenizer=tok) "
+                              "(or the path of its saved file)")
+
+    def head_scores(self) -> list[list[float]]:
+        s = getattr(self.calibration, "scores", self.calibration)
+        if isinstance(s, str):
+            raise RecipeError(f"duo_attention: calibration {s!r} is a path that was not loaded; compile with "
+                              "skimfx.compile (which loads it) or pass DuoCalibration.load(path)")
+        try:
+            rows = [[float(x) for x in row] for row in (s.tolist() if hasattr(s, "tolist") else s)]
+        except (TypeError, ValueError):
+            raise RecipeError("duo_attention: calibration must hold head scores [layer][KV head]") from None
+        return rows
+
+    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+        scores = self.head_scores()
+        if len(scores) != info.num_layers or any(len(r) != info.num_kv_heads for r in scores):
+            raise RecipeError(f"duo_attention: the head scores are {len(scores)} x {len(scores[0]) if scores else 0}, "
+                              f"this model has {info.num_layers} layers x {info.num_kv_heads} KV heads; calibrate "
+                              "on this model")
+        heads = [(s, l, h) for l in _policy_layers(info, None) for h, s in enumerate(scores[l]) if s == s]
+        n = round(len(heads) * self.streaming)
+        stream: dict[int, list[int]] = {}
+        for _, l, h in sorted(heads)[:n]:
+            stream.setdefault(l, []).append(h)
+        return {l: DuoPolicy(self.sinks + self.recent, sinks=self.sinks, recent=self.recent,
+                             streaming=tuple(sorted(hs))) for l, hs in sorted(stream.items())}
+
+    def passes(self, info: ModelInfo) -> list:
+        policies = self.policies(info)
+        return [bind_pass(kv_policy, "kv_policy", policies=policies)] if policies else []

@@ -5,8 +5,20 @@ instead of concatenating). ``lengths[layer][b]`` is how many slots sequence b ha
 layer. Layers may differ in capacity and length (token pruning keeps fewer tokens in later layers);
 ``positions[b]`` is the next RoPE position of sequence b, which is not a slot count once layers
 hold fewer tokens than the sequence has seen.
+
+Head groups (``split_heads``): a layer whose KV heads keep different numbers of tokens (AdaKV's head
+budgets, DuoAttention's retrieval and streaming heads) is stored as groups of KV heads, each group its own
+``[B, heads in group, capacity, D]`` tensors sized to what its heads hold: heads that keep the same count
+for every sequence share a group (Duo: one group of full heads, one of streaming heads), any other head
+is a group of its own. The memory is really released: a layer's bytes are the sum of its groups'. Such a
+layer's ``lengths`` are each sequence's largest head length; ``write`` / ``advance`` / ``truncate`` /
+``rewind`` / ``resize`` apply to every group; the policy that split it attends per group
+(``runtime/policies/headwise.py``). The uniform buffers ``k[layer]`` / ``v[layer]`` of a split layer
+are empty, and ``view`` / ``compact`` / ``write_slots`` refuse it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +28,29 @@ from .policies import KVPolicy, make_policies
 
 class CacheFullError(ValueError):
     """A write would go past a layer's capacity."""
+
+
+@dataclass
+class HeadGroup:
+    """KV heads of a split layer stored together: ``k``/``v`` [B, len(heads), capacity, D]; every head of
+    the group holds ``lengths[b]`` tokens of sequence b."""
+
+    heads: tuple[int, ...]
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: list[int]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+def head_groups(counts: list[list[int]]) -> list[tuple[int, ...]]:
+    """Heads whose kept counts ``counts[b][h]`` agree for every sequence, grouped, in head order."""
+    by_counts: dict[tuple[int, ...], list[int]] = {}
+    for h in range(len(counts[0])):
+        by_counts.setdefault(tuple(row[h] for row in counts), []).append(h)
+    return sorted((tuple(hs) for hs in by_counts.values()), key=lambda hs: hs[0])
 
 
 class KVCache:
@@ -32,6 +67,7 @@ class KVCache:
         # host copies of the lengths: shapes and loop bounds are decided on the host without a sync
         self._lengths = [[0] * batch for _ in caps]
         self._lengths_dev: list[torch.Tensor | None] = [None] * num_layers
+        self.groups: list[list[HeadGroup] | None] = [None] * num_layers     # split layers' head groups
         self.positions = [0] * batch
         # each layer's KV policy (``runtime/policies``), made from the Program's parameters; it owns its
         # state (slot ages, scores, page bounds, offloaded KV). Layers without one are dense.
@@ -51,7 +87,15 @@ class KVCache:
         return len(self.k)
 
     def capacity(self, layer: int) -> int:
-        return self.k[layer].shape[2]
+        """Slots of the layer; for a split layer, its longest sequence plus the room every group has left."""
+        groups = self.groups[layer]
+        if groups is None:
+            return self.k[layer].shape[2]
+        return max(self._lengths[layer]) + min(g.capacity - max(g.lengths) for g in groups)
+
+    def is_split(self, layer: int) -> bool:
+        """Whether ``layer`` is stored as head groups (``split_heads``)."""
+        return self.groups[layer] is not None
 
     def lengths(self, layer: int) -> list[int]:
         return self._lengths[layer]
@@ -66,19 +110,33 @@ class KVCache:
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Write k/v of T new tokens ([B, Hkv, T, D]) at each sequence's current length."""
         T = k_new.shape[2]
-        starts = self._lengths[layer]
-        cap = self.capacity(layer)
+        if self.groups[layer] is not None:
+            for g in self.groups[layer]:
+                idx = torch.tensor(g.heads, device=k_new.device)
+                self._write_rows(layer, g.k, g.v, g.lengths, k_new.index_select(1, idx), v_new.index_select(1, idx),
+                                 None)
+            return
+        self._write_rows(layer, self.k[layer], self.v[layer], self._lengths[layer], k_new, v_new,
+                         self.lengths_tensor(layer))
+
+    def _write_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: list[int], k_new: torch.Tensor,
+                    v_new: torch.Tensor, starts_dev: torch.Tensor | None) -> None:
+        """Write T tokens ([B, H, T, D]) into ``k``/``v`` [B, H, cap, D] at ``starts[b]`` (``starts_dev``: the
+        same on the device, or None)."""
+        T = k_new.shape[2]
+        cap = k.shape[2]
         if max(starts) + T > cap:
             raise CacheFullError(
                 f"layer {layer}: writing {T} tokens after {max(starts)} cached ones exceeds the cache "
                 f"capacity of {cap} tokens; use a shorter prompt, fewer new tokens, or a larger max_cache_len")
-        k, v = self.k[layer], self.v[layer]
         if min(starts) == max(starts):
             s = starts[0]
             k[:, :, s:s + T] = k_new
             v[:, :, s:s + T] = v_new
         else:
-            idx = (self.lengths_tensor(layer)[:, None] + torch.arange(T, device=self.device))
+            if starts_dev is None:
+                starts_dev = torch.tensor(starts, device=self.device)
+            idx = (starts_dev[:, None] + torch.arange(T, device=self.device))
             idx = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             k.scatter_(2, idx, k_new.to(k.dtype))
             v.scatter_(2, idx, v_new.to(v.dtype))
@@ -88,6 +146,9 @@ class KVCache:
         self._set_lengths(layer, [a + c for a, c in zip(self._lengths[layer], counts)])
 
     def _set_lengths(self, layer: int, lengths: list[int]) -> None:
+        if self.groups[layer] is not None:     # every head gained or lost the same tokens
+            for g in self.groups[layer]:
+                g.lengths = [a + n - o for a, n, o in zip(g.lengths, lengths, self._lengths[layer])]
         self._lengths[layer] = list(lengths)
         self._lengths_dev[layer] = None               # the device copy is rebuilt on next use
 
@@ -96,6 +157,7 @@ class KVCache:
         for every KV head) or ``[B, Hkv, K]`` (per KV head, as SnapKV and H2O choose). K = max kept;
         shorter rows pad with any valid slot. The layer's buffers shrink to K plus ``headroom`` new
         slots (default: the same headroom as before): the memory is released, not just masked."""
+        self._refuse_split(layer, "compact")
         K = index.shape[-1]
         filled = max(self._lengths[layer])
         if headroom is None:
@@ -108,10 +170,56 @@ class KVCache:
             buf[layer] = new
         self._set_lengths(layer, kept)
 
+    def split_heads(self, layer: int, index: torch.Tensor, counts: list[list[int]], headroom: int | None = None) -> None:
+        """Keep ``counts[b][h]`` slots of KV head h of sequence b: the first ``counts[b][h]`` of ``index
+        [B, Hkv, K]`` (the rest of a row is padding), in that order, and store the layer as head groups
+        (``head_groups``), each sized to its own longest row plus ``headroom`` slots (default: the same
+        headroom as before). The layer's uniform buffers are released."""
+        self._refuse_split(layer, "split")
+        filled = max(self._lengths[layer])
+        if headroom is None:
+            headroom = self.capacity(layer) - filled
+        groups = []
+        for heads in head_groups(counts):
+            n = [counts[b][heads[0]] for b in range(self.batch)]
+            K = max(n)
+            sel = torch.tensor(heads, device=self.device)
+            kv = []
+            for buf in (self.k, self.v):
+                kept = gather_kv(buf[layer][:, :, :filled].index_select(1, sel), index.index_select(1, sel)[..., :K])
+                new = torch.zeros(self.batch, len(heads), K + headroom, self.head_dim, dtype=self.dtype,
+                                  device=self.device)
+                new[:, :, :K] = kept
+                kv.append(new)
+            groups.append(HeadGroup(heads, kv[0], kv[1], n))
+        for buf in (self.k, self.v):
+            buf[layer] = buf[layer].new_zeros(self.batch, self.num_kv_heads, 0, self.head_dim)
+        self.groups[layer] = groups
+        self._lengths[layer] = [max(row) for row in counts]
+        self._lengths_dev[layer] = None
+
+    def head_lengths(self, layer: int) -> list[list[int]]:
+        """Tokens held per sequence and KV head: ``[B][Hkv]``."""
+        if self.groups[layer] is None:
+            return [[n] * self.num_kv_heads for n in self._lengths[layer]]
+        out = [[0] * self.num_kv_heads for _ in range(self.batch)]
+        for g in self.groups[layer]:
+            for b, n in enumerate(g.lengths):
+                for h in g.heads:
+                    out[b][h] = n
+        return out
+
+    def _refuse_split(self, layer: int, what: str) -> None:
+        if self.groups[layer] is not None:
+            raise ValueError(f"layer {layer} is stored as head groups (its KV heads hold different numbers of "
+                             f"tokens), so it cannot {what} as one tensor; its policy reads the groups "
+                             f"(cache.groups[{layer}])")
+
     def write_slots(self, layer: int, slots: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Write one new token per sequence (k/v [B, Hkv, 1, D]) into the given slot of each KV head
         (``slots [B, Hkv]``): a slot below the length overwrites an evicted token. Lengths are not
         changed (the caller advances the sequences that appended)."""
+        self._refuse_split(layer, "write_slots")
         if int(slots.max()) >= self.capacity(layer):
             raise CacheFullError(f"layer {layer}: slot {int(slots.max())} is past the capacity {self.capacity(layer)}")
         idx = slots[:, :, None, None].expand(-1, -1, 1, self.head_dim)
@@ -150,6 +258,12 @@ class KVCache:
         filled = max(self._lengths[layer])
         if capacity < filled:
             raise ValueError(f"layer {layer}: cannot resize to {capacity} slots, {filled} are filled")
+        if self.groups[layer] is not None:           # every group keeps the same room past its own length
+            for g in self.groups[layer]:
+                top = max(g.lengths)
+                g.k, g.v = (torch.cat([t[:, :, :top], t.new_zeros(t.shape[0], t.shape[1], capacity - filled,
+                                                                  t.shape[3])], dim=2) for t in (g.k, g.v))
+            return
         for buf in (self.k, self.v):
             new = torch.zeros(self.batch, self.num_kv_heads, capacity, self.head_dim, dtype=self.dtype,
                               device=self.device)
@@ -174,18 +288,21 @@ class KVCache:
                                          dtype=self.dtype, device=self.device)
         self._lengths = [[0] * self.batch for _ in range(self.num_layers)]
         self._lengths_dev = [None] * self.num_layers
+        self.groups = [None] * self.num_layers
         self.positions = [0] * self.batch
         self.policies = make_policies(self._policy_params)
         self.speculating = False
 
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._refuse_split(layer, "be viewed")
         return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
 
     def nbytes(self) -> int:
         """Physical bytes held by the k/v buffers (allocated capacity, not just filled slots) and the
         policies' per-layer state."""
         state = [t for p in self.policies.values() for t in p.state_tensors()]
-        return sum(t.numel() * t.element_size() for t in self.k + self.v + state)
+        groups = [t for gs in self.groups if gs for g in gs for t in (g.k, g.v)]
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + groups + state)
 
     def host_bytes(self) -> int:
         """Bytes of KV offloaded to host memory (not counted by ``nbytes``)."""
@@ -193,8 +310,8 @@ class KVCache:
 
     def used_bytes(self) -> int:
         """Bytes of the filled slots."""
-        per_tok = self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size() * 2
-        return sum(sum(ls) for ls in self._lengths) * per_tok
+        per_head = self.head_dim * torch.empty((), dtype=self.dtype).element_size() * 2
+        return sum(sum(map(sum, self.head_lengths(l))) for l in range(self.num_layers)) * per_head
 
     def __repr__(self) -> str:
         caps = sorted({self.capacity(i) for i in range(self.num_layers)})
