@@ -16,10 +16,10 @@ from .passes import PassError, PassManager, default_passes, final_passes
 from .program import Program
 from .recipes import (RECIPES, H2O, TOVA, Delta, Dense, GemFilter, KeyDiff, Knorm, KVzip, PromptDistill, Quest, Recipe,
                       RecipeError, SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, kvzip_prompt_ids,
-                      parse_recipe, recipe_label)
+                      parse_recipe, recipe_label, ShortMK, Steer, Truncate)
 from .runtime import CompiledModel, Generation, KVCache, ModelChangedError, Stats
 from .calibrate import (DeltaCalibration, ExitAdapter, ExitCalibration, SkipCalibration, calibrate_delta, calibrate_exits,
-                        calibrate_skip, reference_texts, resolve)
+                        calibrate_skip, reference_texts, resolve, SteeringCalibration, calibrate_steering)
 
 __version__ = "0.1.0"
 
@@ -65,4 +65,4 @@ __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManag
            "H2O", "TOVA", "Quest", "Delta", "SentenceKV", "Knorm", "KeyDiff", "KVzip", "kvzip_prompt_ids", "EarlyExit",
            "SelfSpeculative", "calibrate_exits",
            "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "calibrate_delta", "DeltaCalibration", "reference_texts", "parse_recipe",
-           "recipe_label", "resolve"]
+           "recipe_label", "resolve", "ShortMK", "Truncate", "Steer", "calibrate_steering", "SteeringCalibration"]

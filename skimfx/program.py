@@ -220,6 +220,25 @@ class SpeculativeConfig(DecodeConfig):
                 + (", adaptive" if self.adaptive else ""))
 
 
+@dataclass(frozen=True)
+class ShortMajorityConfig(DecodeConfig):
+    """short-m@k (Hassid et al. 2025): sample ``k`` answers of each prompt in one batch that shares the
+    prompt's prefill, stop when ``m`` have finished, return the majority answer among those ``m`` (ties: the
+    shortest answer). ``m == k`` is plain majority voting over all k. ``answer(tokens) -> str | None`` reads
+    the answer from a generation's tokens (``answer_name`` says which rule, for printing)."""
+
+    k: int
+    m: int
+    answer: Any = None
+    answer_name: str = ""
+    mode: ClassVar[str] = "short_mk"
+
+    def __str__(self) -> str:
+        rule = "majority@" + str(self.k) if self.m == self.k else f"short-{self.m}@{self.k}"
+        return (f"{rule}: {self.k} sampled answers sharing one prefill, the first {self.m} to finish vote "
+                f"(answer: {self.answer_name or 'custom'}; ties: the shortest)")
+
+
 @dataclass
 class Stage:
     """One executable piece of the Program: ``module(ctx, *inputs) -> tuple(outputs)``."""

@@ -25,6 +25,7 @@ from .common import CalibrationFileError
 from .delta import DeltaCalibration, calibrate_delta
 from .exits import ExitAdapter, ExitCalibration, calibrate_exits
 from .skip import SkipCalibration, calibrate_skip
+from .steering import SteeringCalibration, calibrate_steering
 from .texts import reference_texts
 
 
@@ -38,7 +39,8 @@ def resolve(recipe):
         return recipe
     names = {f.name for f in dataclasses.fields(recipe)}
     changes = {}
-    for name, cls in (("calibration", ExitCalibration), ("skip_layers", SkipCalibration)):
+    for name, cls in (("calibration", ExitCalibration), ("skip_layers", SkipCalibration),
+                      ("steering", SteeringCalibration)):
         value = getattr(recipe, name, None) if name in names else None
         if isinstance(value, (str, Path)):
             try:
@@ -51,4 +53,5 @@ def resolve(recipe):
 
 
 __all__ = ["ExitAdapter", "ExitCalibration", "calibrate_exits", "SkipCalibration", "calibrate_skip",
-           "DeltaCalibration", "calibrate_delta", "reference_texts", "resolve", "CalibrationFileError"]
+           "DeltaCalibration", "calibrate_delta", "reference_texts", "resolve", "CalibrationFileError",
+           "SteeringCalibration", "calibrate_steering"]

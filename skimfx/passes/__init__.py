@@ -19,6 +19,8 @@ from .lower_attention import lower_attention
 from .lower_linear import lower_linear
 from .prune_tokens import prune_tokens
 from .split_layers import split_layers
+from .steer import SteerError, steer
+from .truncate_layers import TruncateError, truncate_layers
 
 PassFn = Callable[[Program], Program]
 
@@ -61,4 +63,4 @@ def final_passes() -> list[PassFn]:
 
 __all__ = ["PassManager", "PassError", "default_passes", "final_passes", "lower_attention", "lower_linear",
            "split_layers", "prune_tokens", "kv_policy", "PolicyError", "fuse", "fuse_graph", "FuseError", "early_exit",
-           "EarlyExitError", "decode_with"]
+           "EarlyExitError", "decode_with", "steer", "SteerError", "truncate_layers", "TruncateError"]

@@ -9,6 +9,7 @@ plain parameters, never runtime objects; calibrations are read by their attribut
 """
 from .base import Dense, Recipe, RecipeError
 from .exit import DRAFT_SOURCES, EarlyExit, SelfSpeculative
+from .generation import ANSWER_EXTRACTORS, ShortMK, Steer, Truncate
 from .kv import (H2O, KVZIP_PROMPT, TOVA, Delta, DeltaPolicy, H2OPolicy, KeyDiff, KeyDiffPolicy, Knorm, KnormPolicy,
                  KVRecipe, KVzip, KVzipPolicy, Quest, QuestPolicy, SentenceKV, SentenceKVPolicy, SnapKV, SnapKVPolicy,
                  StreamingLLM, StreamingLLMPolicy, TOVAPolicy, kvzip_prompt_ids, pyramid_budgets)
@@ -20,4 +21,5 @@ __all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "Snap
            "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "RECIPES", "parse_recipe", "recipe_label",
            "pyramid_budgets", "KVRecipe", "DRAFT_SOURCES", "SnapKVPolicy", "StreamingLLMPolicy", "H2OPolicy",
            "TOVAPolicy", "QuestPolicy", "DeltaPolicy", "SentenceKVPolicy", "Knorm", "KeyDiff", "KVzip", "KnormPolicy",
-           "KeyDiffPolicy", "KVzipPolicy", "kvzip_prompt_ids", "KVZIP_PROMPT"]
+           "KeyDiffPolicy", "KVzipPolicy", "kvzip_prompt_ids", "KVZIP_PROMPT", "ShortMK", "Truncate", "Steer",
+           "ANSWER_EXTRACTORS"]

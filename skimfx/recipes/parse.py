@@ -11,7 +11,7 @@ from .registry import RECIPES
 PRUNING = (GemFilter, PromptDistill)
 # Fields whose value may be a file path: kept whole (a path contains "/", which elsewhere separates list
 # items) unless it is a list of numbers ("skip_layers=4/7" is layers, "skip_layers=./cal/skip.pt" a path).
-PATH_FIELDS = {"calibration", "skip_layers"}
+PATH_FIELDS = {"calibration", "skip_layers", "steering"}
 QUOTES = "\"'"
 
 

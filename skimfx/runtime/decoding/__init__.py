@@ -35,7 +35,8 @@ decode, or that cannot verify several tokens (SentenceKV with offload), is refus
 
 What lives here: the shared generation loop, the registry and ``generate`` (``loop``), CALM early exit
 (``early_exit``), self-speculation (``speculative``), the n-gram drafts (``drafts``), and the draft-length
-schedule: measured step costs and the acceptance model (``schedule``). May import: the runtime modules
+schedule: measured step costs and the acceptance model (``schedule``), and short-m@k voting over k sampled
+chains that share one prefill (``majority``). May import: the runtime modules
 (``engine``, ``executor``, ``context``, ``cache``, ``stats``), ``program``, ``kernels``. Never:
 ``passes``, ``recipes``, ``calibrate``, ``capture``.
 """
@@ -43,8 +44,10 @@ from ..stats import DecodeStats
 from .drafts import NGramDrafts
 from .early_exit import EarlyExitDecoder
 from .loop import DECODERS, DecodeState, Decoder, decode_loop, generate, register
+from .majority import ShortMajorityDecoder, Vote, VotedGeneration, fork_prefill
 from .schedule import Acceptance, StepCosts
 from .speculative import SpeculativeDecoder, SpeculativeState
 
 __all__ = ["generate", "decode_loop", "DECODERS", "register", "Decoder", "DecodeState", "DecodeStats",
-           "EarlyExitDecoder", "SpeculativeDecoder", "SpeculativeState", "NGramDrafts", "StepCosts", "Acceptance"]
+           "EarlyExitDecoder", "SpeculativeDecoder", "SpeculativeState", "NGramDrafts", "StepCosts", "Acceptance",
+           "ShortMajorityDecoder", "Vote", "VotedGeneration", "fork_prefill"]

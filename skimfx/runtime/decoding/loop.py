@@ -72,7 +72,10 @@ def generate(program: Program, prompts: list[list[int]], max_new_tokens: int, sa
     cls = DECODERS.get(config.mode)
     if cls is None:
         raise ValueError(f"no decoder for decoding mode {config.mode!r} ({config}); known modes: {sorted(DECODERS)}")
-    return decode_loop(cls(config), program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len, callback)
+    decoder = cls(config)
+    if hasattr(decoder, "generate"):      # a mode that decodes a batch of its own (short-m@k's k chains)
+        return decoder.generate(program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len, callback)
+    return decode_loop(decoder, program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len, callback)
 
 
 def decode_loop(decoder: Decoder, program: Program, prompts: list[list[int]], max_new_tokens: int,
