@@ -13,9 +13,12 @@ mean over pairs of (concise mean - verbose mean): ``v = E[h(concise)] - E[h(verb
 The strength: steering moves every next-token distribution, and the paper keeps that move bounded in KL
 divergence from the unsteered model. Here the KL is measured rather than bounded analytically: on the
 prompts and verbose answers of up to ``kl_pairs`` pairs (every position from the prompt's last token on),
-``KL(p_unsteered || p_steered)`` averaged over positions, for alpha doubling from ``alpha_start`` until the
+``KL(p_unsteered || p_steered)`` averaged over positions, for alpha doubling from ``max_alpha / 64`` until the
 bound is passed, then bisected; ``alpha`` is the largest one measured within ``kl_bound`` and ``curve``
-holds every (alpha, KL) measured.
+holds every (alpha, KL) measured. ``max_alpha`` makes the shift ``alpha * |v|`` at most ``max_shift`` times
+the mean norm of the residual stream at the layer: past that the stream is mostly ``v`` and the KL
+saturates (the final norm removes the scale), so a bound that is never reached would otherwise give an
+unbounded alpha; ``bound_reached`` says whether the KL bound or ``max_alpha`` chose alpha.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class SteeringCalibration(FieldsFile):
     pairs: int = 0
     norm: float = 0.0
     seconds: float = 0.0
+    bound_reached: bool = True
 
     REQUIRED = ("layer", "vector", "alpha", "kl_bound")
     MADE_BY = "calibrate_steering"
@@ -60,7 +64,7 @@ class SteeringCalibration(FieldsFile):
         pts = ", ".join(f"{a:.3g}: {k:.4f}" for a, k in self.curve)
         return (f"steering after layer {self.layer} from {self.pairs} pairs: |v| = {float(self.vector.norm()):.3g} "
                 f"(residual norm {self.norm:.3g}); alpha {self.alpha:.3g} at KL {self.kl:.4f} nats (bound "
-                f"{self.kl_bound}); KL by alpha: {pts}")
+                f"{self.kl_bound}{'' if self.bound_reached else ', not reached below max_alpha'}); KL by alpha: {pts}")
 
 
 def _pair(p) -> tuple[str, str, str]:
@@ -112,7 +116,7 @@ def _upper(ex: Executor, env: dict, layer: int, h: torch.Tensor, T: int) -> torc
 
 
 def calibrate_steering(model, pairs, *, layer: int | None = None, kl_bound: float = 0.1, tokenizer=None,
-                       chat: bool = True, kl_pairs: int = 32, alpha_start: float = 1.0, max_doublings: int = 16,
+                       chat: bool = True, kl_pairs: int = 32, max_shift: float = 4.0,
                        bisections: int = 8) -> SteeringCalibration:
     """The ASC steering vector after ``layer`` (default: the middle layer) from ``pairs`` (prompt, verbose,
     concise), and the largest alpha whose mean next-token KL to the unsteered model stays within
@@ -125,6 +129,8 @@ def calibrate_steering(model, pairs, *, layer: int | None = None, kl_bound: floa
         raise ValueError(f"layer must be in 0..{L - 1} for this {L}-layer model, got {layer!r}")
     if not isinstance(kl_bound, (int, float)) or not kl_bound > 0:
         raise ValueError(f"kl_bound must be a positive number of nats, got {kl_bound!r}")
+    if not isinstance(max_shift, (int, float)) or not max_shift > 0:
+        raise ValueError(f"max_shift must be a positive multiple of the residual norm, got {max_shift!r}")
     pairs = [_pair(p) for p in pairs]
     if not pairs:
         raise ValueError("give at least one (prompt, verbose, concise) pair (the paper uses 100)")
@@ -144,6 +150,10 @@ def calibrate_steering(model, pairs, *, layer: int | None = None, kl_bound: floa
             norms.append(0.5 * float(h_long.norm() + h_short.norm()))
             texts.append((p + long_ids, len(p) - 1))
         v = torch.stack(diffs).mean(0)
+        if not float(v.norm()) > 0:
+            raise ValueError("the verbose and concise answers give the same mean activation: no steering direction")
+        norm = sum(norms) / len(norms)
+        max_alpha = max_shift * norm / float(v.norm())
         # the states below the layer do not depend on alpha: computed once per text
         base = []
         for ids, first in texts[:kl_pairs]:
@@ -164,15 +174,14 @@ def calibrate_steering(model, pairs, *, layer: int | None = None, kl_bound: floa
 
         curve = []
         lo, lo_kl, hi = 0.0, 0.0, None
-        a = float(alpha_start)
-        for _ in range(max_doublings):
+        for j in range(6, -1, -1):
+            a = max_alpha / 2 ** j
             k = kl_at(a)
             curve.append((a, k))
             if k > kl_bound:
                 hi = a
                 break
             lo, lo_kl = a, k
-            a *= 2
         if hi is not None:
             for _ in range(bisections):
                 mid = 0.5 * (lo + hi)
@@ -183,8 +192,8 @@ def calibrate_steering(model, pairs, *, layer: int | None = None, kl_bound: floa
                 else:
                     hi = mid
     return SteeringCalibration(layer=layer, vector=v.cpu(), alpha=lo, kl_bound=float(kl_bound), kl=lo_kl,
-                               curve=tuple(sorted(curve)), pairs=len(pairs), norm=sum(norms) / len(norms),
-                               seconds=time.perf_counter() - t0)
+                               curve=tuple(sorted(curve)), pairs=len(pairs), norm=norm,
+                               seconds=time.perf_counter() - t0, bound_reached=hi is not None)
 
 
 __all__ = ["SteeringCalibration", "calibrate_steering", "steered_logits"]
