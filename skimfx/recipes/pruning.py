@@ -50,7 +50,13 @@ class PromptDistill(Recipe):
     token's q·Kᵀ/√d averaged over heads (optional avg-pool kernel 5), keep the top ``keep_i`` (sorted,
     plus the last ``keep_last``); layers after r_i run on the kept tokens with their original
     positions. ``truncate_earlier_kv`` also cuts the KV of layers <= r_i to the kept tokens.
-    ``granularity="sentence"`` keeps whole sentences instead (see ``base.sentence_ok``)."""
+    ``granularity="sentence"`` keeps whole sentences instead (see ``base.sentence_ok``).
+
+    Beyond the paper (defaults keep its rule): ``window`` scores with the last ``window`` queries instead
+    of the last one, ``softmax`` normalises each query's scores first (SnapKV's observation window), and
+    ``heads`` aggregates over heads by "mean" (the paper), "sum" or "max". At long context an early
+    layer's last query alone can miss a question that ends well before the prompt does (a chat
+    template, an answer prefix): a window that covers the question scores what the question asks."""
 
     layers: tuple[int, ...] | int
     keep: tuple[int, ...] | int
@@ -60,10 +66,20 @@ class PromptDistill(Recipe):
     granularity: str = "token"
     sentence_reduce: str = "max"
     max_sentence: int = 64
+    window: int = 1
+    softmax: bool = False
+    heads: str = "mean"
     name = "promptdistill"
 
     def __post_init__(self):
         sentence_ok(self)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise RecipeError(f"window is the number of last queries that score the prompt (an int >= 1), "
+                              f"got {self.window!r}")
+        if not isinstance(self.softmax, bool):
+            raise RecipeError(f"softmax must be true or false, got {self.softmax!r}")
+        if self.heads not in ("mean", "sum", "max"):
+            raise RecipeError(f"heads must be 'mean', 'sum' or 'max', got {self.heads!r}")
         layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
         keep = (self.keep,) if isinstance(self.keep, (int, float)) else tuple(self.keep)
         if any(isinstance(k, bool) or not isinstance(k, int) for k in keep):
@@ -85,7 +101,7 @@ class PromptDistill(Recipe):
         object.__setattr__(self, "keep", keep)
 
     def selections(self) -> list[Selection]:
-        return [Selection(layer=r, keep=k, mode="continue", window=1, softmax=False, heads="mean",
+        return [Selection(layer=r, keep=k, mode="continue", window=self.window, softmax=self.softmax, heads=self.heads,
                           pool="avg" if self.pool_kernel > 1 else None, pool_kernel=self.pool_kernel, scale=None,
                           keep_last=self.keep_last, truncate_earlier_kv=self.truncate_earlier_kv,
                           method="PromptDistill", **sentence_fields(self))
