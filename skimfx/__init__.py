@@ -21,6 +21,8 @@ from .runtime import CompiledModel, Generation, KVCache, ModelChangedError, Stat
 from .calibrate import (DeltaCalibration, ExitAdapter, ExitCalibration, SkipCalibration, calibrate_delta, calibrate_exits,
                         calibrate_skip, reference_texts, resolve, SteeringCalibration, calibrate_steering)
 
+from .integrations.compress import PromptCompressor, compress_prompt
+
 __version__ = "0.1.0"
 
 
@@ -65,4 +67,5 @@ __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManag
            "H2O", "TOVA", "Quest", "Delta", "SentenceKV", "Knorm", "KeyDiff", "KVzip", "kvzip_prompt_ids", "EarlyExit",
            "SelfSpeculative", "calibrate_exits",
            "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "calibrate_delta", "DeltaCalibration", "reference_texts", "parse_recipe",
-           "recipe_label", "resolve", "ShortMK", "Truncate", "Steer", "calibrate_steering", "SteeringCalibration"]
+           "recipe_label", "resolve", "ShortMK", "Truncate", "Steer", "calibrate_steering", "SteeringCalibration",
+           "compress_prompt", "PromptCompressor"]

@@ -1,10 +1,11 @@
-"""Command line: ``skimfx demo | generate | bench | eval | show``.
+"""Command line: ``skimfx demo | generate | bench | eval | show | compress``.
 
     skimfx demo                                    # SmolLM2-135M: dense vs the recipes on one long prompt
     skimfx generate --model smollm2-135m --prompt "Why is the sky blue?" --recipe promptdistill:layers=14,keep=256
     skimfx bench --lengths 1024,4096 --recipe delta:budget=0.25 --recipe snapkv:budget=0.25
     skimfx eval --task passkey --recipe promptdistill:layers=14,keep=250 --recipe gemfilter:layer=14,keep=250
     skimfx show --model gemma3-270m --recipe gemfilter:layer=6,keep=128
+    skimfx compress --recipe gemfilter:layer=14,keep=512 --prompt-file doc.txt   # kept ids for any engine
 """
 from __future__ import annotations
 
@@ -200,6 +201,26 @@ def cmd_eval(args) -> None:
     print(f"\nwrote {args.out}/eval_{args.task}.md, .json and .png")
 
 
+def cmd_compress(args) -> None:
+    """GemFilter's kept token ids of a prompt, as JSON, for an engine's ``prompt_token_ids``."""
+    import json
+
+    import skimfx
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give the prompt as --prompt TEXT or --prompt-file PATH (one of them)")
+    text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+    from .integrations.compress import gemfilter_recipe
+
+    gemfilter_recipe(args.recipe)                              # a bad recipe fails before any loading
+    model, tok = skimfx.load_model(args.model)
+    ids = _encode(tok, text, args.chat)
+    kept = skimfx.compress_prompt(model, ids, args.recipe, tok, keep=args.keep, fraction=args.fraction)
+    json.dump({"model": args.model, "recipe": args.recipe, "prompt_tokens": len(ids), "kept_tokens": len(kept),
+               "prompt_token_ids": kept}, sys.stdout)
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="skimfx", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -250,6 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--prompts", type=int, default=10)
     e.add_argument("--out", default="skimfx-eval")
     e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("compress", help="GemFilter's kept token ids of a prompt (JSON), to send to any engine")
+    c.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
+    c.add_argument("--recipe", required=True, help="gemfilter:layer=14,keep=512 (granularity=sentence: whole sentences)")
+    c.add_argument("--prompt", default=None)
+    c.add_argument("--prompt-file", default=None)
+    c.add_argument("--keep", type=int, default=None, help="tokens to keep (overrides the recipe's keep)")
+    c.add_argument("--fraction", type=float, default=None, help="fraction of the prompt to keep, e.g. 0.25")
+    c.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the chat template (default: when the tokenizer has one)")
+    c.set_defaults(fn=cmd_compress)
 
     args = ap.parse_args(argv)
     try:
