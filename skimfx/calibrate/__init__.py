@@ -3,7 +3,8 @@
 What lives here: exit adapters and thresholds for early exit (``exits``: ``calibrate_exits`` ->
 ``ExitCalibration``), the layers a Draft&Verify draft skips (``skip``: ``calibrate_skip`` ->
 ``SkipCalibration``), DELTA's select-layer placement (``delta``: ``calibrate_delta`` ->
-``DeltaCalibration``), calibration text that ships with the system (``texts``: ``reference_texts``),
+``DeltaCalibration``), DuoAttention's retrieval / streaming heads (``duo``: ``calibrate_duo`` ->
+``DuoCalibration``), calibration text that ships with the system (``texts``: ``reference_texts``),
 what they share (``common``: the dense compiled model, tokenizing, the safe file format), and
 ``resolve``, which loads the calibration files a recipe names by path. Each calibration's
 ``.recipe(...)`` returns the recipe it calibrates.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from .common import CalibrationFileError
 from .delta import DeltaCalibration, calibrate_delta
+from .duo import DuoCalibration, calibrate_duo
 from .exits import ExitAdapter, ExitCalibration, calibrate_exits
 from .skip import SkipCalibration, calibrate_skip
 from .steering import SteeringCalibration, calibrate_steering
@@ -41,6 +43,8 @@ def resolve(recipe):
     changes = {}
     for name, cls in (("calibration", ExitCalibration), ("skip_layers", SkipCalibration),
                       ("steering", SteeringCalibration)):
+        if name == "calibration" and getattr(recipe, "calibration_kind", None) == "duo":
+            cls = DuoCalibration                       # DuoAttention's head scores
         value = getattr(recipe, name, None) if name in names else None
         if isinstance(value, (str, Path)):
             try:
@@ -54,4 +58,4 @@ def resolve(recipe):
 
 __all__ = ["ExitAdapter", "ExitCalibration", "calibrate_exits", "SkipCalibration", "calibrate_skip",
            "DeltaCalibration", "calibrate_delta", "reference_texts", "resolve", "CalibrationFileError",
-           "SteeringCalibration", "calibrate_steering"]
+           "SteeringCalibration", "calibrate_steering", "DuoCalibration", "calibrate_duo"]

@@ -10,7 +10,8 @@ plain parameters, never runtime objects; calibrations are read by their attribut
 from .base import Dense, Recipe, RecipeError
 from .exit import DRAFT_SOURCES, EarlyExit, SelfSpeculative
 from .generation import ANSWER_EXTRACTORS, ShortMK, Steer, Truncate
-from .kv import (H2O, KVZIP_PROMPT, TOVA, Delta, DeltaPolicy, H2OPolicy, KeyDiff, KeyDiffPolicy, Knorm, KnormPolicy,
+from .kv import (H2O, KVZIP_PROMPT, TOVA, AdaKV, AdaKVPolicy, Delta, DuoAttention, DuoPolicy, ExpectedAttention,
+                 ExpectedAttentionPolicy, DeltaPolicy, H2OPolicy, KeyDiff, KeyDiffPolicy, Knorm, KnormPolicy,
                  KVRecipe, KVzip, KVzipPolicy, Quest, QuestPolicy, SentenceKV, SentenceKVPolicy, SnapKV, SnapKVPolicy,
                  StreamingLLM, StreamingLLMPolicy, TOVAPolicy, kvzip_prompt_ids, pyramid_budgets)
 from .parse import parse_recipe, recipe_label
@@ -22,4 +23,5 @@ __all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "Snap
            "pyramid_budgets", "KVRecipe", "DRAFT_SOURCES", "SnapKVPolicy", "StreamingLLMPolicy", "H2OPolicy",
            "TOVAPolicy", "QuestPolicy", "DeltaPolicy", "SentenceKVPolicy", "Knorm", "KeyDiff", "KVzip", "KnormPolicy",
            "KeyDiffPolicy", "KVzipPolicy", "kvzip_prompt_ids", "KVZIP_PROMPT", "ShortMK", "Truncate", "Steer",
-           "ANSWER_EXTRACTORS"]
+           "ANSWER_EXTRACTORS", "ExpectedAttention", "ExpectedAttentionPolicy", "AdaKV", "AdaKVPolicy", "DuoAttention",
+           "DuoPolicy"]
