@@ -58,6 +58,9 @@ def cmd_generate(args) -> None:
     print()
     print(f"[{args.model}] load {load_s:.1f} s, compile {compile_s:.1f} s; {g.stats}; "
           f"{len(g.tokens[0])} new tokens, finish: {g.finish_reasons[0]}", file=sys.stderr)
+    for v in getattr(g, "votes", ()):         # shortmk: how the answer above was chosen
+        print(f"[vote] answers of the first {len(v.voters)} to finish: {[v.answers[i] for i in v.voters]} -> "
+              f"{v.answer!r}; {v.tokens_generated} tokens sampled over {len(v.samples)} chains", file=sys.stderr)
 
 
 def cmd_show(args) -> None:

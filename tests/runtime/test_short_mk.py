@@ -175,3 +175,15 @@ def test_short_mk_on_smollm2(smollm2):
     g = cm.generate(ids, max_new_tokens=24, temperature=0.7, seed=0)
     v = g.votes[0]
     assert len(v.voters) == 2 and v.answer == last_number(tok.decode(g.tokens[0], skip_special_tokens=True))
+
+
+@pytest.mark.slow
+def test_cli_generate_votes(capsys):
+    from skimfx.cli import main
+
+    rc = main(["generate", "--recipe", "shortmk:k=3,m=2", "--temperature", "0.7", "--seed", "0",
+               "--max-new-tokens", "12", "--prompt", "What is 2 + 2?"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "[vote] answers of the first 2 to finish" in err
+    rc = main(["generate", "--recipe", "shortmk:k=3,m=2", "--max-new-tokens", "4", "--prompt", "What is 2 + 2?"])
+    assert rc == 2 and "temperature > 0" in capsys.readouterr().err

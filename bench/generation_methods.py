@@ -1,0 +1,253 @@
+"""Generation-time methods vs dense on SmolLM2-135M-Instruct, each with its baseline in the same process.
+
+1. short-m@k (Hassid et al. 2025): k=8 sampled answers sharing one prefill, the first m=3 to finish vote,
+   against majority voting over all 8 (majority@8), short-1@8 and one greedy answer. Task with a checkable
+   answer: small additions ("What is 7 + 5?") and retrieval of one of three numbers from the prompt
+   ("Anna's number is 47, ... What is Ben's number?"); the answer is the last number of the text. Per
+   method: accuracy, tokens sampled over all chains, wall time.
+2. Activation-Steered Compression (Azizi et al. 2025): the steering vector from 100 (quick: 20) pairs of
+   verbose / concise answers to such questions (built from templates, disjoint from the evaluation
+   questions), alpha chosen under a KL bound; answer length (tokens to EOS) and accuracy, greedy, steered
+   vs dense.
+3. Sorted sub-models (Truncate): the first k layers + the head, raw (the model's own norm and head on layer
+   k-1) and through a ridge exit adapter (``calibrate_exits``), vs the full model: perplexity and top-1
+   agreement with the full model on held-out text, and decode tokens/s.
+
+Every number comes from this run. Wall-clock numbers depend on the machine's load; accuracy, agreement,
+perplexity, token counts do not.
+
+    python bench/generation_methods.py                 # all three, full size (about an hour on 2 idle cores)
+    python bench/generation_methods.py --quick         # a smoke run: few questions, two depths
+    python bench/generation_methods.py --only shortmk  # one of shortmk, steer, truncate
+
+Writes bench/results/generation_<method>.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+import skimfx
+from _results import RESULTS, save
+from skimfx import ShortMK, Steer, Truncate
+from skimfx.eval import chat_ids
+from skimfx.recipes.generation import last_number
+
+NAMES = ["Anna", "Ben", "Carl", "Dora", "Emil", "Fay", "Gus", "Hana", "Ivan", "Jill", "Kurt", "Lena"]
+
+
+def questions(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(kind, question, answer): additions of two numbers up to 12, and retrieval of one of three numbers."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            a, b = rng.randint(1, 12), rng.randint(1, 12)
+            out.append(("add", f"What is {a} + {b}? Answer with the number.", str(a + b)))
+        else:
+            who = rng.sample(NAMES, 3)
+            nums = rng.sample(range(10, 99), 3)
+            j = rng.randrange(3)
+            facts = ", ".join(f"{w}'s number is {x}" for w, x in zip(who, nums))
+            out.append(("recall", f"{facts}. What is {who[j]}'s number?", str(nums[j])))
+    return out
+
+
+def steering_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(question, verbose answer, concise answer) over the same kinds of question (other numbers and names)."""
+    pairs = []
+    for kind, q, ans in questions(n, seed):
+        if kind == "add":
+            a, b = q.split("What is ")[1].split("?")[0].split(" + ")
+            verbose = (f"Let's work this out step by step. We need to add {a} and {b}. Starting from {a} and "
+                       f"counting up {b} more, we reach {ans}. We can check it: {ans} minus {b} is {a}, so the sum "
+                       f"is right. Therefore, the final answer is {ans}.")
+        else:
+            who = q.split("What is ")[1].split("'s")[0]
+            verbose = (f"To answer this question, I need to look carefully at the information given. The text lists "
+                       f"three people and their numbers. Reading through the list, I find {who}, and the number "
+                       f"given for {who} is {ans}. The other numbers belong to other people, so they are not "
+                       f"relevant here. So, {who}'s number is {ans}.")
+        pairs.append((q, verbose, ans))
+    return pairs
+
+
+def correct(text: str, answer: str) -> bool:
+    return last_number(text) == answer
+
+
+def bench_shortmk(model, tok, args) -> None:
+    n = 6 if args.quick else args.questions
+    new = 48 if args.quick else 96
+    qs = questions(n, seed=1)
+    prompts = [chat_ids(tok, q) for _, q, _ in qs]
+    configs = {"greedy (1 answer)": skimfx.compile(model, tokenizer=tok),
+               "majority@8": skimfx.compile(model, ShortMK(k=8, m=8), tokenizer=tok),
+               "short-3@8": skimfx.compile(model, ShortMK(k=8, m=3), tokenizer=tok),
+               "short-1@8": skimfx.compile(model, ShortMK(k=8, m=1), tokenizer=tok)}
+    rows = {name: dict(method=name, correct=0, tokens=0, seconds=0.0, per_kind={}) for name in configs}
+    configs["greedy (1 answer)"].generate(prompts[0], max_new_tokens=4)           # warm-up
+    for i, (p, (kind, _, ans)) in enumerate(zip(prompts, qs)):
+        for name, cm in configs.items():
+            t0 = time.perf_counter()
+            if name.startswith("greedy"):
+                g = cm.generate(p, max_new_tokens=new)
+                tokens = len(g.tokens[0])
+            else:       # the same seed per question: every voting rule sees the same 8 chains (as far as it runs them)
+                g = cm.generate(p, max_new_tokens=new, temperature=args.temperature, seed=100 + i)
+                tokens = g.votes[0].tokens_generated
+            dt = time.perf_counter() - t0
+            ok = correct(tok.decode(g.tokens[0], skip_special_tokens=True), ans)
+            r = rows[name]
+            r["correct"] += ok
+            r["tokens"] += tokens
+            r["seconds"] += dt
+            k = r["per_kind"].setdefault(kind, [0, 0])
+            k[0] += ok
+            k[1] += 1
+    base = rows["majority@8"]
+    lines = [f"# short-m@k vs majority voting — SmolLM2-135M-Instruct ({n} questions{', quick run' if args.quick else ''})",
+             "", f"k = 8 chains sampled at temperature {args.temperature}, up to {new} new tokens each, over one shared "
+             "prefill; the first m to finish vote on the last number of their text (ties: the shortest chain). "
+             "Half the questions are additions of two numbers up to 12, half recall one of three numbers given in "
+             "the prompt. The same seed per question for every voting rule, so short-m@8 runs a prefix of "
+             "majority@8's chains.", "",
+             "| method | accuracy | addition | recall | tokens sampled | tokens vs majority@8 | wall s | wall vs "
+             "majority@8 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows.values():
+        kinds = {k: v[0] / v[1] for k, v in r["per_kind"].items()}
+        r["accuracy"] = r["correct"] / n
+        lines.append(f"| {r['method']} | {r['accuracy']:.0%} | {kinds.get('add', float('nan')):.0%} | "
+                     f"{kinds.get('recall', float('nan')):.0%} | {r['tokens']} | {r['tokens'] / base['tokens']:.2f} | "
+                     f"{r['seconds']:.1f} | {r['seconds'] / base['seconds']:.2f} |")
+    lines += ["", f"Accuracy over {n} questions of a 135M model is noisy: one question moves it by {1 / n:.0%}. "
+              "Wall time is measured on a shared CPU (load from other processes varies during the run); the "
+              "token counts do not depend on it."]
+    save("generation_shortmk", lines, {"rows": list(rows.values()), "questions": n, "max_new_tokens": new,
+                                       "temperature": args.temperature}, args.out)
+
+
+def bench_steer(model, tok, args) -> None:
+    n_pairs = 20 if args.quick else 100
+    n = 6 if args.quick else args.questions
+    new = 48 if args.quick else 96
+    layer = args.steer_layer
+    t0 = time.perf_counter()
+    cal = skimfx.calibrate_steering(model, steering_pairs(n_pairs, seed=7), tokenizer=tok, layer=layer,
+                                    kl_bound=args.kl_bound, kl_pairs=8 if args.quick else 32)
+    cal_s = time.perf_counter() - t0
+    qs = questions(n, seed=1)
+    dense = skimfx.compile(model, tokenizer=tok)
+    modes = {"dense": dense, f"steered (alpha {cal.alpha:.3g})": skimfx.compile(model, Steer(steering=cal), tokenizer=tok)}
+    rows = []
+    for name, cm in modes.items():
+        lengths, ok, stopped = [], 0, 0
+        for _, q, ans in qs:
+            g = cm.generate(chat_ids(tok, q), max_new_tokens=new)
+            lengths.append(len(g.tokens[0]))
+            ok += correct(tok.decode(g.tokens[0], skip_special_tokens=True), ans)
+            stopped += g.finish_reasons[0] == "stop"
+        rows.append(dict(mode=name, mean_tokens=sum(lengths) / n, accuracy=ok / n, stopped=stopped / n,
+                         lengths=lengths))
+    lines = [f"# Activation-Steered Compression — SmolLM2-135M-Instruct ({n} questions{', quick run' if args.quick else ''})",
+             "", f"Steering vector after layer {cal.layer} from {cal.pairs} (verbose, concise) answer pairs; alpha "
+             f"{cal.alpha:.3g} chosen for a mean next-token KL of at most {cal.kl_bound} nats to the unsteered model "
+             f"(measured: {cal.kl:.4f} nats{'' if cal.bound_reached else '; the bound was not reached below max_alpha'}); "
+             f"|alpha v| = {cal.alpha * float(cal.vector.norm()):.3g} against a residual norm of {cal.norm:.3g}. "
+             f"Calibration: {cal_s:.0f} s. Greedy answers, up to {new} new tokens.", "",
+             "| mode | mean answer tokens | answer tokens vs dense | accuracy | ended by EOS |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['mean_tokens']:.1f} | {r['mean_tokens'] / rows[0]['mean_tokens']:.2f} | "
+                     f"{r['accuracy']:.0%} | {r['stopped']:.0%} |")
+    lines += ["", "KL by alpha (mean over the calibration positions): "
+              + ", ".join(f"{a:.3g}: {k:.4f}" for a, k in cal.curve) + ".",
+              "", f"Accuracy over {n} questions of a 135M model is noisy: one question moves it by {1 / n:.0%}."]
+    save("generation_steer", lines, {"rows": rows, "layer": cal.layer, "alpha": cal.alpha, "kl": cal.kl,
+                                     "kl_bound": cal.kl_bound, "curve": cal.curve, "pairs": cal.pairs,
+                                     "calibration_s": cal_s}, args.out)
+
+
+def _quality(cm, full, docs: list[list[int]]) -> tuple[float, float]:
+    """(perplexity, top-1 agreement with the full model) over teacher-forced documents."""
+    nll, agree, n = 0.0, 0, 0
+    for ids in docs:
+        x = torch.tensor([ids])
+        logits = cm(x).logits[0, :-1].float()
+        ref = full(x).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+        agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+        n += len(ids) - 1
+    return math.exp(nll / n), agree / n
+
+
+def bench_truncate(model, tok, args) -> None:
+    L = model.config.num_hidden_layers
+    depths = (16, 24) if args.quick else (8, 12, 16, 20, 24, 28)
+    texts = skimfx.reference_texts()
+    cal = skimfx.calibrate_exits(model, texts, layers=[d - 1 for d in depths], method="ridge", tokenizer=tok,
+                                 max_tokens=1500 if args.quick else 6000)
+    every = 4                                   # calibrate_exits holds out every 4th document (held_out=0.25)
+    held = texts[every - 1::every]
+    docs, total = [], 0
+    for t in held:
+        ids = tok(t[:4000], add_special_tokens=False).input_ids[:256]
+        if len(ids) >= 64:
+            docs.append(ids)
+            total += len(ids)
+        if total >= (600 if args.quick else 3000):
+            break
+    full = skimfx.compile(model, tokenizer=tok)
+    prompt = chat_ids(tok, "Explain how a hash table works.")
+    new = 16 if args.quick else 64
+
+    def speed(cm) -> float:
+        cm.generate(prompt, max_new_tokens=4, stop_tokens=[])
+        g = cm.generate(prompt, max_new_tokens=new, stop_tokens=[])
+        return g.stats.decode_tokens_per_s
+
+    ppl_full, _ = _quality(full, full, docs)
+    rows = [dict(layers=L, head="full model", ppl=ppl_full, agreement=1.0, tok_s=speed(full))]
+    for d in depths:
+        for head, c in (("raw", None), ("ridge adapter", cal)):
+            cm = skimfx.compile(model, Truncate(layers=d, calibration=c), tokenizer=tok)
+            ppl, agr = _quality(cm, full, docs)
+            rows.append(dict(layers=d, head=head, ppl=ppl, agreement=agr, tok_s=speed(cm) if c is not None else None))
+    lines = [f"# Sorted sub-models (Truncate) — SmolLM2-135M-Instruct{' (quick run)' if args.quick else ''}", "",
+             f"The first k of {L} layers and the model's own final norm and LM head, on layer k-1's state directly "
+             f"(raw) or through a ridge exit adapter fitted by calibrate_exits on {cal.tokens[0]} training tokens. "
+             f"Perplexity and top-1 agreement with the full model on {total} held-out tokens ({len(docs)} documents "
+             f"the adapters were not fitted on); decode tokens/s for {new} greedy tokens after a short chat prompt "
+             "(shared CPU: indicative).", "",
+             "| layers | head | perplexity | top-1 agreement with full | decode tok/s |", "|---:|---|---:|---:|---:|"]
+    for r in rows:
+        tps = "" if r["tok_s"] is None else f"{r['tok_s']:.1f}"
+        lines.append(f"| {r['layers']} | {r['head']} | {r['ppl']:.1f} | {r['agreement']:.1%} | {tps} |")
+    save("generation_truncate", lines, {"rows": rows, "held_out_tokens": total, "train_tokens": cal.tokens[0]},
+         args.out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few questions, two depths")
+    ap.add_argument("--only", choices=("shortmk", "steer", "truncate"), action="append")
+    ap.add_argument("--questions", type=int, default=40)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--kl-bound", type=float, default=0.1)
+    ap.add_argument("--steer-layer", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = skimfx.load_model("smollm2-135m")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for name in args.only or ("shortmk", "steer", "truncate"):
+        {"shortmk": bench_shortmk, "steer": bench_steer, "truncate": bench_truncate}[name](model, tok, args)
+
+
+if __name__ == "__main__":
+    main()
