@@ -113,7 +113,8 @@ def _int_env(environ, name: str, default: int) -> int:
 
 @dataclass
 class DecodeCounters:
-    """What one process's attention layers did at decode (one-token query rows), summed over layers."""
+    """What one process's attention layers did at decode (one-token query rows), summed over the decoder's
+    attention layers (layers left dense count as reading everything)."""
 
     decode_calls: int = 0          # layer calls with at least one decode row
     decode_rows: int = 0           # decode rows seen (row x layer)

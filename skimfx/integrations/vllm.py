@@ -71,6 +71,17 @@ def _write_stats() -> None:
         os.replace(tmp, path)
 
 
+def _count_dense_decode(md) -> None:
+    """Decode rows of a layer the plugin leaves dense (below ``dense_layers``, or a pass-through layer)."""
+    q_len = (md.query_start_loc[1:] - md.query_start_loc[:-1]).tolist()
+    held = sum(n for n, q in zip(md.seq_lens.tolist(), q_len) if q == 1)
+    if held:
+        _COUNTERS.decode_calls += 1
+        _COUNTERS.decode_rows += sum(q == 1 for q in q_len)
+        _COUNTERS.keys_total += held
+        _COUNTERS.keys_read += held
+
+
 def _backend_classes():
     """The subclasses of vLLM's CPU backend (defined on first use, so importing this module needs no vLLM)."""
     from vllm import _custom_ops as ops
@@ -126,6 +137,8 @@ def _backend_classes():
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                     output_block_scale=None):
             if attn_metadata is None or not self._handles(layer) or self.kmin is None:
+                if attn_metadata is not None and settings() is not None and self.attn_type == AttentionType.DECODER:
+                    _count_dense_decode(attn_metadata)                            # a layer that reads everything
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                        output_block_scale)
             md = self._sparse_metadata(layer, query, attn_metadata, kv_cache.shape[2])
