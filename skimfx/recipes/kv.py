@@ -810,12 +810,13 @@ class DuoPolicy(CachePolicy):
     sinks: int = 64
     recent: int = 256
     streaming: tuple[int, ...] = ()
+    decode_evict: bool = True
     method = "duo_attention"
     kind = "evict"
 
     def details(self):
-        return [f"streaming KV heads {list(self.streaming)} keep {self.sinks} sinks + {self.recent} recent",
-                "the other heads keep everything"]
+        return [f"streaming KV heads {list(self.streaming)} keep {self.sinks} sinks + {self.recent} recent"
+                + (" (rolling during decode)" if self.decode_evict else ""), "the other heads keep everything"]
 
 
 @dataclass(frozen=True)
@@ -826,12 +827,15 @@ class DuoAttention(KVRecipe):
     the full context (a ``DuoCalibration`` from ``skimfx.calibrate_duo``, a path to its file, or a nested
     list [layer][KV head]); the ``streaming`` fraction of the full-attention layers' KV heads with the
     lowest scores stream (as kvpress's ``head_compression_ratio``). After prefill each layer is stored as
-    head groups (full heads, streaming heads), the memory released; decode appends."""
+    head groups (full heads, streaming heads), the memory released. ``evict_during_decode`` (the paper's rule):
+    the streaming heads keep rolling their window during decode, so their memory stays at sinks + recent;
+    false: decode appends to every head (as kvpress, which compresses the prompt only)."""
 
     calibration: object = None
     streaming: float = 0.5
     sinks: int = 64
     recent: int = 256
+    evict_during_decode: bool = True
     name = "duo_attention"
     calibration_kind = "duo"          # ``calibrate.resolve`` loads a path given here as a DuoCalibration
 
@@ -842,6 +846,7 @@ class DuoAttention(KVRecipe):
                               f"{self.streaming!r}")
         _count("sinks", self.sinks)
         positive("recent", self.recent)
+        _flag("evict_during_decode", self.evict_during_decode)
         if self.calibration is None:
             raise RecipeError("duo_attention needs head scores: calibration=skimfx.calibrate_duo(model, tokenizer=tok) "
                               "(or the path of its saved file)")
@@ -869,7 +874,8 @@ class DuoAttention(KVRecipe):
         for _, l, h in sorted(heads)[:n]:
             stream.setdefault(l, []).append(h)
         return {l: DuoPolicy(self.sinks + self.recent, sinks=self.sinks, recent=self.recent,
-                             streaming=tuple(sorted(hs))) for l, hs in sorted(stream.items())}
+                             streaming=tuple(sorted(hs)), decode_evict=self.evict_during_decode)
+                for l, hs in sorted(stream.items())}
 
     def passes(self, info: ModelInfo) -> list:
         policies = self.policies(info)

@@ -170,32 +170,51 @@ class KVCache:
             buf[layer] = new
         self._set_lengths(layer, kept)
 
-    def split_heads(self, layer: int, index: torch.Tensor, counts: list[list[int]], headroom: int | None = None) -> None:
+    def split_heads(self, layer: int, index: torch.Tensor, counts: list[list[int]], headroom: int | list[int] | None = None,
+                    groups: list[tuple[int, ...]] | None = None) -> None:
         """Keep ``counts[b][h]`` slots of KV head h of sequence b: the first ``counts[b][h]`` of ``index
         [B, Hkv, K]`` (the rest of a row is padding), in that order, and store the layer as head groups
-        (``head_groups``), each sized to its own longest row plus ``headroom`` slots (default: the same
-        headroom as before). The layer's uniform buffers are released."""
+        (``groups``, default ``head_groups(counts)``; the heads of a group must keep equal counts), each sized
+        to its own longest row plus ``headroom`` slots (one for all groups or one per group; default: the
+        same headroom as before). The layer's uniform buffers are released."""
         self._refuse_split(layer, "split")
         filled = max(self._lengths[layer])
         if headroom is None:
             headroom = self.capacity(layer) - filled
-        groups = []
-        for heads in head_groups(counts):
+        groups = head_groups(counts) if groups is None else [tuple(g) for g in groups]
+        if sorted(h for g in groups for h in g) != list(range(self.num_kv_heads)) or \
+                any(row[h] != row[g[0]] for g in groups for h in g for row in counts):
+            raise ValueError(f"layer {layer}: head groups {groups} must cover each KV head once, and the heads of a "
+                             "group must keep equal counts")
+        rooms = [headroom] * len(groups) if isinstance(headroom, int) else list(headroom)
+        made = []
+        for heads, room in zip(groups, rooms):
             n = [counts[b][heads[0]] for b in range(self.batch)]
             K = max(n)
             sel = torch.tensor(heads, device=self.device)
             kv = []
             for buf in (self.k, self.v):
                 kept = gather_kv(buf[layer][:, :, :filled].index_select(1, sel), index.index_select(1, sel)[..., :K])
-                new = torch.zeros(self.batch, len(heads), K + headroom, self.head_dim, dtype=self.dtype,
+                new = torch.zeros(self.batch, len(heads), K + room, self.head_dim, dtype=self.dtype,
                                   device=self.device)
                 new[:, :, :K] = kept
                 kv.append(new)
-            groups.append(HeadGroup(heads, kv[0], kv[1], n))
+            made.append(HeadGroup(heads, kv[0], kv[1], n))
         for buf in (self.k, self.v):
             buf[layer] = buf[layer].new_zeros(self.batch, self.num_kv_heads, 0, self.head_dim)
-        self.groups[layer] = groups
+        self.groups[layer] = made
         self._lengths[layer] = [max(row) for row in counts]
+        self._lengths_dev[layer] = None
+
+    def set_group_lengths(self, layer: int, group: int, lengths: list[int]) -> None:
+        """Group ``group`` of a split layer now holds ``lengths[b]`` tokens (a policy that writes into its slots
+        itself, e.g. DuoAttention's rolling window); the layer's lengths follow."""
+        groups = self.groups[layer]
+        if any(n > groups[group].capacity for n in lengths):
+            raise CacheFullError(f"layer {layer}: head group {groups[group].heads} holds {groups[group].capacity} slots, "
+                                 f"not {max(lengths)}")
+        groups[group].lengths = list(lengths)
+        self._lengths[layer] = [max(g.lengths[b] for g in groups) for b in range(self.batch)]
         self._lengths_dev[layer] = None
 
     def head_lengths(self, layer: int) -> list[list[int]]:
@@ -258,11 +277,12 @@ class KVCache:
         filled = max(self._lengths[layer])
         if capacity < filled:
             raise ValueError(f"layer {layer}: cannot resize to {capacity} slots, {filled} are filled")
-        if self.groups[layer] is not None:           # every group keeps the same room past its own length
+        if self.groups[layer] is not None:           # every group's room changes by the same amount
+            delta = capacity - self.capacity(layer)
             for g in self.groups[layer]:
-                top = max(g.lengths)
-                g.k, g.v = (torch.cat([t[:, :, :top], t.new_zeros(t.shape[0], t.shape[1], capacity - filled,
-                                                                  t.shape[3])], dim=2) for t in (g.k, g.v))
+                top, cap = max(g.lengths), g.capacity + delta
+                g.k, g.v = (torch.cat([t[:, :, :top], t.new_zeros(t.shape[0], t.shape[1], cap - top, t.shape[3])], dim=2)
+                            for t in (g.k, g.v))
             return
         for buf in (self.k, self.v):
             new = torch.zeros(self.batch, self.num_kv_heads, capacity, self.head_dim, dtype=self.dtype,

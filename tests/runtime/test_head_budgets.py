@@ -194,8 +194,53 @@ def test_duo_calibration_scores_follow_a_direct_computation(llama, tmp_path):
 SCORES = [[0.1, 0.9], [0.5, 0.2], [0.3, 0.8]]
 
 
-def test_duo_streams_the_lowest_scoring_heads_and_keeps_the_others_whole(llama):
+def duo_mask(streaming: dict, n: int, T: int, sinks: int, recent: int, roll: bool) -> dict:
+    """Per layer a [1, Hq, T, T] mask: the prompt rows causal; a generated token's row on a streaming head reads
+    the prompt's sinks and last ``recent`` tokens and every generated token (``roll``: the sinks and the
+    ``recent`` newest tokens, itself included), on a retrieval head everything before it."""
+    out = {}
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    causal = j <= i
+    for layer, heads in streaming.items():
+        mask = causal.expand(1, 6, T, T).clone()
+        for kh in heads:
+            if roll:
+                window = causal & ((j < sinks) | (j > i - recent))
+            else:
+                window = causal & ((j < sinks) | (j >= n - recent))
+            rows = window.clone()
+            rows[:n] = causal[:n]
+            mask[0, kh * 3:(kh + 1) * 3] = rows
+        out[layer] = mask
+    return out
+
+
+def test_duo_rolls_the_streaming_window_during_decode(llama):
+    """The paper's rule: a streaming head's decode query reads the sinks and the ``recent`` newest tokens, and
+    its group never grows past that."""
     r = DuoAttention(calibration=SCORES, streaming=0.5, sinks=4, recent=16)
+    ids = prompts(120)[0]
+    g = skimfx.compile(llama, r).generate([ids], max_new_tokens=30)
+    seq, n = ids + g.tokens[0], len(ids)
+    masks = duo_mask({0: (0,), 1: (1,), 2: (0,)}, n, len(seq), 4, 16, roll=True)
+    assert _hf_with_layer_mask(llama, seq, masks)[n - 1:len(seq) - 1].tolist() == g.tokens[0]
+    # streaming groups stay at their 20-slot window; retrieval groups hold the prompt and the new tokens' room
+    assert g.stats.kv_prefill_bytes == g.stats.kv_bytes == 3 * ((120 + 30) + 20) * 2 * D * FP32
+    short = prompts(9)[0]                                   # shorter than the window: it fills, then rolls
+    g = skimfx.compile(llama, r).generate([short], max_new_tokens=25)
+    seq = short + g.tokens[0]
+    masks = duo_mask({0: (0,), 1: (1,), 2: (0,)}, 9, len(seq), 4, 16, roll=True)
+    assert _hf_with_layer_mask(llama, seq, masks)[8:len(seq) - 1].tolist() == g.tokens[0]
+
+
+def test_duo_with_rolling_refuses_speculation_and_multi_token_extends(llama):
+    with pytest.raises(Exception, match="evicts during decode"):
+        skimfx.compile(llama, [DuoAttention(calibration=SCORES, sinks=4, recent=16),
+                               SelfSpeculative(adaptive=False, draft_tokens=4)])
+
+
+def test_duo_streams_the_lowest_scoring_heads_and_keeps_the_others_whole(llama):
+    r = DuoAttention(calibration=SCORES, streaming=0.5, sinks=4, recent=16, evict_during_decode=False)
     pols = r.policies(skimfx.compile(llama).info)
     assert {l: p.streaming for l, p in pols.items()} == {0: (0,), 1: (1,), 2: (0,)}
     ids = prompts(120)[0]
@@ -209,14 +254,17 @@ def test_duo_streams_the_lowest_scoring_heads_and_keeps_the_others_whole(llama):
     seq, n = ids + g.tokens[0], len(ids)
     masks = {l: per_head_kept_mask(g.stats.kv_kept[l][0], n, len(seq), 6, 3) for l in range(3)}
     assert _hf_with_layer_mask(llama, seq, masks)[n - 1:len(seq) - 1].tolist() == g.tokens[0]
+    want = duo_mask({0: (0,), 1: (1,), 2: (0,)}, n, len(seq), 4, 16, roll=False)
+    assert all(torch.equal(masks[l], want[l]) for l in range(3))
 
 
 def test_duo_ragged_batch_and_no_streaming_is_dense(llama):
-    ps = prompts(120, 30, 75)
-    r = DuoAttention(calibration=SCORES, streaming=0.5, sinks=4, recent=16)
-    cm = skimfx.compile(llama, r)
-    batch = cm.generate(ps, max_new_tokens=8)
-    assert batch.tokens == [cm.generate([p], max_new_tokens=8).tokens[0] for p in ps]
+    ps = prompts(120, 30, 75, 12)
+    for roll in (True, False):
+        r = DuoAttention(calibration=SCORES, streaming=0.5, sinks=4, recent=16, evict_during_decode=roll)
+        cm = skimfx.compile(llama, r)
+        batch = cm.generate(ps, max_new_tokens=14)
+        assert batch.tokens == [cm.generate([p], max_new_tokens=14).tokens[0] for p in ps]
     dense = skimfx.compile(llama).generate(ps, max_new_tokens=8)
     assert skimfx.compile(llama, DuoAttention(calibration=SCORES, streaming=0.0)).generate(
         ps, max_new_tokens=8).tokens == dense.tokens

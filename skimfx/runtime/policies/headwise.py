@@ -48,17 +48,18 @@ class HeadwisePolicy(EvictingPolicy):
 
     supports_static = False
 
-    def keep_per_head(self, ctx, scores: torch.Tensor, n: list[int], counts: list[list[int]]) -> None:
+    def keep_per_head(self, ctx, scores: torch.Tensor, n: list[int], counts: list[list[int]],
+                      groups: list[tuple[int, ...]] | None = None, headroom: int | list[int] | None = None) -> None:
         """Keep ``counts[b][h]`` (<= n[b]) best slots of each (sequence, KV head) row of ``scores [B, Hkv, S]``
-        (+inf = always kept) and store the layer as head groups; each group's room for new tokens is the
-        layer's headroom."""
+        (+inf = always kept) and store the layer as head groups (``KVCache.split_heads``: ``groups`` and each
+        group's room for new tokens, default the heads with equal counts and the layer's headroom)."""
         cache, layer = ctx.cache, self.layer
         S = scores.shape[-1]
         j = torch.arange(S, device=scores.device)
         scores = scores.masked_fill(j[None, None] >= torch.tensor(n, device=scores.device)[:, None, None],
                                     float("-inf"))
         index = top_index(scores, counts)
-        cache.split_heads(layer, index, counts)
+        cache.split_heads(layer, index, counts, headroom, groups)
         ctx.kv_kept[layer] = [[row[:c] for row, c in zip(heads, cs)] for heads, cs in zip(index.tolist(), counts)]
 
     # -- attention over the head groups -----------------------------------------------------------
@@ -85,12 +86,11 @@ class HeadwisePolicy(EvictingPolicy):
         ctx.count(self.layer, [sum(row) / len(row) for row in per_head])
 
     def attend(self, ctx, layer, q, k, v, scale, window, softcap):
-        if not ctx.cache.is_split(self.layer):
-            return super().attend(ctx, layer, q, k, v, scale, window, softcap)
-        out = self.attend_groups(ctx, q, k, v, scale, softcap)      # an extend after the compressed prompt
-        if q.shape[2] == 1:
-            self._count_reads(ctx)
-        return out
+        T = q.shape[2]
+        if not ctx.cache.is_split(self.layer) or T == 1 or ctx.cache.speculating:
+            return super().attend(ctx, layer, q, k, v, scale, window, softcap)    # prefill, decode, verify
+        self.check_extend(ctx, T)
+        return self.attend_groups(ctx, q, k, v, scale, softcap)      # an extend after the compressed prompt
 
     def decode(self, ctx, q, k, v, scale, softcap):
         if not ctx.cache.is_split(self.layer):
@@ -101,6 +101,8 @@ class HeadwisePolicy(EvictingPolicy):
 
     def verify(self, ctx, q, k, v, scale, softcap):
         # decode appends and reads every kept token, so draft t reads its head's keys up to itself: causal
+        if self.decode_evict:
+            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
         if not ctx.cache.is_split(self.layer):
             return super().verify(ctx, q, k, v, scale, softcap)
         return self.attend_groups(ctx, q, k, v, scale, softcap)
