@@ -239,6 +239,21 @@ class ShortMajorityConfig(DecodeConfig):
                 f"(answer: {self.answer_name or 'custom'}; ties: the shortest)")
 
 
+@dataclass(frozen=True)
+class HogwildConfig(DecodeConfig):
+    """Hogwild! inference (Rodionov et al. 2025): ``workers`` generate in parallel over one shared KV cache,
+    each seeing the prompt, the other workers' blocks and its own block last; ``headers[w]``: the token ids
+    that open worker w's block."""
+
+    workers: int
+    headers: tuple[tuple[int, ...], ...] = ()
+    mode: ClassVar[str] = "hogwild"
+
+    def __str__(self) -> str:
+        return (f"Hogwild!: {self.workers} workers over one shared KV cache (each sees the others' tokens; its own "
+                "block last, keys re-rotated by RoPE)")
+
+
 @dataclass
 class Stage:
     """One executable piece of the Program: ``module(ctx, *inputs) -> tuple(outputs)``."""

@@ -9,7 +9,7 @@ plain parameters, never runtime objects; calibrations are read by their attribut
 """
 from .base import Dense, Recipe, RecipeError
 from .exit import DRAFT_SOURCES, EarlyExit, SelfSpeculative
-from .generation import ANSWER_EXTRACTORS, ShortMK, Steer, Truncate
+from .generation import ANSWER_EXTRACTORS, Hogwild, ShortMK, Steer, Truncate, hogwild_prompt
 from .kv import (H2O, KVZIP_PROMPT, TOVA, AdaKV, AdaKVPolicy, Delta, DuoAttention, DuoPolicy, ExpectedAttention,
                  ExpectedAttentionPolicy, DeltaPolicy, H2OPolicy, KeyDiff, KeyDiffPolicy, Knorm, KnormPolicy,
                  KVRecipe, KVzip, KVzipPolicy, Quest, QuestPolicy, SentenceKV, SentenceKVPolicy, SnapKV, SnapKVPolicy,
@@ -22,6 +22,6 @@ __all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "Snap
            "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "RECIPES", "parse_recipe", "recipe_label",
            "pyramid_budgets", "KVRecipe", "DRAFT_SOURCES", "SnapKVPolicy", "StreamingLLMPolicy", "H2OPolicy",
            "TOVAPolicy", "QuestPolicy", "DeltaPolicy", "SentenceKVPolicy", "Knorm", "KeyDiff", "KVzip", "KnormPolicy",
-           "KeyDiffPolicy", "KVzipPolicy", "kvzip_prompt_ids", "KVZIP_PROMPT", "ShortMK", "Truncate", "Steer",
+           "KeyDiffPolicy", "KVzipPolicy", "kvzip_prompt_ids", "KVZIP_PROMPT", "ShortMK", "Truncate", "Steer", "Hogwild",
            "ANSWER_EXTRACTORS", "ExpectedAttention", "ExpectedAttentionPolicy", "AdaKV", "AdaKVPolicy", "DuoAttention",
            "DuoPolicy"]

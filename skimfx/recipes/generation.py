@@ -24,7 +24,7 @@ from typing import Callable
 from ..passes.decode_with import decode_with
 from ..passes.steer import steer
 from ..passes.truncate_layers import truncate_layers
-from ..program import ModelInfo, ShortMajorityConfig
+from ..program import HogwildConfig, ModelInfo, ShortMajorityConfig
 from .base import Recipe, RecipeError, bind_pass, positive
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -161,4 +161,51 @@ class Steer(Recipe):
         return [bind_pass(steer, "steer", layer=s.layer, vector=s.vector, alpha=alpha)]
 
 
-__all__ = ["ShortMK", "Truncate", "Steer", "ANSWER_EXTRACTORS", "last_number", "last_line"]
+HOGWILD_PROMPT = ("{task}\n\nYou are {n} workers answering this together, all writing at the same time. Each worker "
+                  "sees everything the other workers have written so far, as it is written. Split the work: take a "
+                  "part that no other worker is doing, do not repeat what another worker has written, and stop when "
+                  "your part is done.")
+
+
+def hogwild_prompt(task: str, workers: int) -> str:
+    """The task wrapped in the instructions that tell the workers about each other (then chat-format it)."""
+    return HOGWILD_PROMPT.format(task=task, n=workers)
+
+
+@dataclass(frozen=True)
+class Hogwild(Recipe):
+    """Hogwild! inference (Rodionov et al. 2025): ``workers`` generate in parallel over one shared KV cache, each
+    seeing the prompt, the others' blocks and its own block last (keys re-rotated by RoPE, never recomputed).
+    Each worker's block opens with ``header`` (``{i}``: the worker's number from 1). Wrap the task with
+    ``hogwild_prompt(task, workers)`` so the workers know about each other. Needs the tokenizer at compile time."""
+
+    workers: int = 2
+    header: str = "\n\n### Worker {i}\n"
+    name = "hogwild"
+
+    def __post_init__(self):
+        positive("workers", self.workers)
+        if not isinstance(self.header, str) or "{i}" not in self.header:
+            raise RecipeError(f"header must be text with {{i}} where the worker's number goes, got {self.header!r}")
+
+    def with_tokenizer(self, tokenizer) -> "Hogwild":
+        if tokenizer is None:
+            return self
+        done = dataclasses.replace(self)
+        ids = tuple(tuple(tokenizer(self.header.format(i=w + 1), add_special_tokens=False).input_ids)
+                    for w in range(self.workers))
+        object.__setattr__(done, "_headers", ids)
+        return done
+
+    def passes(self, info: ModelInfo) -> list:
+        headers = getattr(self, "_headers", None)
+        if headers is None:
+            raise RecipeError("hogwild opens each worker's block with its header text: compile with the tokenizer "
+                              "(skimfx.compile(model, recipe, tokenizer=tok))")
+        if any(len(h) == 0 for h in headers):
+            raise RecipeError(f"header {self.header!r} tokenizes to no tokens")
+        return [bind_pass(decode_with, "decode_with", config=HogwildConfig(self.workers, headers))]
+
+
+__all__ = ["ShortMK", "Truncate", "Steer", "Hogwild", "hogwild_prompt", "HOGWILD_PROMPT", "ANSWER_EXTRACTORS",
+           "last_number", "last_line"]

@@ -36,7 +36,7 @@ decode, or that cannot verify several tokens (SentenceKV with offload), is refus
 What lives here: the shared generation loop, the registry and ``generate`` (``loop``), CALM early exit
 (``early_exit``), self-speculation (``speculative``), the n-gram drafts (``drafts``), and the draft-length
 schedule: measured step costs and the acceptance model (``schedule``), and short-m@k voting over k sampled
-chains that share one prefill (``majority``). May import: the runtime modules
+chains that share one prefill (``majority``), and Hogwild! workers over one shared cache (``hogwild``). May import: the runtime modules
 (``engine``, ``executor``, ``context``, ``cache``, ``stats``), ``program``, ``kernels``. Never:
 ``passes``, ``recipes``, ``calibrate``, ``capture``.
 """
@@ -45,9 +45,10 @@ from .drafts import NGramDrafts
 from .early_exit import EarlyExitDecoder
 from .loop import DECODERS, DecodeState, Decoder, decode_loop, generate, register
 from .majority import ShortMajorityDecoder, Vote, VotedGeneration, fork_prefill
+from .hogwild import HogwildDecoder, HogwildGeneration
 from .schedule import Acceptance, StepCosts
 from .speculative import SpeculativeDecoder, SpeculativeState
 
 __all__ = ["generate", "decode_loop", "DECODERS", "register", "Decoder", "DecodeState", "DecodeStats",
            "EarlyExitDecoder", "SpeculativeDecoder", "SpeculativeState", "NGramDrafts", "StepCosts", "Acceptance",
-           "ShortMajorityDecoder", "Vote", "VotedGeneration", "fork_prefill"]
+           "ShortMajorityDecoder", "Vote", "VotedGeneration", "fork_prefill", "HogwildDecoder", "HogwildGeneration"]
