@@ -1,4 +1,4 @@
-"""Generation-time methods vs dense on SmolLM2-135M-Instruct, each with its baseline in the same process.
+"""Generation-time methods vs their baselines on SmolLM2-135M-Instruct, each baseline in the same process.
 
 1. short-m@k (Hassid et al. 2025): k=8 sampled answers sharing one prefill, the first m=3 to finish vote,
    against majority voting over all 8 (majority@8), short-1@8 and one greedy answer. Task with a checkable
@@ -6,19 +6,22 @@
    ("Anna's number is 47, ... What is Ben's number?"); the answer is the last number of the text. Per
    method: accuracy, tokens sampled over all chains, wall time.
 2. Activation-Steered Compression (Azizi et al. 2025): the steering vector from 100 (quick: 20) pairs of
-   verbose / concise answers to such questions (built from templates, disjoint from the evaluation
+   verbose / concise answers to such questions (built from templates, drawn with another seed than the evaluation
    questions), alpha chosen under a KL bound; answer length (tokens to EOS) and accuracy, greedy, steered
    vs dense.
 3. Sorted sub-models (Truncate): the first k layers + the head, raw (the model's own norm and head on layer
    k-1) and through a ridge exit adapter (``calibrate_exits``), vs the full model: perplexity and top-1
    agreement with the full model on held-out text, and decode tokens/s.
+4. Hogwild! (Rodionov et al. 2025): 2 and 4 workers over one shared cache vs one worker (which is dense
+   generation of the same prompt), greedy, on tasks made of independent parts (four short questions in one
+   prompt): wall time, decode steps, tokens, and how many parts the text answers.
 
 Every number comes from this run. Wall-clock numbers depend on the machine's load; accuracy, agreement,
 perplexity, token counts do not.
 
-    python bench/generation_methods.py                 # all three, full size (about an hour on 2 idle cores)
+    python bench/generation_methods.py                 # all four, full size (about an hour on 2 idle cores)
     python bench/generation_methods.py --quick         # a smoke run: few questions, two depths
-    python bench/generation_methods.py --only shortmk  # one of shortmk, steer, truncate
+    python bench/generation_methods.py --only shortmk  # one of shortmk, steer, truncate, hogwild
 
 Writes bench/results/generation_<method>.md and .json.
 """
@@ -34,7 +37,7 @@ import torch
 
 import skimfx
 from _results import RESULTS, save
-from skimfx import ShortMK, Steer, Truncate
+from skimfx import Hogwild, ShortMK, Steer, Truncate, hogwild_prompt
 from skimfx.eval import chat_ids
 from skimfx.recipes.generation import last_number
 
@@ -231,10 +234,55 @@ def bench_truncate(model, tok, args) -> None:
          args.out)
 
 
+PARTS = [("What is the capital of France?", ("paris",)), ("What colour is a clear daytime sky?", ("blue",)),
+         ("How many legs does a dog have?", ("4", "four")), ("What is 2 + 3?", ("5", "five")),
+         ("What is the opposite of hot?", ("cold",)), ("Which animal says moo?", ("cow",)),
+         ("What is frozen water called?", ("ice",)), ("How many days are in a week?", ("7", "seven"))]
+
+
+def bench_hogwild(model, tok, args) -> None:
+    n_tasks = 1 if args.quick else 4
+    new = 32 if args.quick else 96
+    tasks = [[PARTS[(4 * t + j) % len(PARTS)] for j in range(4)] for t in range(n_tasks)]
+    rows = []
+    for workers in (1, 2, 4):
+        cm = skimfx.compile(model, Hogwild(workers=workers), tokenizer=tok)
+        cm.generate(chat_ids(tok, "Hi"), max_new_tokens=2, stop_tokens=[])          # warm-up
+        r = dict(workers=workers, seconds=0.0, steps=0, tokens=0, answered=0, parts=0)
+        for parts in tasks:
+            task = "Answer these questions:\n" + "\n".join(f"{i + 1}. {q}" for i, (q, _) in enumerate(parts))
+            ids = chat_ids(tok, hogwild_prompt(task, workers))
+            t0 = time.perf_counter()
+            g = cm.generate(ids, max_new_tokens=new)
+            r["seconds"] += time.perf_counter() - t0
+            r["steps"] += g.steps[0] + 1
+            r["tokens"] += sum(map(len, g.workers[0]))
+            text = tok.decode(g.tokens[0], skip_special_tokens=True).lower()
+            r["answered"] += sum(any(a in text for a in answers) for _, answers in parts)
+            r["parts"] += len(parts)
+        rows.append(r)
+    base = rows[0]
+    lines = [f"# Hogwild! workers over one shared cache — SmolLM2-135M-Instruct ({n_tasks} task"
+             f"{'s' if n_tasks > 1 else ''}{', quick run' if args.quick else ''})", "",
+             f"Each task asks four short questions in one prompt, wrapped in the instructions that tell the workers "
+             f"about each other; greedy, up to {new} new tokens per worker, stopping at EOS. One worker is dense "
+             "generation of the same prompt (tested equal). Steps: forward passes after the prompt (all workers step "
+             "together in one batch); parts answered: the expected word appears anywhere in the workers' text.", "",
+             "| workers | wall s | wall vs 1 worker | decode steps | tokens (all workers) | parts answered |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['seconds']:.1f} | {r['seconds'] / base['seconds']:.2f} | {r['steps']} | "
+                     f"{r['tokens']} | {r['answered']}/{r['parts']} |")
+    lines += ["", "A 135M model follows the coordination instructions poorly (the paper uses reasoning models of "
+              "32B parameters and more): the workers often answer the same questions. Wall time is measured on a "
+              "shared CPU."]
+    save("generation_hogwild", lines, {"rows": rows, "tasks": n_tasks, "max_new_tokens": new}, args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke run: few questions, two depths")
-    ap.add_argument("--only", choices=("shortmk", "steer", "truncate"), action="append")
+    ap.add_argument("--only", choices=("shortmk", "steer", "truncate", "hogwild"), action="append")
     ap.add_argument("--questions", type=int, default=40)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--kl-bound", type=float, default=0.1)
@@ -245,8 +293,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = skimfx.load_model("smollm2-135m")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    for name in args.only or ("shortmk", "steer", "truncate"):
-        {"shortmk": bench_shortmk, "steer": bench_steer, "truncate": bench_truncate}[name](model, tok, args)
+    run = {"shortmk": bench_shortmk, "steer": bench_steer, "truncate": bench_truncate, "hogwild": bench_hogwild}
+    for name in args.only or run:
+        run[name](model, tok, args)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ def cmd_generate(args) -> None:
     if not args.prompt.strip():
         raise ValueError("--prompt is empty: give the text to continue or answer")
     _, tok, cm, load_s, compile_s = _load(args.model, args.recipe)
+    workers = getattr(cm.program.decoding, "workers", None)    # hogwild: the prompt tells the workers about each other
+    if workers is not None:
+        from .recipes.generation import hogwild_prompt
+
+        args.prompt = hogwild_prompt(args.prompt, workers)
     ids = _encode(tok, args.prompt, args.chat)
     pieces: list[int] = []
 
@@ -54,7 +59,9 @@ def cmd_generate(args) -> None:
         sys.stdout.flush()
 
     g = cm.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, callback=stream)
+                    top_p=args.top_p, seed=args.seed, callback=stream if workers is None else None)
+    if workers is not None:              # the workers' tokens interleave: their blocks are printed at the end
+        sys.stdout.write(tok.decode(g.tokens[0], skip_special_tokens=True))
     print()
     print(f"[{args.model}] load {load_s:.1f} s, compile {compile_s:.1f} s; {g.stats}; "
           f"{len(g.tokens[0])} new tokens, finish: {g.finish_reasons[0]}", file=sys.stderr)

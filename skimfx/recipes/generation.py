@@ -1,5 +1,5 @@
-"""Generation-time recipes: short-m@k voting (``ShortMK``), sorted sub-models (``Truncate``) and
-activation-steered compression (``Steer``).
+"""Generation-time recipes: short-m@k voting (``ShortMK``), sorted sub-models (``Truncate``),
+activation-steered compression (``Steer``) and Hogwild! shared-cache workers (``Hogwild``).
 
 - ``ShortMK`` records a ``ShortMajorityConfig`` (``decode_with``): the runtime samples k chains over one
   prefill and votes among the first m to finish. Its answer extractor reads text, so the recipe is
@@ -8,6 +8,8 @@ activation-steered compression (``Steer``).
   last kept layer through the exit adapter of an exit calibration (``skimfx.calibrate_exits``).
 - ``Steer`` runs the ``steer`` pass with the vector, layer and alpha of a steering calibration
   (``skimfx.calibrate_steering``).
+- ``Hogwild`` records a ``HogwildConfig`` (``decode_with``): the runtime runs the workers over one shared cache
+  of blocks. Each worker's header is tokenized with the tokenizer ``skimfx.compile`` is given.
 
 Calibrations are passed in as objects (or paths that ``skimfx.compile`` loads) and read by their
 attributes: recipes never import the calibrate package.

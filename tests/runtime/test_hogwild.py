@@ -142,3 +142,12 @@ def test_layout_on_smollm2(smollm2):
 def test_layout_on_gemma3(gemma3):
     model, tok = gemma3
     check_layout(model, tok("List three colours and three animals.").input_ids, 2, 3)
+
+
+@pytest.mark.slow
+def test_cli_generate_with_workers(capsys):
+    from skimfx.cli import main
+
+    rc = main(["generate", "--recipe", "hogwild:workers=2", "--max-new-tokens", "6", "--prompt", "Name two fruits."])
+    out = capsys.readouterr().out
+    assert rc == 0 and "### Worker 1" in out and "### Worker 2" in out
