@@ -775,6 +775,9 @@ class AdaKV(KVRecipe):
             if getattr(self.scorer, "evict_during_decode", False):
                 raise RecipeError(f"adakv's scorer {self.scorer.name} must not evict during decode "
                                   "(evict_during_decode=False): the head budgets are chosen once, after the prompt")
+            if getattr(self.scorer, "granularity", "token") != "token":
+                raise RecipeError(f"adakv chooses single pairs per head; its scorer must use granularity='token', "
+                                  f"got {self.scorer.granularity!r}")
             if self.budget is not None and self.budget != self.scorer.budget_total:
                 raise RecipeError(f"adakv's budget ({self.budget}) differs from its scorer's "
                                   f"({self.scorer.budget_total}); give it once")

@@ -148,6 +148,7 @@ def test_self_speculation_over_adakv_is_its_own_greedy_output(llama):
     (dict(budget=20, scorer="snapkv"), "window \\(32\\) must be smaller than budget"),
     (dict(scorer=Knorm(budget=20), budget=30), "differs from its scorer's"),
     (dict(scorer=skimfx.TOVA(budget=20)), "must not evict during decode"),
+    (dict(scorer=skimfx.SnapKV(budget=40, granularity="chunk")), "granularity='token'"),
 ])
 def test_adakv_bad_parameters(kw, match):
     with pytest.raises(RecipeError, match=match):
