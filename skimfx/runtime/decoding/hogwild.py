@@ -57,14 +57,15 @@ class RopeTables:
         for layer, st in enumerate(ex.layers):
             hidden = program.hidden_input(layer)
             cand = [n for n in st.inputs if n != hidden and n in env and env[n].shape[-1] == D]
-            cos = [n for n in cand if torch.allclose(env[n][0, 0].float(), torch.ones(D), atol=1e-6)]
-            sin = [n for n in cand if torch.allclose(env[n][0, 0].float(), torch.zeros(D), atol=1e-6)]
+            at0 = {n: env[n][0, 0].float() for n in cand}
+            cos = [n for n in cand if torch.allclose(at0[n], torch.ones_like(at0[n]), atol=1e-6)]
+            sin = [n for n in cand if torch.allclose(at0[n], torch.zeros_like(at0[n]), atol=1e-6)]
             if len(cos) != 1 or len(sin) != 1:
                 raise ValueError(f"Hogwild! re-rotates cached keys with the model's RoPE; layer {layer} reads "
                                  f"{st.inputs}, with no single cos/sin pair among them (a model without rotary "
                                  "position embeddings cannot rearrange its cache this way)")
             c, s = env[cos[0]][0, 1].float(), env[sin[0]][0, 1].float()
-            if not torch.allclose(c * c + s * s, torch.ones(D), atol=1e-4):
+            if not torch.allclose(c * c + s * s, torch.ones_like(c), atol=1e-4):
                 raise ValueError(f"layer {layer}: the RoPE tables are scaled (cos^2 + sin^2 != 1, an attention factor "
                                  "of a RoPE scaling), so rotations do not compose; Hogwild! needs plain RoPE")
             self.names.append((cos[0], sin[0]))
