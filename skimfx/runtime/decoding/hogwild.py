@@ -246,8 +246,8 @@ class HogwildDecoder:
                 self.forward(ex, blocks, rope, [Row(PROMPT, [PROMPT], len(prompt))], torch.tensor([prompt], device=dev),
                              trace)
                 # each worker's header: it sees the prompt and its own header (no worker has written yet)
-                logits = self.forward(ex, blocks, rope, [Row(w + 1, order(w), len(h)) for w, h in enumerate(cfg.headers)],
-                                      pad_right([list(h) for h in cfg.headers], dev), trace)
+                rows = [Row(w + 1, order(w), len(h)) for w, h in enumerate(cfg.headers)]
+                logits = self.forward(ex, blocks, rope, rows, pad_right([list(h) for h in cfg.headers], dev), trace)
                 tok = sample(logits, sampling, gen).tolist()
                 stats.ttft_s += time.perf_counter() - t0
                 t1 = time.perf_counter()
