@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5, help="passkey prompts per length (depths spread 0..1)")
     ap.add_argument("--budgets", default="0.25,0.125", help="Quest token budgets (fractions of the context)")
     ap.add_argument("--compress", type=float, default=0.25, help="GemFilter kept fraction (0: skip)")
-    ap.add_argument("--gemfilter-layer", type=int, default=12)
+    ap.add_argument("--gemfilter-layer", type=int, default=8)
+    ap.add_argument("--granularity", default="sentence", help="GemFilter's units: sentence or token")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", default=None, help="results folder (default bench/results, published in docs)")
     args = ap.parse_args()
@@ -76,7 +77,8 @@ def main() -> None:
 
     compressed, compress_s = {}, {}
     if args.compress:
-        comp = skimfx.PromptCompressor(model, f"gemfilter:layer={args.gemfilter_layer},keep=512", tok)
+        comp = skimfx.PromptCompressor(model, f"gemfilter:layer={args.gemfilter_layer},keep=512,"
+                                       f"granularity={args.granularity}", tok)
         for n, ps in prompts.items():
             comp(ps[0].ids, fraction=args.compress)                          # warm-up (compile)
             t = time.perf_counter()
@@ -88,7 +90,7 @@ def main() -> None:
     dense = summarise(stock, tok, prompts, None)
     table = {"stock vLLM (dense)": dense}
     if compressed:
-        table[f"GemFilter {args.compress:.0%} -> stock vLLM"] = summarise(stock, tok, compressed, dense, "gemfilter ",
+        table[f"GemFilter {args.compress:.0%} ({args.granularity}s) -> stock vLLM"] = summarise(stock, tok, compressed, dense, "gemfilter ",
                                                                          prompts)
     for b in budgets:
         res = {r["name"]: r for r in run_vllm(model_dir, jobs_for(prompts, new_tokens), f"quest:token_budget={b}")}

