@@ -13,7 +13,7 @@ Stages (each row is cached in the results JSON as it is measured, so an interrup
 Writes bench/results/long_context.{md,json}, a depth x length heat map per recipe
 (long_context_niah.png) and the accuracy-vs-TTFT frontier at the longest length (long_context_frontier.png).
 Sizing for a 2-core CPU: a 4k prefill of this model takes ~25-50 s, an 8k one ~1.5-2 min, so the default
-(the DEFAULT recipes at 4k, five of them at 8k, 4 depths x 1 prompt per cell, then the formats and budgets
+(the DEFAULT recipes at 4k, four of them at 8k, 4 depths x 1 prompt per cell, then the formats and budgets
 stages) takes about two hours; each length's accuracy moves in steps of 25% (4 prompts), so read a 3/4 as
 "one needle missed", not as 75%. ``--per-depth 3`` gives finer steps on a bigger machine.
 
@@ -46,6 +46,9 @@ def recipes(length: int, budget: float) -> dict[str, str]:
         "PromptDistill L10 token": f"promptdistill:layers=10,keep={keep}",
         "PromptDistill L12 sentence": f"promptdistill:layers=12,keep={keep},granularity=sentence",
         "PromptDistill L14 sentence": f"promptdistill:layers=14,keep={keep},granularity=sentence",
+        # two stages: a coarse cut where the needle starts to rank (25% kept), the final one where it ranks well
+        "PromptDistill L10/14 sentence": f"promptdistill:layers=10/14,keep={max(keep, int(0.25 * length))}/{keep},"
+                                         "granularity=sentence",
         "SnapKV": f"snapkv:budget={budget}",
         "SnapKV sentence": f"snapkv:budget={budget},granularity=sentence",
         "PyramidKV": f"snapkv:budget={budget},pyramid=true",
@@ -65,7 +68,7 @@ def recipes(length: int, budget: float) -> dict[str, str]:
 # The default grid (--all runs every recipe above): the prefill-pruning settings around the layer where this
 # model starts to rank the needle (layer 10 of 24), and the KV policies that held on the small model.
 DEFAULT = ["dense", "GemFilter L12", "PromptDistill L8 sentence", "PromptDistill L10 sentence",
-           "PromptDistill L12 sentence", "PromptDistill L14 sentence", "SnapKV", "SnapKV sentence", "StreamingLLM",
+           "PromptDistill L12 sentence", "PromptDistill L14 sentence", "PromptDistill L10/14 sentence", "SnapKV", "SnapKV sentence", "StreamingLLM",
            "TOVA chunk", "Quest", "DELTA", "SentenceKV"]
 
 FORMATS = {"after+prefix": (False, True), "after": (False, False), "before+prefix": (True, True), "before": (True, False)}
@@ -93,9 +96,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.25,0.05", help="the budgets stage's other budgets")
     ap.add_argument("--only", default="", help="comma-separated recipe labels for the grid (default: DEFAULT)")
     ap.add_argument("--all", action="store_true", help="every recipe in the grid, not only DEFAULT")
-    ap.add_argument("--long-only", default="dense,PromptDistill L10 sentence,PromptDistill L12 sentence,SnapKV,"
-                    "SentenceKV", help="recipes measured at lengths after the first (the rest: first only)")
-    ap.add_argument("--focus", default="PromptDistill L10 sentence,SnapKV",
+    ap.add_argument("--long-only", default="dense,PromptDistill L10/14 sentence,PromptDistill L14 sentence,SnapKV",
+                    help="recipes measured at lengths after the first (the rest: first only)")
+    ap.add_argument("--focus", default="PromptDistill L10/14 sentence,SnapKV",
                     help="recipes for the formats and budgets stages")
     ap.add_argument("--stages", default="grid,formats,budgets")
     ap.add_argument("--new-tokens", type=int, default=16)
