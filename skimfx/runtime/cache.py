@@ -170,8 +170,8 @@ class KVCache:
             buf[layer] = new
         self._set_lengths(layer, kept)
 
-    def split_heads(self, layer: int, index: torch.Tensor, counts: list[list[int]], headroom: int | list[int] | None = None,
-                    groups: list[tuple[int, ...]] | None = None) -> None:
+    def split_heads(self, layer: int, index: torch.Tensor, counts: list[list[int]],
+                    headroom: int | list[int] | None = None, groups: list[tuple[int, ...]] | None = None) -> None:
         """Keep ``counts[b][h]`` slots of KV head h of sequence b: the first ``counts[b][h]`` of ``index
         [B, Hkv, K]`` (the rest of a row is padding), in that order, and store the layer as head groups
         (``groups``, default ``head_groups(counts)``; the heads of a group must keep equal counts), each sized
@@ -211,8 +211,8 @@ class KVCache:
         itself, e.g. DuoAttention's rolling window); the layer's lengths follow."""
         groups = self.groups[layer]
         if any(n > groups[group].capacity for n in lengths):
-            raise CacheFullError(f"layer {layer}: head group {groups[group].heads} holds {groups[group].capacity} slots, "
-                                 f"not {max(lengths)}")
+            raise CacheFullError(f"layer {layer}: head group {groups[group].heads} holds {groups[group].capacity} "
+                                 f"slots, not {max(lengths)}")
         groups[group].lengths = list(lengths)
         self._lengths[layer] = [max(g.lengths[b] for g in groups) for b in range(self.batch)]
         self._lengths_dev[layer] = None
@@ -281,8 +281,8 @@ class KVCache:
             delta = capacity - self.capacity(layer)
             for g in self.groups[layer]:
                 top, cap = max(g.lengths), g.capacity + delta
-                g.k, g.v = (torch.cat([t[:, :, :top], t.new_zeros(t.shape[0], t.shape[1], cap - top, t.shape[3])], dim=2)
-                            for t in (g.k, g.v))
+                g.k, g.v = (torch.cat([t[:, :, :top], t.new_zeros(t.shape[0], t.shape[1], cap - top, t.shape[3])],
+                                      dim=2) for t in (g.k, g.v))
             return
         for buf in (self.k, self.v):
             new = torch.zeros(self.batch, self.num_kv_heads, capacity, self.head_dim, dtype=self.dtype,

@@ -42,8 +42,8 @@ def rope_tables(ctx, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor,
     probe = torch.cat([torch.zeros_like(positions[:, :1]), positions], dim=1)   # position 0 tells sin from cos
     given = {"input_ids": torch.cat([ids[:, :1], ids], 1), "position_ids": probe}
     env = dict(zip(prologue.outputs, prologue.module(ctx, *[given[n] for n in prologue.inputs])))
-    tables = [env[n] for n in stage.inputs
-              if n in env and n != hidden and env[n].dim() == 3 and env[n].shape[-1] == D and env[n].is_floating_point()]
+    tables = [env[n] for n in stage.inputs if n in env and n != hidden and env[n].dim() == 3
+              and env[n].shape[-1] == D and env[n].is_floating_point()]
     if len(tables) != 2:
         raise ValueError(f"expected_attention: layer {layer} does not read exactly one RoPE cos/sin pair from the "
                          f"prologue (found {len(tables)} [.., T, {D}] tables); this model's RoPE is not supported")
