@@ -86,8 +86,11 @@ def ruler_samples(task: str, tok, length: int, n: int, seed: int = 42) -> list[R
         raise ValueError(f"n must be >= 1, got {n}")
     niah, vt, cwe = _modules()
     kind, kw = TASKS[task]
-    state = random.getstate()
-    random.seed(seed)                         # the vt and cwe generators draw from the global generator
+    import numpy as np
+
+    state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)                         # the vt and cwe generators draw from the global generators
+    np.random.seed(seed)
     try:
         if kind == "niah":
             _offline_sentences(niah)
@@ -103,6 +106,7 @@ def ruler_samples(task: str, tok, length: int, n: int, seed: int = 42) -> list[R
             raw = cwe.sys_word_pair_random(num_samples=n, max_seq_length=length, tokenizer=tok)
     finally:
         random.setstate(state)
+        np.random.set_state(np_state)
     out = []
     for r in raw:
         ids = chat_ids(tok, r["input"]) + tok(r["gen_prefix"], add_special_tokens=False).input_ids

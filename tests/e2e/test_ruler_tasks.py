@@ -13,7 +13,8 @@ def test_samples_hold_their_answers(smollm2, task):
     samples = ruler_samples(task, tok, 1024, n=2, seed=3)
     assert len(samples) == 2
     for s in samples:
-        assert 600 <= len(s.ids) <= 1024 + 64              # sized to the length (template and prefix on top)
+        # sized to the length by the generator (cwe grows in steps of whole word lists, so it can fall short)
+        assert 512 <= len(s.ids) <= 1024 + 64
         text = tok.decode(s.ids)
         assert s.outputs and all(o in text for o in s.outputs)
         perfect = tok(" " + ", ".join(s.outputs), add_special_tokens=False).input_ids
