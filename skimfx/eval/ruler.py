@@ -103,6 +103,7 @@ def ruler_samples(task: str, tok, length: int, n: int, seed: int = 42) -> list[R
             icl = vt.sys_vartrack_w_noise_random(tokenizer=tok, num_samples=1, max_seq_length=500, incremental=5)[0]
             raw = vt.sys_vartrack_w_noise_random(tokenizer=tok, num_samples=n, max_seq_length=length, icl_example=icl)
         else:
+            cwe.RNG.seed(seed)                # the word shuffles draw from the module's own generator
             raw = cwe.sys_word_pair_random(num_samples=n, max_seq_length=length, tokenizer=tok)
     finally:
         random.setstate(state)
