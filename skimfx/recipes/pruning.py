@@ -54,9 +54,8 @@ class PromptDistill(Recipe):
 
     Beyond the paper (defaults keep its rule): ``window`` scores with the last ``window`` queries instead
     of the last one, ``softmax`` normalises each query's scores first (SnapKV's observation window), and
-    ``heads`` aggregates over heads by "mean" (the paper), "sum" or "max". At long context an early
-    layer's last query alone can miss a question that ends well before the prompt does (a chat
-    template, an answer prefix): a window that covers the question scores what the question asks."""
+    ``heads`` aggregates over heads by "mean" (the paper), "sum" or "max". Which layer selects matters
+    more than these: ``bench/selection_layer.py`` shows, per layer, where a needle ranks under each rule."""
 
     layers: tuple[int, ...] | int
     keep: tuple[int, ...] | int
