@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--focus", default="PromptDistill L10/14 sentence,SnapKV",
                     help="recipes for the formats and budgets stages")
     ap.add_argument("--stages", default="grid,formats,budgets")
+    ap.add_argument("--formats", default="after,before+prefix,before", help="the formats stage's formats")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -164,7 +165,9 @@ def main() -> None:
                 run("grid", label, table[label], length, "after+prefix", a.budget)
     if "formats" in stages:
         table = recipes(lengths[0], a.budget)
-        for fmt in ("after", "before+prefix", "before"):
+        for fmt in (f for f in a.formats.split(",") if f):
+            if fmt not in FORMATS:
+                raise SystemExit(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
             for label in ["dense"] + focus:
                 run("formats", label, table[label], lengths[0], fmt, a.budget)
     if "budgets" in stages:
