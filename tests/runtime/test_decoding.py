@@ -106,7 +106,11 @@ def test_early_exit_at_the_first_layer_is_the_one_layer_model():
 def test_plain_configs_pick_their_decoder_by_mode():
     """``program.decoding`` is plain data: the decoding package looks the decoder up by the config's mode.
     A config set directly (no recipe) decodes like the recipe's; an unknown mode is refused."""
-    assert DECODERS == {"early_exit": EarlyExitDecoder, "speculative": SpeculativeDecoder}
+    from skimfx.runtime.decoding.hogwild import HogwildDecoder
+    from skimfx.runtime.decoding.majority import ShortMajorityDecoder
+
+    assert DECODERS == {"early_exit": EarlyExitDecoder, "speculative": SpeculativeDecoder,
+                        "short_mk": ShortMajorityDecoder, "hogwild": HogwildDecoder}
     model = tiny_model("llama")
     ps = prompts()
     dense = skimfx.compile(model).generate(ps, max_new_tokens=12, stop_tokens=[])
