@@ -8,11 +8,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .agreement import agreement
+from .haystack import niah_prompts
 from .passkey import passkey_correct, passkey_prompts
 from .perplexity import perplexity
+from .ruler import TASKS as RULER_TASKS
+from .ruler import ruler_samples
 from .synthetic import SYNTHETIC, score
 
-TASKS = ("passkey", *SYNTHETIC, "perplexity", "agreement")
+# passkey and SYNTHETIC: this package's generators; niah: needles in Paul Graham's essays (haystack.py);
+# ruler_*: RULER's own generators from lm-eval (ruler.py)
+TASKS = ("passkey", *SYNTHETIC, "niah", *(f"ruler_{t}" for t in RULER_TASKS), "perplexity", "agreement")
 METRIC = {"perplexity": "perplexity", "agreement": "top1"}   # the rest: accuracy
 
 
@@ -30,6 +35,13 @@ def evaluate(model, tok, recipes: list[str], task: str, length: int = 1000, n_pr
     if task in SYNTHETIC:
         examples = SYNTHETIC[task](tok, length, n=n_prompts, seed=seed)
         ids = [e.ids for e in examples]
+    elif task == "niah":
+        depths = tuple(i / 4 for i in range(5))
+        needles = niah_prompts(tok, length, depths=depths, per_depth=max(1, n_prompts // len(depths)), seed=seed)
+        ids = [p.ids for p in needles]
+    elif task.startswith("ruler_"):
+        samples = ruler_samples(task[len("ruler_"):], tok, length, n_prompts, seed=seed)
+        ids = [s.ids for s in samples]
     else:
         depths = tuple(i / 4 for i in range(5))
         prompts = passkey_prompts(tok, length, depths=depths, keys_per_depth=max(1, n_prompts // len(depths)),
@@ -40,13 +52,17 @@ def evaluate(model, tok, recipes: list[str], task: str, length: int = 1000, n_pr
     for name, rec in tqdm(parsed.items(), desc=f"eval {task}", unit="recipe"):
         cm = skimfx.compile(model, rec, tokenizer=tok)
         dense = dense or cm
-        g = cm.generate(ids, max_new_tokens=24)
+        g = cm.generate(ids, max_new_tokens=48 if task.startswith("ruler_") else 24)   # cwe lists ten words
         row = {"recipe": name, "prompt_tokens": round(sum(map(len, ids)) / len(ids)), "ttft_s": g.stats.ttft_s,
                "kv_prefill_mib": g.stats.kv_prefill_bytes / 2**20}
         if task == "passkey":
             row["accuracy"] = sum(passkey_correct(tok, p, t) for p, t in zip(prompts, g.tokens)) / len(prompts)
         elif task in SYNTHETIC:
             row["accuracy"] = sum(score(tok, e, t) for e, t in zip(examples, g.tokens)) / len(examples)
+        elif task == "niah":
+            row["accuracy"] = sum(p.correct(tok, t) for p, t in zip(needles, g.tokens)) / len(needles)
+        elif task.startswith("ruler_"):
+            row["accuracy"] = sum(s.score(tok, t) for s, t in zip(samples, g.tokens)) / len(samples)
         elif task == "perplexity":
             row["perplexity"] = perplexity(cm.program, tok, context_tokens=length)
         else:

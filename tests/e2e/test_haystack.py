@@ -52,3 +52,16 @@ def test_bad_arguments(smollm2):
         niah_prompts(tok, 100)
     with pytest.raises(ValueError, match="depths"):
         niah_prompts(tok, 1000, depths=(1.5,))
+
+
+@pytest.mark.parametrize("task", ["niah", "ruler_niah_single_1"])
+def test_skimfx_eval_runs_the_long_context_tasks(smollm2, tmp_path, task):
+    """``skimfx eval --task niah`` / ``ruler_*``: dense and a recipe scored on the same prompts."""
+    from skimfx.eval import evaluate
+
+    model, tok = smollm2
+    rows = evaluate(model, tok, ["snapkv:budget=0.5"], task, length=700, n_prompts=2, out_dir=tmp_path)
+    assert len(rows) == 2 and rows[0]["recipe"] == "dense" and rows[1]["recipe"] != "dense"
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert rows[0]["accuracy"] > 0                # the small model finds a needle at 700 tokens
+    assert (tmp_path / f"eval_{task}.md").exists()
