@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="keep rows already in the results JSON")
+    ap.add_argument("--redo", default="", help="with --resume: comma-separated labels to measure again at --lengths")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1k tokens, 2 depths, 3 recipes")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
@@ -136,6 +138,9 @@ def main() -> None:
     def key(r):
         return (r["stage"], r["recipe"], r["length"], r["format"], r["budget"])
 
+    redo = [x for x in a.redo.split(",") if x]
+    rows = [r for r in rows if not (r["recipe"] in redo and r["length"] in lengths)]
+
     done = {key(r) for r in rows}
 
     def run(stage, label, recipe, length, fmt, budget):
@@ -145,9 +150,11 @@ def main() -> None:
         q_first, prefix = FORMATS[fmt]
         prompts = niah_prompts(tok, length, depths=depths, per_depth=a.per_depth, seed=a.seed,
                                question_first=q_first, answer_prefix=prefix)
-        t = time.time()
+        t, load = time.time(), os.getloadavg()[0]
         r = measure(model, tok, label, recipe, prompts, a.new_tokens)
-        r.update(stage=stage, length=length, format=fmt, budget=budget, prompts=len(prompts))
+        # the machine's load while this row ran: TTFT ratios compare rows measured under similar load
+        r.update(stage=stage, length=length, format=fmt, budget=budget, prompts=len(prompts),
+                 load=round((load + os.getloadavg()[0]) / 2, 1))
         rows.append(r)
         done.add(k)
         print(f"[{time.time() - t:6.0f}s] {stage} {label} L={length} {fmt} b={budget}: {sum(r['correct'])}/"
@@ -187,14 +194,16 @@ def report(rows, out: Path, stem: str, a, model_name: str, depths) -> None:
              f"{len(depths)} depths x {a.per_depth} prompt(s) per (length, depth) cell; greedy, {a.new_tokens} new "
              "tokens; a prompt is correct when the answer contains the needle's 7-digit number. "
              "TTFT and decode ratios are dense's time over the recipe's (>1 = faster), measured in the same "
-             "process on the same prompts. KV MiB: the cache after prefill, summed over the batch.", ""]
+             "process on the same prompts. KV MiB: the cache after prefill, summed over the batch. load: the "
+             "machine's 1-minute load average while the row ran (2 cores); TTFT ratios between rows of "
+             "different load are not comparable.", ""]
     for stage, title in (("grid", f"All recipes at {a.budget:.0%} kept, question after the context, answer prefix"),
                          ("formats", "Prompt formats (first length)"), ("budgets", "Other budgets (first length)")):
         sel = [r for r in rows if r["stage"] == stage]
         if not sel:
             continue
         lines += [f"## {title}", "", "| recipe | length | format | kept | accuracy | vs dense | TTFT ratio | "
-                  "KV MiB | per depth |", "|---|---|---|---|---|---|---|---|---|"]
+                  "KV MiB | load | per depth |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sel:
             d = _dense(rows, r["length"], r["format"])
             rel = f"{r['accuracy'] / d['accuracy']:.0%}" if d and d["accuracy"] else "-"
@@ -202,7 +211,7 @@ def report(rows, out: Path, stem: str, a, model_name: str, depths) -> None:
             per = " ".join("✓" if c else "✗" for c in r["correct"])
             kept = "100%" if r["recipe"] == "dense" else f"{r['budget']:.0%}"
             lines.append(f"| {r['recipe']} | {r['length']} | {r['format']} | {kept} | {sum(r['correct'])}/"
-                         f"{len(r['correct'])} | {rel} | {ttft} | {r['kv_prefill_mib']:.0f} | {per} |")
+                         f"{len(r['correct'])} | {rel} | {ttft} | {r['kv_prefill_mib']:.0f} | {r.get('load', '-')} | {per} |")
         lines.append("")
     (out / f"{stem}.md").write_text("\n".join(lines).rstrip() + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"rows": rows, "depths": list(depths), "per_depth": a.per_depth},
