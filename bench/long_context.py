@@ -103,7 +103,8 @@ def main() -> None:
                     help="recipes for the formats and budgets stages")
     ap.add_argument("--stages", default="grid,formats,budgets")
     ap.add_argument("--formats", default="after,before+prefix,before", help="the formats stage's formats")
-    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=16, help="with an answer prefix; without one, 48 (the "
+                    "model restates the question before the number)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="keep rows already in the results JSON")
@@ -151,7 +152,7 @@ def main() -> None:
         prompts = niah_prompts(tok, length, depths=depths, per_depth=a.per_depth, seed=a.seed,
                                question_first=q_first, answer_prefix=prefix)
         t, load = time.time(), os.getloadavg()[0]
-        r = measure(model, tok, label, recipe, prompts, a.new_tokens)
+        r = measure(model, tok, label, recipe, prompts, a.new_tokens if prefix else max(48, a.new_tokens))
         # the machine's load while this row ran: TTFT ratios compare rows measured under similar load
         r.update(stage=stage, length=length, format=fmt, budget=budget, prompts=len(prompts),
                  load=round((load + os.getloadavg()[0]) / 2, 1))
@@ -192,7 +193,7 @@ def _dense(rows, length, fmt):
 def report(rows, out: Path, stem: str, a, model_name: str, depths) -> None:
     lines = [f"# Long-context needle in a haystack: {model_name}, Paul Graham's essays", "",
              f"{len(depths)} depths x {a.per_depth} prompt(s) per (length, depth) cell; greedy, {a.new_tokens} new "
-             "tokens; a prompt is correct when the answer contains the needle's 7-digit number. "
+             "tokens after an answer prefix, 48 without one; a prompt is correct when the answer contains the needle's 7-digit number. "
              "TTFT and decode ratios are dense's time over the recipe's (>1 = faster), measured in the same "
              "process on the same prompts. KV MiB: the cache after prefill, summed over the batch. load: the "
              "machine's 1-minute load average while the row ran (2 cores); TTFT ratios between rows of "
