@@ -197,10 +197,14 @@ def report(rows, out: Path, stem: str, a, model_name: str, depths) -> None:
              "TTFT and decode ratios are dense's time over the recipe's (>1 = faster), measured in the same "
              "process on the same prompts. KV MiB: the cache after prefill, summed over the batch. load: the "
              "machine's 1-minute load average while the row ran (2 cores); TTFT ratios between rows of "
-             "different load are not comparable.", ""]
+             "different load are not comparable, and rows measured before the load was recorded ('-') "
+             "get no TTFT ratio.", ""]
     for stage, title in (("grid", f"All recipes at {a.budget:.0%} kept, question after the context, answer prefix"),
                          ("formats", "Prompt formats (first length)"), ("budgets", "Other budgets (first length)")):
-        sel = [r for r in rows if r["stage"] == stage]
+        order = list(recipes(4096, a.budget))
+        sel = sorted((r for r in rows if r["stage"] == stage),
+                     key=lambda r: (r["length"], r["format"], r["budget"], order.index(r["recipe"])
+                                    if r["recipe"] in order else len(order)))
         if not sel:
             continue
         lines += [f"## {title}", "", "| recipe | length | format | kept | accuracy | vs dense | TTFT ratio | "
@@ -208,7 +212,8 @@ def report(rows, out: Path, stem: str, a, model_name: str, depths) -> None:
         for r in sel:
             d = _dense(rows, r["length"], r["format"])
             rel = f"{r['accuracy'] / d['accuracy']:.0%}" if d and d["accuracy"] else "-"
-            ttft = f"{d['ttft_s'] / r['ttft_s']:.2f}x" if d else "-"
+            # rows without a recorded load ran while other jobs shared the machine: no TTFT comparison
+            ttft = f"{d['ttft_s'] / r['ttft_s']:.2f}x" if d and "load" in r and "load" in d else "-"
             per = " ".join("✓" if c else "✗" for c in r["correct"])
             kept = "100%" if r["recipe"] == "dense" else f"{r['budget']:.0%}"
             lines.append(f"| {r['recipe']} | {r['length']} | {r['format']} | {kept} | {sum(r['correct'])}/"
