@@ -254,7 +254,8 @@ def plots(rows, stem: str, depths) -> None:
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
-    fig.suptitle("needle retrieved (green) by depth (rows) and length (columns)", fontsize=9)
+    fig.suptitle("needle retrieved (green) or missed (red) by depth (rows) and length (columns); white: not run",
+                 fontsize=9)
     save_figure(plt, fig, f"{stem}_niah")
     longest = max(lengths)
     pts = [r for r in grid if r["length"] == longest]
