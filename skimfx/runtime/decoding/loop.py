@@ -33,6 +33,16 @@ class Decoder(Protocol):
     def step(self, ex: Executor, cache: KVCache, state: DecodeState, tok: int, ds: DecodeStats) -> list[int]: ...
 
 
+def check_cache_room(prompts, max_new_tokens: int, max_cache_len: int | None) -> list[int]:
+    """The prompts' lengths; raises when the longest prompt plus ``max_new_tokens`` exceeds the cache."""
+    lens = [len(p) for p in prompts]
+    if max_cache_len is not None and max(lens) + max_new_tokens > max_cache_len:
+        raise ValueError(f"the longest prompt has {max(lens)} tokens and max_new_tokens={max_new_tokens}: "
+                         f"{max(lens) + max_new_tokens} > max_cache_len={max_cache_len}; shorten the prompt or ask "
+                         "for fewer tokens")
+    return lens
+
+
 DECODERS: dict[str, type[Decoder]] = {}     # DecodeConfig.mode -> decoder class (constructed from the config)
 
 
@@ -85,11 +95,7 @@ def decode_loop(decoder: Decoder, program: Program, prompts: list[list[int]], ma
     if not sampling.greedy:
         raise ValueError(f"{type(decoder).__name__} decodes greedily (lossless verification and calibrated exits "
                          "compare argmax tokens); use temperature=0")
-    lens = [len(p) for p in prompts]
-    if max_cache_len is not None and max(lens) + max_new_tokens > max_cache_len:
-        raise ValueError(f"the longest prompt has {max(lens)} tokens and max_new_tokens={max_new_tokens}: "
-                         f"{max(lens) + max_new_tokens} > max_cache_len={max_cache_len}; shorten the prompt or ask "
-                         "for fewer tokens")
+    lens = check_cache_room(prompts, max_new_tokens, max_cache_len)
     stats = Stats(prompt_tokens=lens)
     ds = DecodeStats()
     out, reasons = [], []

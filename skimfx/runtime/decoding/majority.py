@@ -31,7 +31,7 @@ from ..cache import KVCache
 from ..sampling import SamplingConfig, sample
 from ..stats import Generation, Stats
 from ..steps import decode_step, plan_capacity, prefill
-from .loop import register
+from .loop import check_cache_room, register
 
 
 @dataclass
@@ -118,11 +118,7 @@ class ShortMajorityDecoder:
         if not stop_tokens and cfg.m < cfg.k:
             raise ValueError("short-m@k stops when m chains have finished, and a chain finishes at a stop token: "
                              "give stop tokens (the model's EOS by default)")
-        lens = [len(p) for p in prompts]
-        if max_cache_len is not None and max(lens) + max_new_tokens > max_cache_len:
-            raise ValueError(f"the longest prompt has {max(lens)} tokens and max_new_tokens={max_new_tokens}: "
-                             f"{max(lens) + max_new_tokens} > max_cache_len={max_cache_len}; shorten the prompt or "
-                             "ask for fewer tokens")
+        lens = check_cache_room(prompts, max_new_tokens, max_cache_len)
         gen = torch.Generator(device=program.info.device)
         if sampling.seed is not None:
             gen.manual_seed(sampling.seed)
