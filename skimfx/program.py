@@ -165,6 +165,11 @@ class CachePolicy:
         """The layer whose per-step selection this layer reads (DELTA's reuse layers), or None."""
         return None
 
+    def fill_conflict(self) -> str | None:
+        """Why this layer cannot cache a token that exited early below it (CALM's k/v propagation writes it
+        with no query at this layer), or None when it can."""
+        return None
+
     def details(self) -> list[str]:
         """Method-specific parts of ``describe`` (window, sinks, pages, ...)."""
         return []
@@ -200,7 +205,9 @@ class SpeculativeConfig(DecodeConfig):
     verify with the full model. ``adaptive``: the number of drafts follows measured step times and
     acceptance; a source whose expected rate is below plain decoding's x ``min_gain`` is passed over
     and retried after ``retry_after`` idle steps. ``ngram``: (min n, max n) of the n-gram drafts;
-    ``skip_layers``: the layers a "skip" draft leaves out; ``prior``: the starting acceptance per source."""
+    ``skip_layers``: the layers a "skip" draft leaves out; ``prior``: the starting acceptance per source.
+    ``batched``: several prompts with n-gram drafts only are verified together, one pass per step for the
+    whole batch (ragged drafts, per-sequence rollback); otherwise prompt by prompt."""
 
     sources: tuple[str, ...]
     draft_tokens: int = 8
@@ -211,6 +218,7 @@ class SpeculativeConfig(DecodeConfig):
     ngram: tuple[int, int] = (2, 4)
     skip_layers: tuple[int, ...] = ()
     prior: tuple[tuple[str, float], ...] = (("lookahead", 0.7), ("exit", 0.5), ("skip", 0.5))
+    batched: bool = True
     mode: ClassVar[str] = "speculative"
 
     def __str__(self) -> str:

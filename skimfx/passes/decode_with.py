@@ -5,8 +5,8 @@ they are not a graph rewrite but a decision the Program carries to the runtime. 
 ``DecodeConfig`` (``program.decoding``); the runtime's ``decoding`` package turns it into a loop.
 
 What it checks: one decoding mode at a time, and that the mode can run over the Program's KV cache
-policies (``kv_policy.decoding_conflict``: self-speculation over policies whose drafts can be verified
-token by token and rolled back; early exit over policies at or below its lowest exit). One rewrite.
+policies (``kv_policy.decoding_conflict``: self-speculation over any policy; early exit over policies that
+can cache a token that exited below them). One rewrite.
 """
 from __future__ import annotations
 

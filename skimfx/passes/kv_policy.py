@@ -13,13 +13,12 @@ page metadata, the sparse read). The pass checks what it can prove from the Prog
   read, and window masking needs slot = position, which eviction breaks);
 - a DELTA "reuse" layer has its "select" layer below it, and no token-pruning stage between them
   changes which tokens the two layers hold (the reuse layer reads the select layer's slot numbers);
-- the Program's decoding mode, when it has one, can run over the policies (``decoding_conflict``).
+- the Program's decoding mode, when it has one, can run over the policies (``decoding_conflict``: early exit
+  over a policy that cannot cache a token without a query at its layer).
 Requires ``lower_attention`` and ``split_layers``; can run before or after ``prune_tokens`` and
 ``decode_with``.
 """
 from __future__ import annotations
-
-import dataclasses
 
 from ..program import CachePolicy, EarlyExitConfig, Program, SpeculativeConfig
 
@@ -31,40 +30,24 @@ class PolicyError(ValueError):
 def decoding_conflict(program: Program) -> str | None:
     """Why ``program.decoding`` cannot run over ``program.policies``, or None when it can.
 
-    - Self-speculation verifies k drafts in one pass and truncates the rejected ones. Over a policy that
-      compresses the prompt once and then decodes densely (SnapKV / PyramidKV, Knorm, KeyDiff, KVzip,
-      StreamingLLM and TOVA without decode-time eviction) that is ordinary decoding; over Quest, DELTA and
-      SentenceKV (on-device) each draft token reads what its own decode step would read, and a rollback
-      restores their state. Refused: decode-time eviction (StreamingLLM, TOVA with
-      evict_during_decode=true; H2O), which would evict for a draft token before it is verified, and
-      SentenceKV with offload=true, which decodes one token per step.
-    - Early exit writes the k/v of an exited token into the layers above the exit directly, past any policy
-      there: policies are allowed on layers at or below the lowest exit only (every token runs those).
+    - Self-speculation runs over every policy: a verification gives each draft token what its own decode
+      step would read (token by token where decode evicts), and a rollback restores the policy's state.
+    - Early exit writes the k/v of a token that exited below a layer without a query at that layer: each
+      policy above the lowest exit caches such a token through its own write path (``fill_conflict`` says
+      which cannot).
     """
     config, policies = program.decoding, program.policies
     if config is None or not policies:
         return None
     if isinstance(config, EarlyExitConfig):
         lowest = min(layer for layer, _ in config.thresholds)
-        above = sorted(l for l in policies if l > lowest)
-        if above:
-            return (f"layers {above} carry a KV cache policy above the lowest exit ({lowest}): a token that exits "
-                    "gets those layers' k/v written directly, which the policy never sees; early exit composes with "
-                    "policies on layers at or below its lowest exit only")
+        for layer, pol in sorted(policies.items()):
+            why = pol.fill_conflict() if layer > lowest else None
+            if why is not None:
+                return (f"layer {layer} lies above the lowest exit ({lowest}), so it caches tokens that exited below "
+                        f"it: {why}")
         return None
     if isinstance(config, SpeculativeConfig):
-        for layer, pol in sorted(policies.items()):
-            if getattr(pol, "decode_evict", False):
-                optional = "decode_evict" in {f.name for f in dataclasses.fields(pol)}
-                fix = "use evict_during_decode=false (the prompt is compressed once)" if optional else \
-                    f"{pol.method} always evicts during decode"
-                return (f"layer {layer}: {pol.method} evicts during decode: each new token may overwrite a cached "
-                        "slot, so a draft token would evict before it is verified, and a rejected draft's eviction "
-                        f"cannot be undone; {fix}")
-            if pol.method == "sentencekv" and getattr(pol, "offload", False):
-                return (f"layer {layer}: sentencekv with offload=true keeps the prompt's KV in host memory and "
-                        "decodes one token per step, copying in the sentences that step's query chooses, so drafts "
-                        "cannot be verified in one pass; use offload=false")
         return None
     return f"{config} needs the full KV cache of every layer"
 

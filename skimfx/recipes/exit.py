@@ -119,7 +119,9 @@ class SelfSpeculative(Recipe):
     ("lookahead/exit": an n-gram draft when one is found, else the exit draft). Up to ``draft_tokens``
     drafts per step, verified in one pass; the output is the greedy output without self-speculation: the
     dense one, or with a KV cache policy that policy's own (each draft token reads what its decode step
-    would read; policies that evict during decode and SentenceKV with offload are refused).
+    would read; a policy that evicts during decode verifies them step by step and rolls its evictions back).
+    ``batched``: a batch of prompts with lookahead drafts only is verified together, one pass per step for
+    all sequences (ragged draft lengths, per-sequence rollback); otherwise (or false) prompt by prompt.
     ``adaptive``: the draft length follows acceptance (n-gram drafts start at ``draft_tokens``, model drafts at 2), and exit and
     skip drafting are switched off for a while when they measure slower than plain decoding.
     ``calibration``: adapters for the exit branch. ``skip_layers``: layer indices, or a
@@ -131,6 +133,7 @@ class SelfSpeculative(Recipe):
     calibration: object = None
     adaptive: bool = True
     skip_layers: object = None
+    batched: bool = True
     name = "selfspeculative"
 
     def __post_init__(self):
@@ -140,6 +143,9 @@ class SelfSpeculative(Recipe):
                               f"{self.draft!r}")
         object.__setattr__(self, "draft", src)
         positive("draft_tokens", self.draft_tokens)
+        for flag in ("adaptive", "batched"):
+            if not isinstance(getattr(self, flag), bool):
+                raise RecipeError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if ("exit" in src) != (self.exit_layer is not None):
             raise RecipeError("exit_layer is needed exactly when the draft comes from an exit "
                               f"(draft={'/'.join(src)}, exit_layer={self.exit_layer})")
@@ -162,7 +168,8 @@ class SelfSpeculative(Recipe):
                 raise RecipeError(f"skip_layers {list(self.skip_layers)} do not fit this {info.num_layers}-layer "
                                   "model (indices 0..L-1, at least one layer kept)")
         config = SpeculativeConfig(self.draft, self.draft_tokens, self.exit_layer, self.adaptive,
-                                   min_gain=1.0 if self.adaptive else 0.0, skip_layers=self.skip_layers or ())
+                                   min_gain=1.0 if self.adaptive else 0.0, skip_layers=self.skip_layers or (),
+                                   batched=self.batched)
         out = []
         if self.exit_layer is not None:
             _exit_layers(info, (self.exit_layer,))

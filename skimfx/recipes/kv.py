@@ -89,6 +89,12 @@ class TOVAPolicy(CachePolicy):
     def details(self):
         return (["evicts during decode"] if self.decode_evict else []) + _sentence_details(self)
 
+    def fill_conflict(self):
+        if self.decode_evict:
+            return ("TOVA evicts the token that the current query attends to least; a token that exited below this "
+                    "layer has no query here to choose one (evict_during_decode=false compresses the prompt only)")
+        return None
+
 
 @dataclass(frozen=True)
 class QuestPolicy(CachePolicy):
@@ -820,6 +826,12 @@ class DuoPolicy(CachePolicy):
     def details(self):
         return [f"streaming KV heads {list(self.streaming)} keep {self.sinks} sinks + {self.recent} recent"
                 + (" (rolling during decode)" if self.decode_evict else ""), "the other heads keep everything"]
+
+    def fill_conflict(self):
+        if self.decode_evict and self.streaming:
+            return ("the streaming heads roll their window inside the decode step's attention; writing an exited "
+                    "token's k/v without it is not implemented (evict_during_decode=false keeps the window fixed)")
+        return None
 
 
 @dataclass(frozen=True)

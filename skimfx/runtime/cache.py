@@ -45,6 +45,16 @@ class HeadGroup:
         return self.k.shape[2]
 
 
+@dataclass
+class LayerSnapshot:
+    """A copy of one layer: its uniform buffers (``k``/``v``) or its head groups, and its lengths."""
+
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    lengths: list[int]
+    groups: list[HeadGroup] | None
+
+
 def head_groups(counts: list[list[int]]) -> list[tuple[int, ...]]:
     """Heads whose kept counts ``counts[b][h]`` agree for every sequence, grouped, in head order."""
     by_counts: dict[tuple[int, ...], list[int]] = {}
@@ -247,9 +257,10 @@ class KVCache:
 
     def begin_speculation(self) -> None:
         """Draft tokens follow: until ``end_speculation`` a write of several tokens is a verification (each
-        token reads what a one-token decode step would read, ``KVPolicy.verify``), and ``truncate`` may
-        roll drafts back (the policies keep what that needs). Called again, it starts over from the current
+        token reads what a one-token decode step would read, ``KVPolicy.verify``), and ``rollback`` may
+        forget drafts (the policies keep what that needs). Called again, it starts over from the current
         lengths."""
+        self._spec_base = [list(n) for n in self._lengths]
         for pol in self.policies.values():
             pol.begin_speculation(self)
         self.speculating = True
@@ -259,6 +270,64 @@ class KVCache:
         for pol in self.policies.values():
             pol.end_speculation(self)
         self.speculating = False
+
+    def rollback(self, keep: list[int]) -> None:
+        """Keep the first ``keep[b]`` tokens that sequence b wrote since ``begin_speculation`` and forget the
+        rest (rejected drafts), in every layer. A layer without a policy, or whose policy only appends, holds
+        its length at the start plus ``keep[b]``; a policy that evicted during the drafts restores the layer
+        as it was after the kept tokens (``KVPolicy.rollback``)."""
+        if not self.speculating:
+            raise ValueError("rollback forgets tokens written since begin_speculation; none was called")
+        for layer in range(self.num_layers):
+            base = self._spec_base[layer]
+            pol = self.policies.get(layer)
+            if pol is None:
+                self.truncate(layer, [b + k for b, k in zip(base, keep)])
+                continue
+            new = pol.rollback(self, base, keep)
+            if new != self._lengths[layer]:
+                self._check_shorter(layer, new, "roll back")
+                self._set_lengths(layer, new)
+
+    def snapshot(self, layer: int) -> "LayerSnapshot":
+        """A copy of ``layer``'s slots and lengths (what a decode step that evicts may overwrite)."""
+        groups = self.groups[layer]
+        if groups is None:
+            return LayerSnapshot(self.k[layer].clone(), self.v[layer].clone(), list(self._lengths[layer]), None)
+        return LayerSnapshot(None, None, list(self._lengths[layer]),
+                             [HeadGroup(g.heads, g.k.clone(), g.v.clone(), list(g.lengths)) for g in groups])
+
+    def restore(self, layer: int, snap: "LayerSnapshot", rows: list[int]) -> None:
+        """Sequences ``rows`` of ``layer`` become what ``snap`` holds (slots and lengths)."""
+        everyone = sorted(rows) == list(range(self.batch))
+        if everyone:
+            if snap.groups is None:
+                self.k[layer], self.v[layer] = snap.k.clone(), snap.v.clone()
+                self.groups[layer] = None
+            else:
+                self.groups[layer] = [HeadGroup(g.heads, g.k.clone(), g.v.clone(), list(g.lengths))
+                                      for g in snap.groups]
+            self._lengths[layer] = list(snap.lengths)
+            self._lengths_dev[layer] = None
+            return
+        now = self.groups[layer]
+        if (snap.groups is None) != (now is None) or (
+                now is not None and [g.k.shape for g in now] != [g.k.shape for g in snap.groups]) or (
+                now is None and self.k[layer].shape != snap.k.shape):
+            raise ValueError(f"layer {layer}: its layout changed since the snapshot; only the whole batch can be "
+                             "restored")
+        idx = torch.tensor(rows, device=self.device)
+        pairs = [(self.k[layer], snap.k), (self.v[layer], snap.v)] if now is None else \
+            [(g.k, s.k) for g, s in zip(now, snap.groups)] + [(g.v, s.v) for g, s in zip(now, snap.groups)]
+        for dst, src in pairs:
+            dst.index_copy_(0, idx, src.index_select(0, idx))
+        if now is not None:
+            for g, s in zip(now, snap.groups):
+                for b in rows:
+                    g.lengths[b] = s.lengths[b]
+        for b in rows:
+            self._lengths[layer][b] = snap.lengths[b]
+        self._lengths_dev[layer] = None
 
     def truncate(self, layer: int, lengths: list[int]) -> None:
         """Forget the slots past ``lengths[b]`` (rejected speculative tokens): the next write goes there.

@@ -89,6 +89,17 @@ class Ctx:
             return policy.probe_attend(self, q, k, v, scale, window, softcap)
         return policy.attend(self, layer, q, k, v, scale, window, softcap)
 
+    @torch.compiler.disable
+    def fill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Cache the k/v [B, Hkv, T, D] of tokens that exited below ``layer`` (no query reads them here):
+        through the layer's KV policy (``KVPolicy.fill``), or appended when it has none."""
+        policy = self.cache.policies.get(layer)
+        if policy is not None:
+            policy.fill(self, k, v)
+            return
+        self.cache.write(layer, k, v)
+        self.cache.advance(layer, self.n_valid)
+
     # -- what policies build on -------------------------------------------------------------------
     def attend_dense(self, layer: int, q, k, v, scale: float, window: int | None, softcap: float | None):
         """Write the T new tokens' k/v at each sequence's length and attend causally over the cache."""

@@ -98,8 +98,7 @@ class Executor:
             st = self.program.kv_fill[m]
             hidden_in = self._hidden_in[m]
             k, v = st.module(None, *[h if n == hidden_in else env[n] for n in st.inputs])
-            ctx.cache.write(m, k, v)
-            ctx.cache.advance(m, [k.shape[2]] * k.shape[0])
+            ctx.fill(m, k, v)            # through layer m's KV policy, as its decode step would write them
 
     # -- the whole forward ------------------------------------------------------------------------
     def forward(self, ctx: Ctx, input_ids: torch.Tensor, position_ids: torch.Tensor,

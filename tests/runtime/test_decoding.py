@@ -283,12 +283,12 @@ def test_decoding_errors():
         EarlyExit(layers=(0, 1), threshold=(0.5, 0.6, 0.7))
     with pytest.raises(skimfx.RecipeError, match="out of range"):
         skimfx.compile(model, EarlyExit(layers=2, threshold=0.5))
-    # self-speculation composes with policies that can verify drafts token by token and roll them back
-    # (tests/runtime/test_speculation_over_policies.py); decode-time eviction cannot, in either order
-    with pytest.raises(EarlyExitError, match="evicts during decode"):
-        skimfx.compile(model, [skimfx.H2O(heavy=8, recent=8), SelfSpeculative()])
-    with pytest.raises(skimfx.passes.PolicyError, match="evicts during decode"):
-        skimfx.compile(model, [SelfSpeculative(), skimfx.H2O(heavy=8, recent=8)])
+    # self-speculation composes with every policy (tests/runtime/test_speculation_over_policies.py); early
+    # exit refuses one that needs a query to place an exited token, in either order
+    with pytest.raises(EarlyExitError, match="TOVA evicts the token"):
+        skimfx.compile(model, [skimfx.TOVA(budget=8), EarlyExit(layers=0, threshold=0.5)])
+    with pytest.raises(skimfx.passes.PolicyError, match="TOVA evicts the token"):
+        skimfx.compile(model, [EarlyExit(layers=0, threshold=0.5), skimfx.TOVA(budget=8)])
     with pytest.raises(EarlyExitError, match="out of range"):
         early_exit(skimfx.compile(model).program, [5])
     cm = skimfx.compile(model, SelfSpeculative())

@@ -234,10 +234,18 @@ def test_duo_rolls_the_streaming_window_during_decode(llama):
     assert _hf_with_layer_mask(llama, seq, masks)[8:len(seq) - 1].tolist() == g.tokens[0]
 
 
-def test_duo_with_rolling_refuses_speculation_and_multi_token_extends(llama):
-    with pytest.raises(Exception, match="evicts during decode"):
-        skimfx.compile(llama, [DuoAttention(calibration=SCORES, sinks=4, recent=16),
-                               SelfSpeculative(adaptive=False, draft_tokens=4)])
+def test_duo_with_rolling_under_speculation_gives_its_own_greedy_output(llama):
+    """The streaming heads roll their window at every draft token (verified step by step, after a snapshot
+    of the head groups and the roll positions); rejected drafts are rolled back per sequence, batched or not."""
+    r = DuoAttention(calibration=SCORES, sinks=4, recent=16)
+    base = prompts(40)[0]
+    ps = [base + base[:30], base[:36] * 2]
+    want = skimfx.compile(llama, r).generate(ps, max_new_tokens=30, stop_tokens=[])
+    for batched in (False, True):
+        g = skimfx.compile(llama, [r, SelfSpeculative(adaptive=False, draft_tokens=4, batched=batched)]).generate(
+            ps, max_new_tokens=30, stop_tokens=[])
+        assert g.tokens == want.tokens
+        assert 0 < g.stats.decoding.accepted["lookahead"] < g.stats.decoding.drafted["lookahead"]
 
 
 def test_duo_streams_the_lowest_scoring_heads_and_keeps_the_others_whole(llama):

@@ -1,8 +1,9 @@
 """Self-speculative decoding over KV cache policies: the output is exactly the policy's own greedy output
 (not dense), a verification pass gives each draft token what its own decode step reads (Quest's page
-choice, DELTA's set, SentenceKV's sentences per query), a rollback leaves the cache and the policy state
-as if the rejected drafts never came, the combinations that cannot be exact are refused with their
-reason, and recipe strings compose."""
+choice, DELTA's set, SentenceKV's sentences per query, the evictions of StreamingLLM / TOVA / H2O), a
+rollback leaves the cache and the policy state as if the rejected drafts never came (so a rejected draft
+never evicted anything), early exit writes exited tokens through the policies above it, the combinations
+that cannot be exact are refused with their reason, and recipe strings compose."""
 import pytest
 import torch
 
@@ -48,13 +49,19 @@ POLICIES = {
     "quest": Quest(token_budget=16, page_size=4, dense_layers=1),
     "delta": Delta(budget=8, full_layers=1, selection_layers=1, recent=4),      # select 1, reuse 2
     "sentencekv": SentenceKV(budget=20, sinks=2, recent=4, offload=False),
+    # decode-time eviction: drafts are verified as decode steps one after the other, with a snapshot before each
+    "streamingllm-evict": StreamingLLM(recent=16),
+    "tova-evict": TOVA(budget=20),
+    "h2o": H2O(heavy=8, recent=8),
+    "sentencekv-offload": SentenceKV(budget=20, sinks=2, recent=4),
 }
 SPARSE = ["quest", "delta", "sentencekv"]
+EVICT_DURING_DECODE = ["streamingllm-evict", "tova-evict", "h2o"]
 
 # every draft source; the exit drafts run layers 0-1 token by token, so DELTA's select layer (1) drafts and
 # its reuse layer (2) is verified; the skip drafts leave layer 1 out (Quest's and DELTA's select layer)
 SOURCES = {
-    "lookahead": SelfSpeculative(adaptive=False, draft_tokens=6),
+    "lookahead": SelfSpeculative(adaptive=False, draft_tokens=6, batched=False),     # batched: below
     "exit": SelfSpeculative(draft="exit", exit_layer=1, adaptive=False, draft_tokens=3),
     "skip": SelfSpeculative(draft="skip", skip_layers=1, adaptive=False, draft_tokens=3),
     "adaptive": SelfSpeculative(draft="lookahead/exit", exit_layer=0),
@@ -219,49 +226,122 @@ def test_delta_reuse_layers_read_each_draft_tokens_own_set(llama):
     cache.end_speculation()
 
 
-# ------------------------------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("policy,match", [
-    (StreamingLLM(recent=16), "streamingllm evicts during decode.*evict_during_decode=false"),
-    (TOVA(budget=20), "tova evicts during decode.*evict_during_decode=false"),
-    (H2O(heavy=8, recent=8), "h2o evicts during decode.*h2o always evicts during decode"),
-    (SentenceKV(budget=20, sinks=2, recent=4), "offload=true keeps the prompt's KV in host memory"),
-], ids=["streamingllm", "tova", "h2o", "sentencekv-offload"])
-def test_policies_whose_drafts_cannot_be_verified_and_rolled_back_are_refused(llama, policy, match):
-    for source in ("lookahead", "exit"):
-        spec = SOURCES[source]
-        with pytest.raises(EarlyExitError, match=match):
-            compile_(llama, [policy, spec])
-        with pytest.raises(PolicyError, match=match):
-            compile_(llama, [spec, policy])
+# ------------------------------------------------------------------------------------------ decode-time eviction
+@pytest.mark.parametrize("policy", EVICT_DURING_DECODE)
+def test_a_rejected_draft_evicted_nothing(llama, policy):
+    """The layers are full (at the budget) before the drafts, so every draft token evicts a slot; after the
+    rollback to one kept token each layer holds the slots, ages and scores of a cache that decoded only it,
+    and a cache that never saw the drafts decodes on alike."""
+    program = compile_(llama, [POLICIES[policy]]).program
+    prompt = prompts()[0]
+    spec, never = _prefilled(program, prompt), _prefilled(program, prompt)
+    budgets = [spec.lengths(l)[0] for l in range(3)]
+    _forward(program, spec, [11]), _forward(program, never, [11])
+    assert all(spec.lengths(l)[0] <= budgets[l] + 1 for l in range(3))
+    spec.begin_speculation()
+    _forward(program, spec, [12, 400, 401, 402])
+    spec.rollback([1])
+    spec.end_speculation()
+    spec.positions = [spec.positions[0] - 3]
+    _forward(program, never, [12])
+    _assert_same_cache(spec, never)
+    torch.testing.assert_close(_one_at_a_time(program, spec, [30, 31, 32]),
+                               _one_at_a_time(program, never, [30, 31, 32]), rtol=1e-4, atol=1e-4)
 
 
-def test_the_runtime_refuses_what_the_passes_refuse(llama):
-    """A decoding mode set on a Program by hand meets the same check in the decoder and the cache."""
-    cm = skimfx.compile(llama, H2O(heavy=8, recent=8))
-    cm.program.decoding = SpeculativeConfig(("lookahead",))
-    with pytest.raises(ValueError, match="h2o evicts during decode"):
-        cm.generate(prompts()[:1], max_new_tokens=4, stop_tokens=[])
-    cache = _prefilled(cm.program, prompts()[0])
-    _forward(cm.program, cache, [5])
-    with pytest.raises(ValueError, match="evicts during decode"):
+def test_truncate_refuses_a_layer_that_evicts_during_decode(llama):
+    program = compile_(llama, [POLICIES["h2o"]]).program
+    cache = _prefilled(program, prompts()[0])
+    _forward(program, cache, [5])
+    with pytest.raises(ValueError, match="evicts during decode.*KVCache.rollback"):
         cache.truncate(1, [cache.lengths(1)[0] - 1])
-    cm = skimfx.compile(llama, [SnapKV(budget=24, window=8, layers=0), EarlyExit(layers=0, threshold=0.5)])
-    cm.program.policies[2] = cm.program.policies[0]                  # past the passes' check
-    with pytest.raises(ValueError, match="above the lowest exit"):
+    with pytest.raises(ValueError, match="none was called"):
+        cache.rollback([0])
+
+
+# ------------------------------------------------------------------------------------------------ early exit
+@pytest.mark.parametrize("policy", ["snapkv", "quest", "streamingllm-evict", "h2o", "delta"])
+def test_early_exit_over_a_policy_above_the_exit(llama, policy):
+    """Layers above the exit cache exited tokens through their policy. A threshold no token reaches is the
+    policy alone; one every token reaches exits at layer 0 each step, and the evicting layers above stay at
+    their budget (the exited tokens took evicted slots) while the appending ones grow by one per token."""
+    pol = POLICIES[policy]
+    want = compile_(llama, pol).generate(prompts(), max_new_tokens=12, stop_tokens=[])
+    never = compile_(llama, [EarlyExit(layers=0, threshold=1.0), pol]).generate(prompts(), max_new_tokens=12,
+                                                                                 stop_tokens=[])
+    assert never.tokens == want.tokens and never.stats.decoding.exits == {2: 3 * 11}
+    cm = compile_(llama, [EarlyExit(layers=0, threshold=1e-6), pol])
+    g = cm.generate(prompts()[:1], max_new_tokens=12, stop_tokens=[])
+    assert g.stats.decoding.exits == {0: 11}
+    cache = KVCache.for_program(cm.program, 1, 160)
+    with torch.inference_mode():
+        prefill(cm.program, cache, [prompts()[0]])
+    after_prefill = [cache.lengths(l)[0] for l in range(3)]
+    from skimfx.runtime.decoding import EarlyExitDecoder
+    decoder = EarlyExitDecoder(cm.program.decoding)
+    ex = Executor(cm.program)
+    state = decoder.start(ex, cache, list(prompts()[0]))
+    with torch.inference_mode():
+        for t in range(6):
+            decoder.step(ex, cache, state, 100 + t, g.stats.decoding)
+    grown = [cache.lengths(l)[0] - after_prefill[l] for l in range(3)]
+    if policy in EVICT_DURING_DECODE:
+        assert grown[1:] == [0, 0] and after_prefill[1] == cache.policies[1].params.tokens(len(prompts()[0]))
+    else:
+        assert grown[1:] == [6, 6]
+    if policy == "quest":               # the page bounds cover the exited tokens' keys
+        n = torch.tensor(cache.lengths(2))
+        kmin, kmax = page_minmax_ref(cache.k[2], n, 4)
+        assert torch.equal(cache.policies[2].kmin, kmin) and torch.equal(cache.policies[2].kmax, kmax)
+
+
+@pytest.mark.parametrize("policy,match", [
+    (TOVA(budget=20), "TOVA evicts the token that the current query attends to least"),
+    (skimfx.DuoAttention(calibration=[[0.9, 0.1]] * 3, streaming=0.5, sinks=2, recent=8),
+     "streaming heads roll their window"),
+], ids=["tova", "duo"])
+def test_early_exit_refuses_policies_that_need_a_query_to_place_a_token(llama, policy, match):
+    with pytest.raises(EarlyExitError, match=r"layer \d lies above the lowest exit \(0\).*" + match):
+        compile_(llama, [policy, EarlyExit(layers=0, threshold=0.5)])
+    with pytest.raises(PolicyError, match=match):
+        compile_(llama, [EarlyExit(layers=0, threshold=0.5), policy])
+    cm = compile_(llama, [EarlyExit(layers=0, threshold=0.5)])
+    cm.program.policies.update(compile_(llama, policy).program.policies)      # past the passes' check
+    with pytest.raises(ValueError, match=match):
         cm.generate(prompts()[:1], max_new_tokens=4, stop_tokens=[])
 
 
-def test_early_exit_composes_with_policies_at_or_below_its_lowest_exit_only(llama):
-    with pytest.raises(EarlyExitError, match=r"layers \[2\] carry a KV cache policy above the lowest exit \(1\)"):
-        skimfx.compile(llama, [SnapKV(budget=24, window=8), EarlyExit(layers=1, threshold=0.5)])
-    with pytest.raises(PolicyError, match="above the lowest exit"):
-        skimfx.compile(llama, [EarlyExit(layers=1, threshold=0.5), SnapKV(budget=24, window=8)])
-    # every token runs layers 0-1, where the policy is: a threshold no token reaches is the policy alone
-    below = SnapKV(budget=24, window=8, layers=(0, 1))
-    want = skimfx.compile(llama, below).generate(prompts(), max_new_tokens=12, stop_tokens=[])
-    g = skimfx.compile(llama, [EarlyExit(layers=1, threshold=1.0), below]).generate(prompts(), max_new_tokens=12,
-                                                                                   stop_tokens=[])
-    assert g.tokens == want.tokens and g.stats.decoding.exits == {2: 3 * 11}
+# ------------------------------------------------------------------------------------------------ batched
+@pytest.mark.parametrize("policy", ["dense"] + list(POLICIES))
+def test_batched_speculation_gives_each_sequences_own_greedy_tokens(llama, references, policy):
+    """The three prompts (60, 30 and 28 tokens) are verified together: ragged drafts, one pass per step for
+    the batch, each row rolled back on its own. Same tokens as the policy alone, in fewer passes than
+    speculating prompt by prompt."""
+    recipes = [] if policy == "dense" else [POLICIES[policy]]
+    spec = SelfSpeculative(adaptive=False, draft_tokens=6)
+    g = compile_(llama, recipes + [spec]).generate(prompts(), max_new_tokens=24, stop_tokens=[])
+    assert g.tokens == references[policy]
+    d = g.stats.decoding
+    assert 0 < d.accepted["lookahead"] <= d.drafted["lookahead"] and d.tokens == 3 * 23
+    one = compile_(llama, recipes + [SelfSpeculative(adaptive=False, draft_tokens=6, batched=False)]).generate(
+        prompts(), max_new_tokens=24, stop_tokens=[])
+    assert one.tokens == g.tokens
+    passes = lambda s: s.plain_steps + sum(s.verify_steps.values())                     # noqa: E731
+    assert passes(d) < passes(one.stats.decoding)
+
+
+def test_batched_speculation_with_stops_and_the_adaptive_width(llama, references):
+    """A sequence that stops early sits out the remaining passes; the adaptive width matches too."""
+    ps = prompts()
+    stop = references["delta"][1][5]
+    want = compile_(llama, POLICIES["delta"]).generate(ps, max_new_tokens=24, stop_tokens=[stop])
+    assert want.finish_reasons[1] == "stop"
+    for spec in (SelfSpeculative(adaptive=False, draft_tokens=3), SelfSpeculative()):
+        g = compile_(llama, [POLICIES["delta"], spec]).generate(ps, max_new_tokens=24, stop_tokens=[stop])
+        assert g.tokens == want.tokens and g.finish_reasons == want.finish_reasons
+    assert skimfx.parse_recipe("selfspeculative:batched=false") == [SelfSpeculative(batched=False)]
+    with pytest.raises(skimfx.RecipeError, match="batched must be true or false"):
+        SelfSpeculative(batched="yes")
 
 
 # ------------------------------------------------------------------------------------------------ recipe strings
@@ -288,7 +368,7 @@ def test_recipe_strings_compose_pruning_a_policy_and_speculation(llama):
 @pytest.mark.slow
 def test_speculation_over_policies_on_smollm2(smollm2):
     """A ~300-token prompt that repeats itself: lookahead drafts over SnapKV and over PromptDistill + Quest
-    give exactly the policy's own greedy tokens, with drafts accepted."""
+    give exactly the policy's own greedy tokens, with drafts accepted; so do batches verified together."""
     model, tok = smollm2
     text = ("The lighthouse keeper climbed the stairs every evening, counted the ships in the harbour, wrote "
             "their names in a blue notebook and lit the lamp before the sun went down. ") * 9
@@ -306,3 +386,10 @@ def test_speculation_over_policies_on_smollm2(smollm2):
         assert sum(g.stats.decoding.accepted.values()) > 0, policy
         if policy.startswith("snapkv"):
             assert generate(policy + "+selfspeculative:draft=lookahead").tokens == want
+    # a ragged batch of three, verified together (H2O evicts at every draft token)
+    batch = [ids, ids[:200], ids[40:]]
+    for policy in ("promptdistill:layers=8,keep=128+quest:token_budget=64", "h2o:heavy=48,recent=16"):
+        want = skimfx.compile(model, policy).generate(batch, max_new_tokens=30, stop_tokens=[]).tokens
+        g = skimfx.compile(model, policy + "+selfspeculative:draft=lookahead").generate(batch, max_new_tokens=30,
+                                                                                       stop_tokens=[])
+        assert g.tokens == want, policy

@@ -28,10 +28,10 @@ with any pruning, is the ordinary one).
 Over KV cache policies. Self-speculation brackets each draft-and-verify step with
 ``KVCache.begin_speculation`` / ``end_speculation``: in between, a multi-token pass is a verification in
 which each layer's policy gives every draft token what its own decode step would read
-(``KVPolicy.verify``), and ``KVCache.truncate`` lets the policy restore its state for the tokens that stay
-(``KVPolicy.truncate``), so the output is the policy's own greedy output. A policy that evicts during
-decode, or that cannot verify several tokens (SentenceKV with offload), is refused
-(``KVPolicy.speculation_conflict``). Early exit runs over policies on layers at or below its lowest exit.
+(``KVPolicy.verify``; token by token, after a snapshot each, for a policy that evicts during decode), and
+``KVCache.rollback`` lets each policy restore its state for the tokens that stay (``KVPolicy.rollback``),
+so the output is the policy's own greedy output and a rejected draft never evicted anything. Early exit
+writes an exited token's k/v into the layers above through their policies (``KVPolicy.fill``).
 
 What lives here: the shared generation loop, the registry and ``generate`` (``loop``), CALM early exit
 (``early_exit``), self-speculation (``speculative``), the n-gram drafts (``drafts``), and the draft-length

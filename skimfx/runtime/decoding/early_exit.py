@@ -1,8 +1,10 @@
 """Lossy early exit (CALM): exit at the first exit layer whose top-1 probability reaches its threshold.
 
-A KV policy may sit on layers at or below the lowest exit: every token runs those layers one at a
-time, as plain decoding does. Layers above it get the k/v of exited tokens written directly
-(``Executor.fill_kv``), which no policy sees, so policies there are refused."""
+KV policies compose: every token runs the layers up to its exit one at a time, as plain decoding does,
+and the layers above get the k/v of the exited token through their policy's write path
+(``Executor.fill_kv`` -> ``KVPolicy.fill``: appended, or written into an evicted slot), with no query at
+those layers. A policy that needs a query to place a token (TOVA's decode eviction, DuoAttention's rolling
+streaming heads) is refused above the lowest exit (``CachePolicy.fill_conflict``)."""
 from __future__ import annotations
 
 from ...program import EarlyExitConfig
@@ -29,10 +31,10 @@ class EarlyExitDecoder:
 
     def start(self, ex: Executor, cache: KVCache, history: list[int]) -> DecodeState:
         lowest = self.thresholds[0][0]
-        above = sorted(l for l in cache.policies if l > lowest)
-        if above:
-            raise ValueError(f"{self.config}: layers {above} carry a KV cache policy above the lowest exit ({lowest}); "
-                             "a token that exits gets those layers' k/v written past the policy")
+        for layer, pol in sorted(cache.policies.items()):
+            why = pol.params.fill_conflict() if layer > lowest else None
+            if why is not None:
+                raise ValueError(f"{self.config}: layer {layer} lies above the lowest exit ({lowest}): {why}")
         return DecodeState(history)
 
     def step(self, ex: Executor, cache: KVCache, state: DecodeState, tok: int, ds: DecodeStats) -> list[int]:

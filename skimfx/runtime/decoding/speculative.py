@@ -12,8 +12,9 @@ from ...program import SpeculativeConfig
 from ..cache import KVCache
 from ..executor import Executor
 from ..stats import DecodeStats
+from .batched import generate_batched
 from .drafts import NGramDrafts
-from .loop import DecodeState, next_token, register, step_env
+from .loop import DecodeState, decode_loop, next_token, register, step_env
 from .schedule import Acceptance, StepCosts
 
 
@@ -30,18 +31,6 @@ class SpeculativeState(DecodeState):
     ngram_acceptance: dict[int, Acceptance] = field(default_factory=dict)
     # step costs by source (they depend on the verification's width, not on the match)
     costs: dict[str, StepCosts] = field(default_factory=dict)
-
-
-def _begin(ex: Executor, cache: KVCache) -> list[int]:
-    """Each layer's length before the drafts; from here the cache's policies verify several tokens token by
-    token and keep what a rollback needs."""
-    cache.begin_speculation()
-    return [cache.lengths(l)[0] for l in range(ex.num_layers)]
-
-
-def _rollback(cache: KVCache, base: list[int], keep: int) -> None:
-    for l, b in enumerate(base):
-        cache.truncate(l, [b + keep])
 
 
 @register(SpeculativeConfig)
@@ -71,11 +60,15 @@ class SpeculativeDecoder:
     def __str__(self) -> str:
         return str(self.config)
 
+    def generate(self, program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len, callback):
+        """A batch of prompts with n-gram drafts only: verified together (``batched.generate_batched``);
+        otherwise prompt by prompt (the shared loop)."""
+        if self.config.batched and len(prompts) > 1 and self.sources == ("lookahead",):
+            return generate_batched(self.config, program, prompts, max_new_tokens, sampling, stop_tokens,
+                                    max_cache_len, callback)
+        return decode_loop(self, program, prompts, max_new_tokens, sampling, stop_tokens, max_cache_len, callback)
+
     def start(self, ex: Executor, cache: KVCache, history: list[int]) -> SpeculativeState:
-        for layer, pol in sorted(cache.policies.items()):
-            why = pol.speculation_conflict()
-            if why is not None:
-                raise ValueError(f"{self.config}: layer {layer}: {why}")
         prior = self.prior
         return SpeculativeState(
             history, ngram=NGramDrafts(*self.ngram),
@@ -135,28 +128,30 @@ class SpeculativeDecoder:
         return [next_token(ex, ctx, env)]
 
     @staticmethod
-    def _accept(cache: KVCache, base: list[int], pos: int, drafts: list[int], logits: torch.Tensor):
+    def _accept(cache: KVCache, pos: int, drafts: list[int], logits: torch.Tensor):
         """Keep the drafts the full model agrees with, plus its own next token; roll the rest back."""
         preds = logits.argmax(-1).tolist()                                           # [k + 1]
         n = 0
         while n < len(drafts) and preds[n] == drafts[n]:
             n += 1
-        _rollback(cache, base, n + 1)
+        cache.rollback([n + 1])
         cache.end_speculation()
         cache.positions = [pos + n + 1]
         return drafts[:n] + [preds[n]], n
 
     def _verify_full(self, ex: Executor, cache: KVCache, tok: int, drafts: list[int]):
-        base, pos = _begin(ex, cache), cache.positions[0]
+        pos = cache.positions[0]
+        cache.begin_speculation()
         ctx, env = step_env(ex, cache, [tok] + drafts, pos)
         ex.run_layers(ctx, env, 0, ex.num_layers)
-        return self._accept(cache, base, pos, drafts, ex.logits(ctx, env)[0])
+        return self._accept(cache, pos, drafts, ex.logits(ctx, env)[0])
 
     def _exit_draft_and_verify(self, ex: Executor, cache: KVCache, tok: int, k: int):
         """LayerSkip: k drafts from the first E + 1 layers and the exit branch (their k/v are kept), then
         layers E + 1.. verify the last token and the drafts from their layer-E states."""
         E = self.exit_layer
-        base, pos = _begin(ex, cache), cache.positions[0]
+        pos = cache.positions[0]
+        cache.begin_speculation()
         hs, drafts, x = [], [], tok
         for i in range(k + 1):                       # k drafts, then the last draft's layer-E state
             ctx, env = step_env(ex, cache, [x], pos + i)
@@ -170,20 +165,22 @@ class SpeculativeDecoder:
         ctx, env = step_env(ex, cache, [tok] + drafts, pos)                          # positions (cos / sin)
         ex.set_hidden(env, E, torch.cat(hs, dim=1))
         ex.run_layers(ctx, env, E + 1, ex.num_layers)
-        new, n = self._accept(cache, base, pos, drafts, ex.logits(ctx, env)[0])
+        new, n = self._accept(cache, pos, drafts, ex.logits(ctx, env)[0])
         return new, n, drafts
 
     def _skip_draft_and_verify(self, ex: Executor, cache: KVCache, tok: int, k: int):
         """Draft&Verify: k drafts from the model without ``skip_layers`` (the kept layers cache the drafts'
         k/v, overwritten by the verification), then one full pass over the last token and the drafts."""
-        base, pos = _begin(ex, cache), cache.positions[0]
+        pos = cache.positions[0]
+        cache.begin_speculation()
         drafts, x = [], tok
         for i in range(k):
             ctx, env = step_env(ex, cache, [x], pos + i)
             ex.run_layers(ctx, env, 0, ex.num_layers, skip=self.skip_layers)
             x = next_token(ex, ctx, env)
             drafts.append(x)
-        _rollback(cache, base, 0)
+        cache.rollback([0])
+        cache.end_speculation()
         new, n = self._verify_full(ex, cache, tok, drafts)
         return new, n, drafts
 

@@ -18,10 +18,12 @@ ages, accumulated scores, page bounds, ...). ``Ctx.attend`` hands it every atten
 Self-speculation (``KVCache.begin_speculation`` .. ``end_speculation``) adds three hooks. ``verify``:
 several new tokens that are decode steps checked in one pass (the last emitted token and its drafts);
 query t must read exactly what ``decode`` would read for it with the layer holding the tokens up to t,
-so the verified output is the policy's own one-token-at-a-time output. ``truncate``: the cache forgets
-rejected drafts; the policy's state must become what it would be had they never been written.
-``speculation_conflict``: why a policy cannot do either (decode-time eviction), or None. A policy that
-overrides ``decode`` overrides ``verify`` too; one with state that decode changes overrides ``truncate``.
+so the verified output is the policy's own one-token-at-a-time output. ``rollback`` / ``truncate``: the
+cache forgets rejected drafts; the policy's state must become what it would be had they never been
+written. A policy that overrides ``decode`` overrides ``verify`` too (or verifies with ``verify_stepwise``); one with state that decode changes overrides ``truncate``. A policy
+that evicts during decode (``decode_evict``) needs neither: its drafts are verified as decode steps one
+after the other (``verify_stepwise``), each after a snapshot of the layer and the state, and a rollback
+restores the snapshot from before the first rejected draft, so a rejected draft never evicted anything.
 
 Adding a policy: one file in this package with a ``@register``-ed subclass, its parameters and recipe
 in ``recipes/kv.py``, and tests.
@@ -51,9 +53,16 @@ class KVPolicy:
 
     name: ClassVar[str] = ""
 
+    # whether ``decode`` may overwrite cached slots (evict) with the new token; such a policy is rolled back
+    # from snapshots taken before each draft token (``rollback``)
+    decode_evict: bool = False
+
     def __init__(self, params: "CachePolicy", layer: int):
         self.params = params
         self.layer = layer
+        # under self-speculation, for a policy that evicts during decode: the layer and the state as they
+        # were before each draft token (index t: before the t-th token since begin_speculation)
+        self._before: list[tuple] | None = None
 
     def bind(self, policies: dict[int, "KVPolicy"]) -> None:
         """Called once all layers' policies exist (a policy that reads another layer's state finds it)."""
@@ -63,8 +72,12 @@ class KVPolicy:
                softcap: float | None) -> torch.Tensor:
         T = q.shape[2]
         if T == 1:
+            if self._before is not None:
+                self._before.append(self.snapshot(ctx.cache))
             return self.decode(ctx, q, k, v, scale, softcap)
         if ctx.cache.speculating:        # a draft under verification: each token is a decode step
+            if self.decode_evict:
+                return self.verify_stepwise(ctx, q, k, v, scale, softcap)
             return self.verify(ctx, q, k, v, scale, softcap)
         self.check_extend(ctx, T)
         old = list(ctx.cache.lengths(layer))
@@ -94,15 +107,29 @@ class KVPolicy:
         self.after_write(ctx, old)
         return out
 
-    def speculation_conflict(self) -> str | None:
-        """Why drafts cannot be verified over this layer and rolled back, or None when they can."""
-        return None
-
     def begin_speculation(self, cache) -> None:
-        """Tokens written from now on may be rolled back (``truncate``): keep what that needs."""
+        """Tokens written from now on may be rolled back (``rollback``): keep what that needs. A policy that
+        evicts during decode keeps a snapshot before each draft token; one that overrides this and evicts
+        calls it."""
+        self._before = [] if self.decode_evict else None
 
     def end_speculation(self, cache) -> None:
         """The drafts were settled: what ``begin_speculation`` kept is no longer needed."""
+        self._before = None
+
+    def rollback(self, cache, base: list[int], keep: list[int]) -> list[int]:
+        """Sequence b keeps the first ``keep[b]`` of the tokens written since ``begin_speculation`` (the layer
+        held ``base[b]`` slots then); return the layer's lengths afterwards. A policy that only appends
+        forgets the slots past ``base[b] + keep[b]`` (``truncate``); one that evicted goes back to its snapshot
+        from before token ``keep[b]``: slots, lengths and state, as if the rejected drafts never came."""
+        if self._before is None:
+            new = [b + k for b, k in zip(base, keep)]
+            self.truncate(cache, list(cache.lengths(self.layer)), new)
+            return new
+        for b, k in enumerate(keep):
+            if k < len(self._before):
+                self.restore(cache, self._before[k], [b])
+        return list(cache.lengths(self.layer))
 
     def truncate(self, cache, old: list[int], new: list[int]) -> None:
         """The cache is about to forget the slots past ``new[b]`` (it held ``old[b]``): bring the state to
@@ -110,6 +137,71 @@ class KVPolicy:
         for a policy without state; one with state refuses."""
         if self.has_state:
             raise ValueError(f"layer {self.layer} has cache-policy state ({self.name}); it cannot be rolled back")
+
+    # -- verification token by token, for a policy that evicts during decode ----------------------------
+    def verify_stepwise(self, ctx: "Ctx", q, k, v, scale: float, softcap: float | None) -> torch.Tensor:
+        """T draft tokens as T decode steps (each may evict what the next one would have read), with a
+        snapshot before each when the policy evicts, so that ``rollback`` can undo the rejected ones.
+        Sequence b's tokens past ``ctx.n_valid[b]`` (padding) change nothing."""
+        n_valid, outs = ctx.n_valid, []
+        for t in range(q.shape[2]):
+            snap = None
+            if self._before is not None:      # a policy that only appends needs no snapshot
+                snap = self.snapshot(ctx.cache)
+                self._before.append(snap)
+            ctx.n_valid = [1 if t < n else 0 for n in n_valid]
+            try:
+                outs.append(self.decode(ctx, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], scale, softcap))
+            finally:
+                step, ctx.n_valid = ctx.n_valid, n_valid
+            idle = [b for b, s in enumerate(step) if s == 0]
+            if idle and snap is not None:
+                self.restore(ctx.cache, snap, idle)
+        return torch.cat(outs, dim=2)
+
+    _NOT_STATE = ("params", "layer", "_before")
+
+    def snapshot(self, cache) -> tuple:
+        """The layer's slots and lengths and this policy's state, copied."""
+        state = {}
+        for name, value in vars(self).items():
+            if name in self._NOT_STATE:
+                continue
+            state[name] = value.clone() if isinstance(value, torch.Tensor) else \
+                list(value) if isinstance(value, list) else value
+        return cache.snapshot(self.layer), state
+
+    def restore(self, cache, snap: tuple, rows: list[int]) -> None:
+        """Sequences ``rows`` go back to ``snap`` (from ``snapshot``): the layer's slots and lengths, and the
+        rows of every state tensor or per-sequence list."""
+        layer_snap, state = snap
+        cache.restore(self.layer, layer_snap, rows)
+        everyone = sorted(rows) == list(range(cache.batch))
+        for name, saved in state.items():
+            now = getattr(self, name)
+            if isinstance(saved, torch.Tensor):
+                if everyone or not isinstance(now, torch.Tensor) or now.shape != saved.shape:
+                    if not everyone:
+                        raise ValueError(f"layer {self.layer}: {self.name}'s {name} changed shape during the drafts; "
+                                         "only the whole batch can be rolled back")
+                    setattr(self, name, saved.clone())
+                else:
+                    idx = torch.tensor(rows, device=now.device)
+                    now.index_copy_(0, idx, saved.index_select(0, idx))
+            elif isinstance(saved, list) and isinstance(now, list) and len(saved) == cache.batch and not everyone:
+                for b in rows:
+                    now[b] = saved[b]
+            else:
+                setattr(self, name, list(saved) if isinstance(saved, list) else saved)
+
+    def fill(self, ctx: "Ctx", k, v) -> None:
+        """Cache tokens that exited below this layer (CALM): their k/v [B, Hkv, T, D], computed from the exited
+        hidden state, are written as a decode step would write them, but no query reads. Default: appended,
+        and the state updated (``after_write``)."""
+        old = list(ctx.cache.lengths(self.layer))
+        ctx.cache.write(self.layer, k, v)
+        ctx.cache.advance(self.layer, ctx.n_valid)
+        self.after_write(ctx, old)
 
     def after_write(self, ctx: "Ctx", old: list[int]) -> None:
         """Tokens were written after ``old[b]`` cached ones."""

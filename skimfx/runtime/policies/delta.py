@@ -98,11 +98,29 @@ class Delta(SparseReadPolicy):
         if self.params.role != "select" or old == new:
             return
         key = tuple(new)
-        if key not in self.sets:
+        if key in self.sets:
+            self.index = self.sets[key]
+        else:       # a batch whose rows keep different numbers of drafts: each row's set from its own token
+            self.index = self._rows_of([self._kept_key(b, n, new) for b, n in enumerate(new)])
+        self.sets = {k: s for k, s in self.sets.items() if all(a <= b for a, b in zip(k, new))}
+
+    def _kept_key(self, b: int, n: int, new: list[int]) -> tuple[int, ...]:
+        found = [k for k in self.sets if k[b] == n]
+        if not found:
             raise ValueError(f"delta (select layer {self.layer}): the token set at lengths {new} was not kept; only "
                              "tokens written after KVCache.begin_speculation can be rolled back")
-        self.index = self.sets[key]
-        self.sets = {k: s for k, s in self.sets.items() if all(a <= b for a, b in zip(k, new))}
+        return found[-1]
+
+    def _rows_of(self, keys: list[tuple[int, ...]]) -> torch.Tensor | None:
+        """Row b of the set recorded under ``keys[b]``, stacked ([B, K], -1 padded in front, as ``delta_index``
+        sorts its padding). A row whose token read everything (no set) makes the result None: that set is only
+        read by a step whose select layer runs first and replaces it."""
+        sets = [self.sets[k] for k in keys]
+        if any(s is None for s in sets):
+            return None
+        K = max(s.shape[-1] for s in sets)
+        rows = [torch.nn.functional.pad(s[b], (K - s.shape[-1], 0), value=-1) for b, s in enumerate(sets)]
+        return torch.stack(rows)
 
     # -- the captured decode step -------------------------------------------------------------------
     supports_static = True

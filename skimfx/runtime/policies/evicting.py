@@ -19,8 +19,6 @@ KV head chooses its own chunks, as sentence granularity does.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ...kernels import attention
@@ -117,23 +115,14 @@ class EvictingPolicy(KVPolicy):
         ctx.kv_kept[layer] = [[row[:m] for row in heads] for heads, m in zip(index.tolist(), cache.lengths(layer))]
 
     # -- self-speculation -----------------------------------------------------------------------------
-    def speculation_conflict(self) -> str | None:
-        if not self.decode_evict:
-            return None          # compressed once after the prompt; decode appends and reads densely
-        optional = "decode_evict" in {f.name for f in dataclasses.fields(self.params)}
-        fix = "evict_during_decode=false compresses the prompt only" if optional else \
-            f"{self.name} has no prefill-only mode"
-        return (f"{self.name} evicts during decode: each new token may overwrite a cached slot, so a draft token "
-                f"would evict before it is verified and a rejected draft's eviction cannot be undone ({fix})")
-
-    def verify(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
-        if self.decode_evict:
-            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
-        return super().verify(ctx, q, k, v, scale, softcap)
-
+    # Without decode eviction the prompt was compressed once and decode appends: the defaults verify
+    # causally and truncate. With it, drafts are decode steps one after the other with a snapshot before
+    # each (``KVPolicy.verify_stepwise`` / ``rollback``), so only ``KVCache.rollback`` can forget them.
     def truncate(self, cache, old: list[int], new: list[int]) -> None:
         if self.decode_evict:
-            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
+            raise ValueError(f"layer {self.layer}: {self.name} evicts during decode, so the newest slots are not the "
+                             "newest tokens; tokens written since KVCache.begin_speculation are forgotten with "
+                             "KVCache.rollback (which restores the snapshot before them)")
         super().truncate(cache, old, new)
 
     # -- decode -----------------------------------------------------------------------------------
@@ -155,7 +144,29 @@ class EvictingPolicy(KVPolicy):
         if not self.decode_evict:
             return super().decode(ctx, q, k, v, scale, softcap)
         cache, layer = ctx.cache, self.layer
-        dev = q.device
+        self.evict_and_write(ctx, k, v)
+        kv_len = cache.lengths_tensor(layer)
+        keys, values = cache.view(layer, int(kv_len.max()))
+        out = attention(q, keys, values, kv_len - 1, kv_len, scale, None, softcap)
+        self.observe(q, keys, kv_len, scale)
+        ctx.count(layer, cache.lengths(layer))
+        return out
+
+    def fill(self, ctx, k, v) -> None:
+        """A token that exited below: it takes a slot as a decode step's token would (and receives no
+        attention here)."""
+        if not self.decode_evict:
+            return super().fill(ctx, k, v)
+        if k.shape[2] != 1:
+            raise ValueError(f"{self.name} evicts during decode and caches one exited token per step, not "
+                             f"{k.shape[2]}")
+        self.evict_and_write(ctx, k, v)
+
+    def evict_and_write(self, ctx, k, v) -> None:
+        """Write one new token per sequence (k/v [B, Hkv, 1, D]): appended while the layer holds fewer than its
+        budget, otherwise into the slot of the lowest-priority unprotected token."""
+        cache, layer = ctx.cache, self.layer
+        dev = k.device
         B, H = k.shape[0], k.shape[1]
         L = cache.lengths_tensor(layer)
         cap = cache.capacity(layer)
@@ -175,12 +186,6 @@ class EvictingPolicy(KVPolicy):
         self.on_slot_written(slot, cap)
         self.seen = self.seen + torch.tensor(ctx.n_valid, device=dev)
         cache.advance(layer, [0 if f else c for f, c in zip(full.tolist(), ctx.n_valid)])
-        kv_len = cache.lengths_tensor(layer)
-        keys, values = cache.view(layer, int(kv_len.max()))
-        out = attention(q, keys, values, kv_len - 1, kv_len, scale, None, softcap)
-        self.observe(q, keys, kv_len, scale)
-        ctx.count(layer, cache.lengths(layer))
-        return out
 
     # -- the captured decode step ---------------------------------------------------------------------
     supports_static = True

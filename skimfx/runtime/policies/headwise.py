@@ -101,8 +101,7 @@ class HeadwisePolicy(EvictingPolicy):
 
     def verify(self, ctx, q, k, v, scale, softcap):
         # decode appends and reads every kept token, so draft t reads its head's keys up to itself: causal
-        if self.decode_evict:
-            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
+        # (a policy that evicts during decode never gets here: its drafts are verified step by step)
         if not ctx.cache.is_split(self.layer):
             return super().verify(ctx, q, k, v, scale, softcap)
         return self.attend_groups(ctx, q, k, v, scale, softcap)

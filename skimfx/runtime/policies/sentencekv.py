@@ -125,20 +125,13 @@ class SentenceKV(KVPolicy):
         return self.read(ctx, q, list(cache.lengths(layer)), scale, softcap)
 
     # -- self-speculation -----------------------------------------------------------------------------
-    def speculation_conflict(self) -> str | None:
-        if not self.params.offload:
-            return None
-        return ("sentencekv with offload=true keeps the prompt's KV in host memory and decodes one token per step, "
-                "copying in the sentences that step's query chooses; drafts cannot be verified in one pass over "
-                "it (offload=false keeps the prompt's KV on the device and can)")
-
     def verify(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
         """Several draft tokens: all are written (they stay resident); query t reads the sentences it
         chooses itself plus the resident tokens up to t, as its decode step would."""
         if not self.summarised:
             return super().verify(ctx, q, k, v, scale, softcap)
-        if self.params.offload:
-            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
+        if self.params.offload:         # each step copies in the sentences its own query chooses
+            return self.verify_stepwise(ctx, q, k, v, scale, softcap)
         cache, layer = ctx.cache, self.layer
         old = list(cache.lengths(layer))
         cache.write(layer, k, v)
@@ -151,11 +144,11 @@ class SentenceKV(KVPolicy):
         """Generated tokens may go (the summary describes the prompt only); the prompt may not."""
         if not self.summarised or old == new:
             return
-        if self.params.offload:
-            raise ValueError(f"layer {self.layer}: {self.speculation_conflict()}")
-        if any(n < p for n, p in zip(new, self.prompt.tolist())):
-            raise ValueError(f"layer {self.layer}: sentencekv summarised a prompt of {self.prompt.tolist()} tokens; "
-                             f"truncating to {new} would cut into it")
+        # the prompt's slots on the device: all of it, or (offloaded) its resident sinks and recent tokens
+        floor = self._resident_counts() if self.params.offload else self.prompt.tolist()
+        if any(n < p for n, p in zip(new, floor)):
+            raise ValueError(f"layer {self.layer}: sentencekv summarised a prompt that holds {floor} slots of this "
+                             f"layer; truncating to {new} would cut into it")
 
     def read(self, ctx, q, lengths: list[int], scale: float, softcap) -> torch.Tensor:
         """The attention of one query per sequence (``q [B, Hq, 1, D]``) over the first ``lengths[b]`` slots:

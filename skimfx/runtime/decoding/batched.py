@@ -1,0 +1,175 @@
+"""Batched self-speculation: the n-gram drafts of a whole batch verified in one pass.
+
+Decoding a batch prompt by prompt pays the per-step overhead (the host work of a forward, the weights read
+once per pass) B times per token. Here every sequence proposes its own drafts (Lookahead-style: the tokens
+that followed the latest earlier occurrence of its last n tokens), and one forward verifies the batch:
+sequence b feeds its last token plus its k_b drafts, right-padded to the longest row, so draft lengths are
+ragged (``Ctx.n_valid``). Each row keeps the drafts up to its first mismatch plus the model's own next token,
+and ``KVCache.rollback`` forgets each row's rejected drafts on its own (the KV policies restore their state
+per row). A finished sequence stays in the batch with no tokens (``n_valid = 0``) until all finish.
+
+Lossless: row b's tokens are the greedy tokens that ``b`` alone produces (up to the floating-point
+differences of a batched matmul; the tests compare tokens).
+
+Draft length: every row drafts up to a common width K (the pass is as wide as its longest row). Adaptive,
+K maximises the batch's expected tokens per second: the sum over rows of the expected emitted tokens
+(each row's acceptance by n-gram order, ``Acceptance``) over the measured time of a pass of width K
+(``StepCosts``, a plain batched step standing for K = 0)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from ...program import Program
+from ..cache import KVCache
+from ..context import Ctx
+from ..executor import Executor
+from ..sampling import SamplingConfig
+from ..stats import DecodeStats, Generation, Stats
+from ..steps import pad_right, plan_capacity, prefill
+from .drafts import NGramDrafts
+from .loop import check_cache_room
+from .schedule import Acceptance, StepCosts
+
+
+class _Row:
+    """One sequence of the batch: its history, its n-gram index and acceptance by n-gram order."""
+
+    def __init__(self, history: list[int], ngram: tuple[int, int], prior: float):
+        self.history = history
+        self.ngram = NGramDrafts(*ngram)
+        self.acceptance = {n: Acceptance(prior) for n in range(ngram[0], ngram[1] + 1)}
+        self.proposal: list[int] = []
+        self.order = 0
+        self.done = False
+
+
+def expected_tokens(p: float, k: int) -> float:
+    """Tokens a step emits on average with k drafts accepted each with probability p given the previous."""
+    p = min(p, 0.999)
+    return (1 - p ** (k + 1)) / (1 - p)
+
+
+def choose_width(rows: list[_Row], costs: StepCosts, plain: float, k_max: int) -> int:
+    """The common draft width K with the best expected tokens per second for the batch."""
+    live = [r for r in rows if not r.done]
+    longest = max((len(r.proposal) for r in live), default=0)
+    k_max = min(k_max, longest, 2 * max(costs.seconds, default=k_max // 2) or k_max)
+    best, width = sum(1.0 for _ in live) / plain, 0
+    for K in range(1, k_max + 1):
+        tokens = 0.0
+        for r in live:
+            a = r.acceptance.get(r.order)
+            tokens += expected_tokens(a.hits / (a.hits + a.misses), min(K, len(r.proposal))) if a else 1.0
+        rate = tokens / costs(K, plain)
+        if rate > best:
+            best, width = rate, K
+    return width
+
+
+def generate_batched(config, program: Program, prompts: list[list[int]], max_new_tokens: int,
+                     sampling: SamplingConfig, stop_tokens, max_cache_len: int | None,
+                     callback: Callable[[int, int], None] | None) -> Generation:
+    """Greedy self-speculation with n-gram drafts over the whole batch at once (``config``: a
+    ``SpeculativeConfig`` whose only source is "lookahead")."""
+    if not sampling.greedy:
+        raise ValueError("self-speculation decodes greedily (lossless verification compares argmax tokens); use "
+                         "temperature=0")
+    lens = check_cache_room(prompts, max_new_tokens, max_cache_len)
+    B = len(prompts)
+    stats = Stats(prompt_tokens=lens)
+    ds = DecodeStats()
+    ex = Executor(program)
+    dev = program.info.device
+    prior = dict(config.prior)["lookahead"]
+    costs, plain = StepCosts(), None
+    with torch.inference_mode():
+        capacity = plan_capacity(program, max(lens), max_new_tokens + config.draft_tokens + 1)
+        cache = KVCache.for_program(program, B, capacity)
+        t0 = time.perf_counter()
+        logits = prefill(program, cache, prompts, record=stats.selected, record_kv=stats.kv_kept)
+        first = logits.argmax(-1).tolist()
+        stats.ttft_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        rows = [_Row(list(p) + [t], config.ngram, prior) for p, t in zip(prompts, first)]
+        out = [[t] for t in first]
+        for b, t in enumerate(first):
+            if callback is not None:
+                callback(b, t)
+            rows[b].done = t in stop_tokens or max_new_tokens <= 1
+        while not all(r.done for r in rows):
+            for b, r in enumerate(rows):
+                room = max_new_tokens - len(out[b]) - 1          # drafts past the last wanted token are waste
+                r.proposal = [] if r.done else r.ngram.propose(r.history, min(config.draft_tokens, room))
+                r.order = r.ngram.order if r.proposal else 0
+            if not config.adaptive:
+                K = config.draft_tokens
+            elif plain is None:
+                K = 0                                           # time one plain batched step first
+            else:
+                K = choose_width(rows, costs, plain, config.draft_tokens)
+            drafts = [[] if r.done else r.proposal[:K] for r in rows]
+            ids = [[] if r.done else [r.history[-1]] + d for r, d in zip(rows, drafts)]
+            n_valid = [len(i) for i in ids]
+            ts = time.perf_counter()
+            preds = _verify(ex, program, cache, ids, n_valid, dev)
+            width = max(len(d) for d in drafts)
+            if width == 0:
+                dt = time.perf_counter() - ts
+                plain = dt if plain is None else 0.7 * plain + 0.3 * dt
+                ds.plain_steps += 1
+            else:
+                costs.add(width, time.perf_counter() - ts)
+                ds.verify_steps["lookahead"] = ds.verify_steps.get("lookahead", 0) + 1
+            keep = []
+            for b, (r, d) in enumerate(zip(rows, drafts)):
+                if r.done:
+                    keep.append(0)
+                    continue
+                n = 0
+                while n < len(d) and preds[b][n] == d[n]:
+                    n += 1
+                keep.append(n + 1)
+                if d:
+                    r.acceptance[r.order].observe(len(d), n)
+                    ds.drafted["lookahead"] = ds.drafted.get("lookahead", 0) + len(d)
+                    ds.accepted["lookahead"] = ds.accepted.get("lookahead", 0) + n
+                for t in d[:n] + [preds[b][n]]:
+                    if len(out[b]) >= max_new_tokens:
+                        break
+                    out[b].append(t)
+                    r.history.append(t)
+                    if callback is not None:
+                        callback(b, t)
+                    if t in stop_tokens:
+                        break
+                r.done = out[b][-1] in stop_tokens or len(out[b]) >= max_new_tokens
+            cache.rollback(keep)
+            cache.end_speculation()
+            cache.positions = [p + k for p, k in zip(cache.positions, keep)]
+        stats.decode_s = time.perf_counter() - t1
+    stats.decode_tokens = sum(len(s) - 1 for s in out)
+    stats.kv_bytes = cache.nbytes()
+    ds.layer_tokens += ex.layer_tokens
+    ds.tokens = stats.decode_tokens
+    stats.decoding = ds
+    reasons = ["stop" if s[-1] in stop_tokens else "length" for s in out]
+    return Generation(tokens=out, finish_reasons=reasons, stats=stats, prompts=[list(p) for p in prompts])
+
+
+def _verify(ex: Executor, program: Program, cache: KVCache, ids: list[list[int]], n_valid: list[int], dev):
+    """One pass over each row's last token and drafts (right-padded; a finished row feeds nothing) under
+    ``begin_speculation``; returns each row's greedy predictions after each of its tokens."""
+    cache.begin_speculation()
+    T = max(n_valid)
+    tokens = pad_right([i or [0] for i in ids], dev)[:, :T]
+    ctx = Ctx(cache, n_valid, program)
+    pos = torch.tensor(cache.positions, device=dev)[:, None] + torch.arange(T, device=dev)[None]
+    env = ex.embed(ctx, tokens, pos)
+    ex.run_layers(ctx, env, 0, ex.num_layers)
+    return ex.logits(ctx, env).argmax(-1).tolist()                                  # [B][T]
+
+
+__all__ = ["generate_batched", "choose_width", "expected_tokens"]
