@@ -15,8 +15,8 @@ What it does:
   MLP). When a token exits at E, the runtime runs these on the exited hidden state (CALM's state
   propagation), so the skipped layers still cache k/v for it and later tokens can attend to it.
 The layer stages themselves do not change. Requires ``split_layers``. Whether the exits can be used over
-the Program's KV cache policies depends on the decoding mode (lossy early exit fills k/v past them,
-self-speculation verifies and rolls back): ``decode_with`` and ``kv_policy`` check it.
+the Program's KV cache policies depends on the decoding mode (lossy early exit fills k/v through each
+policy's write path, self-speculation verifies and rolls back): ``decode_with`` and ``kv_policy`` check it.
 """
 from __future__ import annotations
 

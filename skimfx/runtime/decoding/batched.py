@@ -92,6 +92,7 @@ def generate_batched(config, program: Program, prompts: list[list[int]], max_new
         logits = prefill(program, cache, prompts, record=stats.selected, record_kv=stats.kv_kept)
         first = logits.argmax(-1).tolist()
         stats.ttft_s = time.perf_counter() - t0
+        stats.kv_prefill_bytes = cache.nbytes()
         t1 = time.perf_counter()
         rows = [_Row(list(p) + [t], config.ngram, prior) for p, t in zip(prompts, first)]
         out = [[t] for t in first]

@@ -108,6 +108,7 @@ def decode_loop(decoder: Decoder, program: Program, prompts: list[list[int]], ma
             logits = prefill(program, cache, [prompt], record=stats.selected, record_kv=stats.kv_kept)
             tok = int(logits[0].argmax())
             stats.ttft_s += time.perf_counter() - t0
+            stats.kv_prefill_bytes = max(stats.kv_prefill_bytes, cache.nbytes())
             seq, reason = [tok], "length"
             if callback is not None:
                 callback(b, tok)

