@@ -111,10 +111,12 @@ class Selection:
     positions). ``truncate_earlier_kv`` compacts the KV of layers <= ``layer`` to the kept tokens.
     ``granularity`` "sentence" keeps whole sentences (scored by the ``sentence_reduce`` of their
     tokens' scores; sentences of at most ``max_sentence`` tokens) instead of single tokens.
+    ``keep``: tokens (int), or a fraction of each prompt's length (float in (0, 1)), at every stage of the
+    prompt as it was given (``keep=0.25`` then ``0.1``: a quarter of the prompt, then a tenth).
     """
 
     layer: int
-    keep: int
+    keep: int | float
     mode: str = "continue"
     window: int = 1
     softmax: bool = False
@@ -128,6 +130,15 @@ class Selection:
     granularity: str = "token"
     sentence_reduce: str = "max"
     max_sentence: int = 64
+
+    def tokens(self, prompt_len: int) -> int:
+        """Tokens kept of a prompt of ``prompt_len`` tokens (before any pruning)."""
+        if isinstance(self.keep, float):
+            return min(prompt_len, max(1, round(self.keep * prompt_len)))
+        return self.keep
+
+    def describe_keep(self) -> str:
+        return f"{self.keep:.0%}" if isinstance(self.keep, float) else str(self.keep)
 
 
 @dataclass(frozen=True)
@@ -346,7 +357,7 @@ class Program:
                 head = f"  {s.name:<10} {n_ops:>4} ops"
                 if s.kind == "select":
                     sel = self.selections[s.layer]
-                    head += (f"   {sel.method or sel.mode}: keep {sel.keep} (last {sel.keep_last} always), "
+                    head += (f"   {sel.method or sel.mode}: keep {sel.describe_keep()} (last {sel.keep_last} always), "
                              f"{sel.window} quer{'y' if sel.window == 1 else 'ies'}, heads {sel.heads}, "
                              f"pool {sel.pool or 'none'}" + (", truncate earlier KV" if sel.truncate_earlier_kv else "")
                              + (f", whole sentences ({sel.sentence_reduce})" if sel.granularity == "sentence" else ""))

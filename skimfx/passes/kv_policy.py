@@ -67,8 +67,9 @@ def check_policies(program: Program) -> None:
             if sel.mode == "continue" and sel_layer <= r < layer and not sel.truncate_earlier_kv:
                 raise PolicyError(
                     f"DELTA: token pruning after layer {r} lies between select layer {sel_layer} and reuse layer "
-                    f"{layer}, so they hold different tokens; put a select layer after layer {r} or use "
-                    "truncate_earlier_kv=true")
+                    f"{layer}, so they hold different tokens; put a select layer after layer {r}, use "
+                    "truncate_earlier_kv=true, or list the pruning recipe before delta (its default layout then "
+                    "adds a select layer above the pruning)")
 
 
 def kv_policy(program: Program, policies: dict[int, CachePolicy]) -> Program:

@@ -42,7 +42,7 @@ def validate_selections(selections: list[Selection], num_layers: int) -> None:
     if layers != sorted(set(layers)):
         raise PruneError(f"selection layers must be strictly increasing, got {layers}")
     keeps = [s.keep for s in selections]
-    if any(b > a for a, b in zip(keeps, keeps[1:])):
+    if any(type(a) is type(b) and b > a for a, b in zip(keeps, keeps[1:])):
         raise PruneError(f"keep must not grow from one selection to the next, got {keeps}")
     if sum(s.mode == "rerun" for s in selections) > 1 or (len(selections) > 1 and selections[0].mode == "rerun"):
         raise PruneError("GemFilter (re-run mode) takes exactly one selection layer")

@@ -351,7 +351,9 @@ class Delta(KVRecipe):
     attention from the new query summed over all heads; the layers above it (until the next selection
     layer) read only that set plus the ``recent`` newest tokens. The full cache stays. Default
     selection layers: ``full_layers``, L/3 and 2L/3 (for a 30-layer model: layers 0-1 full, selection at
-    2, 10 and 20, so 5 of 30 layers read the whole cache)."""
+    2, 10 and 20, so 5 of 30 layers read the whole cache), plus the first full-attention layer after each
+    PromptDistill selection listed before this recipe (the layers above a pruning stage hold other tokens
+    than those below it, so they need a set of their own)."""
 
     budget: int | float
     full_layers: int = 2
@@ -372,10 +374,20 @@ class Delta(KVRecipe):
                 raise RecipeError(f"selection layers must be >= full_layers ({self.full_layers}), got {list(sl)}")
         object.__setattr__(self, "selection_layers", sl)
 
-    def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
+    def passes(self, info: ModelInfo) -> list:
+        if self.selection_layers is not None:
+            return super().passes(info)
+        return [bind_pass(_delta_after_pruning, "kv_policy", recipe=self)]
+
+    def policies(self, info: ModelInfo, pruned: tuple[int, ...] = ()) -> dict[int, CachePolicy]:
+        """``pruned``: layers after which token pruning continues on fewer tokens (default layout only)."""
         L = info.num_layers
         sel = self.selection_layers or (self.full_layers, max(self.full_layers, L // 3),
                                         max(self.full_layers, 2 * L // 3))
+        for r in pruned if self.selection_layers is None else ():
+            above = [l for l in range(max(r + 1, self.full_layers), L - 1) if info.sliding_window[l] is None]
+            if above and r + 1 > min(sel):
+                sel = sel + (above[0],)
         sel = tuple(sorted(set(sel)))
         if sel[-1] >= L - 1:
             raise RecipeError(f"selection layer {sel[-1]} leaves no layer above it to read the selection "
@@ -387,6 +399,12 @@ class Delta(KVRecipe):
             role = "select" if layer in sel else "reuse"
             out[layer] = DeltaPolicy(self.budget, recent=self.recent, role=role)
         return out
+
+
+def _delta_after_pruning(program, recipe: Delta):
+    """kv_policy with DELTA's default layout, given the pruning stages already in ``program``."""
+    pruned = tuple(r for r, s in sorted(program.selections.items()) if s.mode == "continue" and not s.truncate_earlier_kv)
+    return kv_policy(program, recipe.policies(program.info, pruned))
 
 
 @dataclass(frozen=True)

@@ -53,10 +53,11 @@ def _value(text: str):
     try:
         return int(text)
     except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
+        pass
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)       # 25% -> 0.25
+    except ValueError:
+        return text
 
 
 def parse_recipe(text: str) -> list[Recipe]:

@@ -7,19 +7,20 @@ from dataclasses import dataclass
 
 from ..passes.prune_tokens import prune_tokens
 from ..program import ModelInfo, Selection
-from .base import Recipe, RecipeError, bind_pass, positive, sentence_fields, sentence_ok
+from .base import Recipe, RecipeError, amount_ok, bind_pass, sentence_fields, sentence_ok
 
 
 @dataclass(frozen=True)
 class GemFilter(Recipe):
     """GemFilter (Shi et al., 2024, "Discovering the Gems in Early Layers"): run layers 0..``layer``,
     score every prompt token by the last query's attention logits q·Kᵀ (no softmax, no scaling)
-    summed over heads, avg-pool kernel 5, keep the top ``keep`` (sorted, plus the last ``keep_last``
-    tokens), then run the whole model on the kept token ids with fresh contiguous positions.
+    summed over heads, avg-pool kernel 5, keep the top ``keep`` (tokens, or a fraction of the prompt; sorted,
+    plus the last ``keep_last`` tokens), then run the whole model on the kept token ids with fresh
+    contiguous positions.
     ``granularity="sentence"`` keeps whole sentences instead (see ``base.sentence_ok``)."""
 
     layer: int
-    keep: int
+    keep: int | float
     pool_kernel: int = 5
     keep_last: int = 8
     granularity: str = "token"
@@ -28,11 +29,11 @@ class GemFilter(Recipe):
     name = "gemfilter"
 
     def __post_init__(self):
-        positive("keep", self.keep)
+        amount_ok("keep", self.keep)
         sentence_ok(self)
         if not isinstance(self.layer, int) or self.layer < 0:
             raise RecipeError(f"layer must be a layer index >= 0, got {self.layer!r}")
-        if self.keep_last < 0 or self.keep_last > self.keep:
+        if self.keep_last < 0 or (isinstance(self.keep, int) and self.keep_last > self.keep):
             raise RecipeError(f"keep_last must be in 0..keep ({self.keep}), got {self.keep_last}")
 
     def selections(self) -> list[Selection]:
@@ -47,8 +48,9 @@ class GemFilter(Recipe):
 @dataclass(frozen=True)
 class PromptDistill(Recipe):
     """PromptDistill (Jin et al., 2025): at each selection layer r_i, score prompt tokens by the last
-    token's q·Kᵀ/√d averaged over heads (optional avg-pool kernel 5), keep the top ``keep_i`` (sorted,
-    plus the last ``keep_last``); layers after r_i run on the kept tokens with their original
+    token's q·Kᵀ/√d averaged over heads (optional avg-pool kernel 5), keep the top ``keep_i`` (tokens, or a
+    fraction of the prompt as given: ``keep=0.25/0.1``, or ``25%/10%`` in a recipe string; sorted, plus the
+    last ``keep_last``); layers after r_i run on the kept tokens with their original
     positions. ``truncate_earlier_kv`` also cuts the KV of layers <= r_i to the kept tokens.
     ``granularity="sentence"`` keeps whole sentences instead (see ``base.sentence_ok``).
 
@@ -58,7 +60,7 @@ class PromptDistill(Recipe):
     more than these: ``bench/selection_layer.py`` shows, per layer, where a needle ranks under each rule."""
 
     layers: tuple[int, ...] | int
-    keep: tuple[int, ...] | int
+    keep: tuple[int | float, ...] | int | float
     truncate_earlier_kv: bool = False
     pool_kernel: int = 5
     keep_last: int = 8
@@ -81,9 +83,9 @@ class PromptDistill(Recipe):
             raise RecipeError(f"heads must be 'mean', 'sum' or 'max', got {self.heads!r}")
         layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
         keep = (self.keep,) if isinstance(self.keep, (int, float)) else tuple(self.keep)
-        if any(isinstance(k, bool) or not isinstance(k, int) for k in keep):
-            raise RecipeError(f"keep is a number of prompt tokens per selection layer (an int, or one per layer), "
-                              f"got {self.keep!r}")
+        if any(isinstance(k, bool) or not isinstance(k, (int, float)) for k in keep):
+            raise RecipeError(f"keep is, per selection layer, a number of prompt tokens (int) or a fraction of the "
+                              f"prompt (float in (0, 1)), got {self.keep!r}")
         if not layers:
             raise RecipeError("layers must name at least one selection layer")
         if len(keep) == 1 and len(layers) > 1:
@@ -91,11 +93,12 @@ class PromptDistill(Recipe):
         if len(keep) != len(layers):
             raise RecipeError(f"give one keep per selection layer: layers={list(layers)}, keep={list(keep)}")
         for k in keep:
-            positive("keep", k)
+            amount_ok("keep", k)
         if any(not isinstance(r, int) or r < 0 for r in layers):
             raise RecipeError(f"layers must be layer indices >= 0, got {list(layers)}")
-        if self.keep_last < 0 or self.keep_last > min(keep):
-            raise RecipeError(f"keep_last must be in 0..min(keep) ({min(keep)}), got {self.keep_last}")
+        counts = [k for k in keep if isinstance(k, int)]
+        if self.keep_last < 0 or (counts and self.keep_last > min(counts)):
+            raise RecipeError(f"keep_last must be in 0..min(keep) ({min(counts)}), got {self.keep_last}")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "keep", keep)
 

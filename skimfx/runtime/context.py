@@ -43,6 +43,7 @@ class Ctx:
         self.prune = prune
         self.compress = compress
         self.kept: list[int] | None = None               # kept count per sequence after the last selection
+        self.prompt_lens = list(n_valid)                 # each prompt's length before any selection
         self.sentence_ids: torch.Tensor | None = None    # [B, T] sentence of each token (sentence granularity)
         self.probe: int | None = None                    # which probe forward this is (``runtime/probe.py``)
         self._bounds: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -72,11 +73,12 @@ class Ctx:
         scale = sel.scale if sel.scale is not None else self.program.attention[layer].scale
         scores = token_scores(q_win, keys, kv_len - w, kv_len, scale, softmax=sel.softmax, heads=sel.heads,
                               pool=sel.pool, pool_kernel=sel.pool_kernel)
+        keep = [sel.tokens(n) for n in self.prompt_lens]
         if sel.granularity == "sentence":
-            index, self.kept = topk_sentences(scores, self.sentence_ids, sel.keep, self.n_valid, sel.keep_last,
+            index, self.kept = topk_sentences(scores, self.sentence_ids, keep, self.n_valid, sel.keep_last,
                                               sel.sentence_reduce)
         else:
-            index, self.kept = topk_tokens(scores, sel.keep, self.n_valid, sel.keep_last)
+            index, self.kept = topk_tokens(scores, keep, self.n_valid, sel.keep_last)
         return index
 
     @torch.compiler.disable

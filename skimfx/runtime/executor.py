@@ -124,9 +124,10 @@ class Executor:
                 if not ctx.prune:
                     continue
                 sel = program.selections[st.layer]
-                if max(ctx.n_valid) <= sel.keep:
-                    warnings.warn(f"{sel.method or 'selection'} at layer {sel.layer}: keep={sel.keep} >= prompt "
-                                  f"length {max(ctx.n_valid)}, so no tokens are pruned", stacklevel=4)
+                if all(n <= sel.tokens(p) for n, p in zip(ctx.n_valid, ctx.prompt_lens)):
+                    warnings.warn(f"{sel.method or 'selection'} at layer {sel.layer}: keep={sel.describe_keep()} of "
+                                  f"{max(ctx.prompt_lens)} prompt tokens leaves {max(ctx.n_valid)} in place, so no "
+                                  "tokens are pruned", stacklevel=4)
                     continue
                 (index,) = st.module(ctx, *[env[n] for n in st.inputs])
                 ctx.selected[sel.layer] = [row[:k] for row, k in zip(index.tolist(), ctx.kept)]

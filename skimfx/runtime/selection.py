@@ -8,18 +8,23 @@ from __future__ import annotations
 import torch
 
 
-def topk_tokens(scores: torch.Tensor, keep: int, lengths: list[int], keep_last: int = 0
+def _keeps(keep: int | list[int], B: int) -> list[int]:
+    keeps = [keep] * B if isinstance(keep, int) else list(keep)
+    if len(keeps) != B or min(keeps) < 1:
+        raise ValueError(f"keep must be >= 1 (one int, or one per sequence of the {B}), got {keep}")
+    return keeps
+
+
+def topk_tokens(scores: torch.Tensor, keep: int | list[int], lengths: list[int], keep_last: int = 0
                 ) -> tuple[torch.Tensor, list[int]]:
-    """Pick ``min(keep, len_b)`` tokens per sequence: the last ``keep_last`` tokens always, the rest
-    by highest score; indices sorted ascending.
+    """Pick ``min(keep, len_b)`` tokens per sequence (``keep``: one count, or one per sequence): the last
+    ``keep_last`` tokens always, the rest by highest score; indices sorted ascending.
 
     scores: [B, S] (positions >= len_b are ignored). Returns (index [B, K], kept per sequence) with
     K = max kept; a shorter row repeats its last index (the caller treats those slots as padding).
     """
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
     B, S = scores.shape
-    kept = [min(keep, n) for n in lengths]
+    kept = [min(k, n) for k, n in zip(_keeps(keep, B), lengths)]
     K = max(kept)
     index = torch.empty(B, K, dtype=torch.long, device=scores.device)
     for b, (n, kb) in enumerate(zip(lengths, kept)):
@@ -62,7 +67,7 @@ def choose_sentences(scores: torch.Tensor, sentence_ids: torch.Tensor, forced: t
     return chosen[sid] | forced
 
 
-def topk_sentences(scores: torch.Tensor, sentence_ids: torch.Tensor, keep: int, lengths: list[int],
+def topk_sentences(scores: torch.Tensor, sentence_ids: torch.Tensor, keep: int | list[int], lengths: list[int],
                    keep_last: int = 0, reduce: str = "max") -> tuple[torch.Tensor, list[int]]:
     """Keep whole sentences: the last ``keep_last`` tokens always, then sentences chosen by
     ``choose_sentences`` up to ``keep`` tokens.
@@ -70,12 +75,11 @@ def topk_sentences(scores: torch.Tensor, sentence_ids: torch.Tensor, keep: int, 
     scores: [B, S]; sentence_ids: [B, S] long (``runtime.sentences.segment``). Returns (index [B, K],
     kept per sequence) like ``topk_tokens``: sorted, a shorter row repeats its last index.
     """
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
+    keeps = _keeps(keep, len(lengths))
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
     rows = []
-    for b, n in enumerate(lengths):
+    for b, (n, keep) in enumerate(zip(lengths, keeps)):
         if keep >= n:
             rows.append(torch.arange(n, device=scores.device))
             continue

@@ -105,8 +105,9 @@ def plan_capacity(program: Program, prompt_len: int, max_new_tokens: int) -> lis
     L = program.info.num_layers
     tokens = [prompt_len] * L
     for sel in sorted(program.selections.values(), key=lambda s: s.layer):
-        if prompt_len <= sel.keep:
+        keep = sel.tokens(prompt_len)
+        if prompt_len <= keep:
             continue
         for layer in range(sel.layer + 1, L):
-            tokens[layer] = 0 if sel.mode == "rerun" else min(tokens[layer], sel.keep)
+            tokens[layer] = 0 if sel.mode == "rerun" else min(tokens[layer], keep)
     return [t + max_new_tokens for t in tokens]

@@ -110,6 +110,48 @@ def test_ragged_batch_equals_each_prompt_alone(llama, recipe):
         assert alone.stats.selected == {k: [v[b]] for k, v in batch.stats.selected.items()}
 
 
+@pytest.mark.parametrize("granularity", ["token", "sentence"])
+def test_keep_as_a_fraction_of_each_prompt(llama, granularity):
+    """keep=0.25/0.1 keeps a quarter of each prompt (as given) at the first stage and a tenth at the second, per
+    sequence of a ragged batch; the same as the token counts for each prompt alone, and the capacity follows."""
+    from tests.runtime.test_speculation_over_policies import TOKENIZER
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (120, 60)]
+    frac = skimfx.compile(llama, PromptDistill(layers=(0, 1), keep=(0.25, 0.1), keep_last=4, granularity=granularity),
+                          tokenizer=TOKENIZER)
+    g = frac.generate(prompts, max_new_tokens=6, stop_tokens=[])
+    if granularity == "token":
+        assert [len(r) for r in g.stats.selected[0]] == [30, 15]
+        assert [len(r) for r in g.stats.selected[1]] == [12, 6]
+    for b, (p, (k1, k2)) in enumerate(zip(prompts, [(30, 12), (15, 6)])):
+        alone = skimfx.compile(llama, PromptDistill(layers=(0, 1), keep=(k1, k2), keep_last=4, granularity=granularity),
+                               tokenizer=TOKENIZER).generate(p, max_new_tokens=6, stop_tokens=[])
+        assert alone.tokens[0] == g.tokens[b]
+        assert alone.stats.selected == {k: [v[b]] for k, v in g.stats.selected.items()}
+    assert skimfx.parse_recipe("promptdistill:layers=0/1,keep=25%/10%") == [PromptDistill(layers=(0, 1),
+                                                                                           keep=(0.25, 0.1))]
+    from skimfx.runtime.steps import plan_capacity
+    assert plan_capacity(frac.program, 120, 6) == [126, 36, 18]
+
+
+def test_delta_adds_a_select_layer_above_a_pruning_stage():
+    """DELTA's default layout over a PromptDistill stage listed before it gets a select layer right above the
+    pruning, so no reuse layer reads a set chosen over other tokens; listed after it, the clear refusal."""
+    import transformers as tf
+    from tiny import tiny_configs
+    cfg = tiny_configs()["llama"]
+    cfg.num_hidden_layers = 8
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    alone = skimfx.compile(model, "delta:budget=8,recent=4")
+    assert sorted(l for l, p in alone.program.policies.items() if p.role == "select") == [2, 5]
+    cm = skimfx.compile(model, "promptdistill:layers=3,keep=0.5+delta:budget=8,recent=4")
+    assert sorted(l for l, p in cm.program.policies.items() if p.role == "select") == [2, 4, 5]
+    g = cm.generate([torch.randint(0, 512, (60,)).tolist()], max_new_tokens=6, stop_tokens=[])
+    assert [len(r) for r in g.stats.selected[3]] == [30] and len(g.tokens[0]) == 6
+    with pytest.raises(skimfx.passes.PolicyError, match="list the pruning recipe before delta"):
+        skimfx.compile(model, "delta:budget=8,recent=4+promptdistill:layers=3,keep=0.5")
+
+
 def test_keep_at_least_the_prompt_is_dense_and_says_so(llama):
     prompt = torch.randint(0, 512, (30,)).tolist()
     cm = skimfx.compile(llama, PromptDistill(layers=0, keep=64))
@@ -141,8 +183,10 @@ def test_pass_inserts_one_select_stage_per_layer(llama):
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: PromptDistill(layers=0, keep=0), "keep must be a positive integer"),
-    (lambda: PromptDistill(layers=0, keep=-5), "keep must be a positive integer"),
+    (lambda: PromptDistill(layers=0, keep=0), "keep must be > 0"),
+    (lambda: PromptDistill(layers=0, keep=-5), "keep must be > 0"),
+    (lambda: PromptDistill(layers=0, keep=1.0), r"keep as a fraction must be in \(0, 1\)"),
+    (lambda: GemFilter(layer=0, keep=0.0), r"keep as a fraction must be in \(0, 1\)"),
     (lambda: PromptDistill(layers=(0, 1), keep=(10, 20, 30)), "one keep per selection layer"),
     (lambda: GemFilter(layer=-1, keep=10), "layer must be a layer index"),
     (lambda: GemFilter(layer=1, keep=4, keep_last=8), "keep_last must be in 0..keep"),

@@ -48,7 +48,9 @@ def test_cli_loads_a_calibration_named_by_a_relative_path(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("text, says", [
-    ("promptdistill:layers=1,keep=0.5", "keep is a number of prompt tokens per selection layer"),
+    ("promptdistill:layers=1,keep=1.5", "keep as a fraction must be in (0, 1), got 1.5"),
+    ("promptdistill:layers=1,keep=many", "keep is, per selection layer, a number of prompt tokens (int) or a fraction"),
+    ("gemfilter:layer=1,keep=0", "keep must be > 0"),
     ("promptdistill:keep=3", "missing parameter(s) layers"),
 ])
 def test_bad_values_say_what_was_wrong(text, says):
