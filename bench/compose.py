@@ -191,7 +191,8 @@ def main() -> None:
             "lossless_batch4": [first_difference(a, b) for a, b in zip(four["stacked"].tokens,
                                                                        four["stacked (no speculation)"].tokens)]
             if four else None,
-            "batch4_decode_s": {k: four[k].stats.decode_s for k in four if "speculation" in k and "no spec" not in k}
+            "batch4_decode_s": {k: four[k].stats.decode_s for k in ("speculation", "speculation, prompt by prompt",
+                                                                   "stacked", "stacked, prompt by prompt")}
             if four else None}
     stem = "compose" if length == 4096 else f"compose_{length // 1024}k"
     save(stem, render(data), data, out="/tmp/skimfx-compose-quick" if args.quick else None)
