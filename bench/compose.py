@@ -177,7 +177,7 @@ def main() -> None:
         return {"recipe": label, "batch": batch, "ttft_s": ttft, "decode_s": dec, "total_s": ttft + dec,
                 "ttft_ratio": dttft / ttft, "decode_ratio": (ddec / dec) if dec else float("nan"),
                 "total_ratio": (dttft + ddec) / (ttft + dec), "kv_mib": kv, "decode_tokens": n_tok,
-                "agreement": agree, "needles": found.get(label), "recipe_string": recs.get(label) or recs[label.split(",")[0]] + ",batched=false"}
+                "agreement": agree, "needles": found.get(label), "recipe_string": recs[label] if label in recs else recs[label.split(",")[0]] + ",batched=false"}
 
     rows = [row(label, one[label], 1) for label in recs]
     rows += [row(label, [four[label]], 4) for label in four]
