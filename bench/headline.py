@@ -14,6 +14,8 @@ Rules (quality first, then the saving; every number from one script's run, dense
   speedup, on each prompt kind.
 - long context (Qwen2.5-Coder-0.5B, bench/long_context.py): at the longest length its grid measured, among
   the recipes that keep >= 95% of dense needle accuracy, the largest TTFT speedup.
+- the three axes stacked (bench/compose.py) and batched self-speculation (bench/batched_speculation.py): shown
+  as measured, whatever their quality, with it stated.
 """
 from __future__ import annotations
 
@@ -83,6 +85,23 @@ def main() -> None:
                          f"prompts kept, Qwen2.5-Coder-0.5B", f"TTFT {dense_lc['ttft_s'] / best['ttft_s']:.2f}x dense",
                          f"needles {sum(best['correct'])}/{len(best['correct'])} (dense "
                          f"{sum(dense_lc['correct'])}/{len(dense_lc['correct'])})", "long_context"))
+
+    if (RESULTS / "compose.json").exists():              # the three axes together: shown whatever its quality
+        c = load("compose")
+        st = next(x for x in c["rows"] if x["recipe"] == "stacked" and x["batch"] == 1)
+        same = sum(f is None for f in c["lossless_batch1"])
+        rows.append(("three axes stacked: PromptDistill + Quest + lookahead", f"{c['budget']:.0%} budgets, "
+                     f"{c['length'] // 1024}k-token copy-heavy essay prompts, Qwen2.5-Coder-0.5B",
+                     f"time to answer {st['total_ratio']:.2f}x dense (TTFT {st['ttft_ratio']:.2f}x)",
+                     f"needles {c['needles']['stacked']}/{c['n_needles']} (dense {c['needles']['dense']}/"
+                     f"{c['n_needles']}); answers equal to the recipe without speculation {same}/{len(c['lossless_batch1'])}",
+                     "compose"))
+    if (RESULTS / "batched_speculation.json").exists():
+        b = next(x for x in load("batched_speculation")["rows"] if x["recipe"] == "lookahead" and x["batch"] == 4)
+        rows.append(("batched self-speculation (lookahead)", "batch 4, ~600-token copy-heavy prompts",
+                     f"decode {b['ratio']:.2f}x the same prompts speculated one at a time",
+                     f"answers equal to greedy without speculation {sum(f is None for f in b['together_vs_plain'])}/"
+                     f"{len(b['together_vs_plain'])}", "batched_speculation"))
 
     lines = ["| axis and recipe | setting | saving (measured) | quality vs dense (same inputs) | from |",
              "|---|---|---|---|---|"]
