@@ -26,7 +26,7 @@ def test_parse_and_label_round_trip(text, expected):
     ("nosuchpress:budget=10", "unknown recipe 'nosuchpress'; valid recipes: dense, gemfilter, promptdistill, snapkv, streamingllm, h2o, tova, quest, delta, sentencekv"),
     ("promptdistill:layers=8", "promptdistill: missing parameter.*keep"),
     ("promptdistill:layer=8,keep=3", "unknown parameter 'layer'; valid: granularity, heads, keep, keep_last, layers, max_sentence"),
-    ("promptdistill:layers=8,keep=0", "promptdistill: keep must be a positive integer"),
+    ("promptdistill:layers=8,keep=0", "promptdistill: keep must be > 0"),
     ("gemfilter:layer", "expected key=value"),
     ("gemfilter:layer=1,keep=30+promptdistill:layers=1,keep=20", "one prefill pruning recipe at a time"),
 ])
