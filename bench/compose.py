@@ -108,8 +108,7 @@ def describe_equal(firsts: list[int | None]) -> str:
 
 
 def run(cm, prompts: list[list[int]], new_tokens: int, eos: int | None):
-    g = cm.generate(prompts, max_new_tokens=new_tokens, stop_tokens=[eos] if eos is not None else [])
-    return g
+    return cm.generate(prompts, max_new_tokens=new_tokens, stop_tokens=[eos] if eos is not None else [])
 
 
 def main() -> None:

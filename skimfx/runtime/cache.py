@@ -86,6 +86,7 @@ class KVCache:
         # between begin_speculation and end_speculation the tokens written are drafts: a multi-token write
         # is verified token by token by the policies, and truncate may roll the drafts back
         self.speculating = False
+        self._spec_base: list[list[int]] = []      # each layer's lengths at begin_speculation
 
     @classmethod
     def for_program(cls, program, batch: int, capacity: int | list[int]) -> "KVCache":

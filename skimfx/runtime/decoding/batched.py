@@ -29,7 +29,7 @@ from ..executor import Executor
 from ..sampling import SamplingConfig
 from ..stats import DecodeStats, Generation, Stats
 from ..steps import pad_right, plan_capacity, prefill
-from .drafts import NGramDrafts
+from .drafts import NGramDrafts, accepted_count
 from .loop import check_cache_room
 from .schedule import Acceptance, StepCosts
 
@@ -46,23 +46,15 @@ class _Row:
         self.done = False
 
 
-def expected_tokens(p: float, k: int) -> float:
-    """Tokens a step emits on average with k drafts accepted each with probability p given the previous."""
-    p = min(p, 0.999)
-    return (1 - p ** (k + 1)) / (1 - p)
-
-
 def choose_width(rows: list[_Row], costs: StepCosts, plain: float, k_max: int) -> int:
     """The common draft width K with the best expected tokens per second for the batch."""
     live = [r for r in rows if not r.done]
     longest = max((len(r.proposal) for r in live), default=0)
     k_max = min(k_max, longest, 2 * max(costs.seconds, default=k_max // 2) or k_max)
-    best, width = sum(1.0 for _ in live) / plain, 0
+    best, width = len(live) / plain, 0
     for K in range(1, k_max + 1):
-        tokens = 0.0
-        for r in live:
-            a = r.acceptance.get(r.order)
-            tokens += expected_tokens(a.hits / (a.hits + a.misses), min(K, len(r.proposal))) if a else 1.0
+        # a row without a proposal (order 0) emits the model's own token only
+        tokens = sum(r.acceptance[r.order].expected(min(K, len(r.proposal))) if r.proposal else 1.0 for r in live)
         rate = tokens / costs(K, plain)
         if rate > best:
             best, width = rate, K
@@ -129,9 +121,7 @@ def generate_batched(config, program: Program, prompts: list[list[int]], max_new
                 if r.done:
                     keep.append(0)
                     continue
-                n = 0
-                while n < len(d) and preds[b][n] == d[n]:
-                    n += 1
+                n = accepted_count(preds[b], d)
                 keep.append(n + 1)
                 if d:
                     r.acceptance[r.order].observe(len(d), n)
@@ -173,4 +163,4 @@ def _verify(ex: Executor, program: Program, cache: KVCache, ids: list[list[int]]
     return ex.logits(ctx, env).argmax(-1).tolist()                                  # [B][T]
 
 
-__all__ = ["generate_batched", "choose_width", "expected_tokens"]
+__all__ = ["generate_batched", "choose_width"]

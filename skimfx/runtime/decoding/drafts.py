@@ -31,4 +31,13 @@ class NGramDrafts:
         return []
 
 
-__all__ = ["NGramDrafts"]
+def accepted_count(preds: list[int], drafts: list[int]) -> int:
+    """How many drafts greedy verification keeps: the drafts up to the first one the model's prediction
+    (``preds[i]``: its token after the i-th verified token) disagrees with."""
+    n = 0
+    while n < len(drafts) and preds[n] == drafts[n]:
+        n += 1
+    return n
+
+
+__all__ = ["NGramDrafts", "accepted_count"]

@@ -49,13 +49,17 @@ class Acceptance:
         self.misses = self.decay * self.misses + (accepted < k)
         self.idle = 0
 
+    def expected(self, k: int) -> float:
+        """Tokens a step with k drafts emits on average (the accepted drafts plus the model's own token)."""
+        p = min(self.hits / (self.hits + self.misses), 0.999)
+        return (1 - p ** (k + 1)) / (1 - p)
+
     def best(self, k_max: int, cost: StepCosts, plain: float, first: int) -> tuple[int, float]:
         """(k, expected tokens per second) at the best k, given a plain step's time. Drafts grow at most
         to twice the longest measured one (``first`` before any is measured): exploring a long draft
         that turns out slow costs one step, and doubling bounds that step."""
-        p = min(self.hits / (self.hits + self.misses), 0.999)
         k_max = min(k_max, 2 * max(cost.seconds, default=first // 2))
-        rates = [((1 - p ** (k + 1)) / (1 - p) / cost(k, plain), k) for k in range(1, k_max + 1)]
+        rates = [(self.expected(k) / cost(k, plain), k) for k in range(1, k_max + 1)]
         rate, k = max(rates)
         return k, rate
 

@@ -13,7 +13,7 @@ from ..cache import KVCache
 from ..executor import Executor
 from ..stats import DecodeStats
 from .batched import generate_batched
-from .drafts import NGramDrafts
+from .drafts import NGramDrafts, accepted_count
 from .loop import DecodeState, decode_loop, next_token, register, step_env
 from .schedule import Acceptance, StepCosts
 
@@ -131,9 +131,7 @@ class SpeculativeDecoder:
     def _accept(cache: KVCache, pos: int, drafts: list[int], logits: torch.Tensor):
         """Keep the drafts the full model agrees with, plus its own next token; roll the rest back."""
         preds = logits.argmax(-1).tolist()                                           # [k + 1]
-        n = 0
-        while n < len(drafts) and preds[n] == drafts[n]:
-            n += 1
+        n = accepted_count(preds, drafts)
         cache.rollback([n + 1])
         cache.end_speculation()
         cache.positions = [pos + n + 1]
