@@ -16,6 +16,7 @@ from .passes import PassError, PassManager, default_passes, final_passes
 from .program import Program
 from .recipes import (RECIPES, H2O, TOVA, Delta, Dense, GemFilter, KeyDiff, Knorm, KVzip, PromptDistill, Quest, Recipe,
                       RecipeError, SentenceKV, SnapKV, StreamingLLM, EarlyExit, SelfSpeculative, kvzip_prompt_ids,
+                      kvzip_template_ids,
                       parse_recipe, recipe_label, ShortMK, Steer, Truncate, Hogwild, hogwild_prompt, ExpectedAttention, AdaKV, DuoAttention)
 from .runtime import CompiledModel, Generation, KVCache, ModelChangedError, Stats
 from .calibrate import (DeltaCalibration, ExitAdapter, ExitCalibration, SkipCalibration, calibrate_delta, calibrate_exits,
@@ -65,7 +66,8 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
 __all__ = ["compile", "capture", "load_model", "EMBEDDED", "Program", "PassManager", "PassError",
            "default_passes", "CompiledModel", "ModelChangedError", "Generation", "Stats", "KVCache", "UnsupportedModelError",
            "Recipe", "RecipeError", "RECIPES", "Dense", "GemFilter", "PromptDistill", "SnapKV", "StreamingLLM",
-           "H2O", "TOVA", "Quest", "Delta", "SentenceKV", "Knorm", "KeyDiff", "KVzip", "kvzip_prompt_ids", "EarlyExit",
+           "H2O", "TOVA", "Quest", "Delta", "SentenceKV", "Knorm", "KeyDiff", "KVzip", "kvzip_prompt_ids", "kvzip_template_ids",
+           "EarlyExit",
            "SelfSpeculative", "calibrate_exits",
            "ExitCalibration", "ExitAdapter", "calibrate_skip", "SkipCalibration", "calibrate_delta", "DeltaCalibration", "reference_texts", "parse_recipe",
            "recipe_label", "resolve", "ShortMK", "Truncate", "Steer", "Hogwild", "hogwild_prompt", "calibrate_steering", "SteeringCalibration",

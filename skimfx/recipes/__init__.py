@@ -13,7 +13,8 @@ from .generation import ANSWER_EXTRACTORS, Hogwild, ShortMK, Steer, Truncate, ho
 from .kv import (H2O, KVZIP_PROMPT, TOVA, AdaKV, AdaKVPolicy, Delta, DuoAttention, DuoPolicy, ExpectedAttention,
                  ExpectedAttentionPolicy, DeltaPolicy, H2OPolicy, KeyDiff, KeyDiffPolicy, Knorm, KnormPolicy,
                  KVRecipe, KVzip, KVzipPolicy, Quest, QuestPolicy, SentenceKV, SentenceKVPolicy, SnapKV, SnapKVPolicy,
-                 StreamingLLM, StreamingLLMPolicy, TOVAPolicy, kvzip_prompt_ids, pyramid_budgets)
+                 StreamingLLM, StreamingLLMPolicy, TOVAPolicy, kvzip_prompt_ids, kvzip_template_ids,
+                 pyramid_budgets)
 from .parse import parse_recipe, recipe_label
 from .pruning import GemFilter, PromptDistill
 from .registry import RECIPES
@@ -22,6 +23,7 @@ __all__ = ["Recipe", "RecipeError", "Dense", "GemFilter", "PromptDistill", "Snap
            "Quest", "Delta", "SentenceKV", "EarlyExit", "SelfSpeculative", "RECIPES", "parse_recipe", "recipe_label",
            "pyramid_budgets", "KVRecipe", "DRAFT_SOURCES", "SnapKVPolicy", "StreamingLLMPolicy", "H2OPolicy",
            "TOVAPolicy", "QuestPolicy", "DeltaPolicy", "SentenceKVPolicy", "Knorm", "KeyDiff", "KVzip", "KnormPolicy",
-           "KeyDiffPolicy", "KVzipPolicy", "kvzip_prompt_ids", "KVZIP_PROMPT", "ShortMK", "Truncate", "Steer", "Hogwild",
+           "KeyDiffPolicy", "KVzipPolicy", "kvzip_prompt_ids", "kvzip_template_ids", "KVZIP_PROMPT", "ShortMK",
+           "Truncate", "Steer", "Hogwild",
            "ANSWER_EXTRACTORS", "ExpectedAttention", "ExpectedAttentionPolicy", "AdaKV", "AdaKVPolicy", "DuoAttention",
            "DuoPolicy"]

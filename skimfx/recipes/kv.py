@@ -566,10 +566,31 @@ KVZIP_PROMPT = "\n\nRepeat the previous context exactly."
 KVZIP_SCOPES = ("chunk", "full", "local")
 
 
+KVZIP_REPEAT = "\n\nRepeat the part of the previous context exactly, starting with"
+
+
 def kvzip_prompt_ids(tokenizer, text: str = KVZIP_PROMPT) -> tuple[int, ...]:
     """The token ids of KVzip's reconstruction instruction in ``tokenizer``'s vocabulary (no special
     tokens), for ``KVzip(prompt_ids=...)``."""
     return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+def kvzip_template_ids(tokenizer) -> dict[str, tuple[int, ...]]:
+    """KVzip's reconstruction prompts in ``tokenizer``'s vocabulary, as its reference code builds them: the
+    instructions for the first and the later chunks and, when the tokenizer has a chat template, the
+    template's header before a user message (``header_ids``: not reconstructed) and what follows the
+    message up to the assistant's answer (``suffix_ids``: between the instruction and the chunk)."""
+    out = {"prompt_ids": kvzip_prompt_ids(tokenizer), "repeat_ids": kvzip_prompt_ids(tokenizer, KVZIP_REPEAT),
+           "header_ids": (), "suffix_ids": ()}
+    if getattr(tokenizer, "chat_template", None):
+        marker, sep = "dummy context", "\n" + "#" * len("dummy context")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker + sep}], add_generation_prompt=True,
+                                             tokenize=False)
+        before, suffix = text.split(sep)
+        header = before.split(marker)[0]
+        out["header_ids"] = tuple(tokenizer.encode(header, add_special_tokens=False))
+        out["suffix_ids"] = tuple(tokenizer.encode(suffix, add_special_tokens=False))
+    return out
 
 
 @dataclass(frozen=True)
@@ -583,6 +604,9 @@ class KVzipPolicy(CachePolicy):
     sinks: int = 4
     overlap: int = 8
     prompt_ids: tuple[int, ...] = ()
+    repeat_ids: tuple[int, ...] = ()
+    suffix_ids: tuple[int, ...] = ()
+    header_ids: tuple[int, ...] = ()
     method = "kvzip"
     kind = "evict"
 
@@ -605,9 +629,14 @@ class KVzip(KVRecipe):
     softmax over the sinks, the chunk and the reconstruction), "full" (every reconstruction query scores
     every pair with the softmax over the whole cache), or "local" (the cheaper variant: as "chunk", and
     the reconstruction also attends only to the sinks, its chunk and itself, so its attention costs
-    O(prompt x chunk) instead of O(prompt^2)). ``prompt_ids``: the instruction's token ids, e.g.
-    ``kvzip_prompt_ids(tok)`` for KVzip's "Repeat the previous context exactly."; ``skimfx.compile(...,
-    tokenizer=tok)`` fills that in when none are given; without a tokenizer and with none given, the chunk
+    O(prompt x chunk) instead of O(prompt^2)). The reconstruction prompts, as token ids: ``prompt_ids``
+    (the first chunk's instruction, KVzip's "Repeat the previous context exactly."), ``repeat_ids`` (the
+    later chunks' instruction, followed by the ``overlap`` tokens before the chunk; empty: ``prompt_ids``),
+    ``suffix_ids`` (between the instruction and the chunk: a chat template's end of user turn and start of
+    the assistant's) and ``header_ids`` (a chat template's header: a prompt starting with it is
+    reconstructed after it, and the header's pairs score 0 but for the sinks). ``skimfx.compile(...,
+    tokenizer=tok)`` fills in all four from the tokenizer when none are given (``kvzip_template_ids``, as
+    KVzip's reference code and kvpress build them); without a tokenizer and with none given, the chunk
     repeats right after the prompt (after the ``overlap`` tokens that precede it)."""
 
     budget: int | float
@@ -616,6 +645,9 @@ class KVzip(KVRecipe):
     sinks: int = 4
     overlap: int = 8
     prompt_ids: tuple[int, ...] | int = ()
+    repeat_ids: tuple[int, ...] | int = ()
+    suffix_ids: tuple[int, ...] | int = ()
+    header_ids: tuple[int, ...] | int = ()
     layers: tuple[int, ...] | int | None = None
     name = "kvzip"
 
@@ -630,30 +662,36 @@ class KVzip(KVRecipe):
                 raise RecipeError(f"{name} must be an integer >= 0, got {v!r}")
         if isinstance(self.budget, int) and self.budget <= self.sinks:
             raise RecipeError(f"budget ({self.budget}) must exceed sinks ({self.sinks}): the sinks are always kept")
-        ids = (self.prompt_ids,) if isinstance(self.prompt_ids, int) else self.prompt_ids
-        if not isinstance(ids, (tuple, list)) or any(not isinstance(t, int) or isinstance(t, bool) or t < 0
-                                                     for t in ids):
-            raise RecipeError(f"prompt_ids must be token ids (integers >= 0; in a recipe string 1/2/3), e.g. "
-                              f"skimfx.kvzip_prompt_ids(tokenizer); got {self.prompt_ids!r}")
-        object.__setattr__(self, "prompt_ids", tuple(ids))
+        for name in self.TEMPLATE:
+            value = getattr(self, name)
+            ids = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+            if not isinstance(ids, (tuple, list)) or any(not isinstance(t, int) or isinstance(t, bool) or t < 0
+                                                         for t in ids):
+                raise RecipeError(f"{name} must be token ids (integers >= 0; in a recipe string 1/2/3), e.g. from "
+                                  f"skimfx.kvzip_template_ids(tokenizer); got {value!r}")
+            object.__setattr__(self, name, tuple(ids))
         object.__setattr__(self, "layers", layers_ok(self.layers))
 
     @property
     def budget_total(self):
         return self.budget
 
+    TEMPLATE = ("prompt_ids", "repeat_ids", "suffix_ids", "header_ids")
+
     def with_tokenizer(self, tokenizer) -> "KVzip":
-        """With no ``prompt_ids`` given, KVzip's instruction in the tokenizer's vocabulary."""
-        if self.prompt_ids or tokenizer is None:
+        """With no reconstruction prompts given, KVzip's (``kvzip_template_ids``) in the tokenizer's vocabulary."""
+        if any(getattr(self, name) for name in self.TEMPLATE) or tokenizer is None:
             return self
-        return dataclasses.replace(self, prompt_ids=kvzip_prompt_ids(tokenizer))
+        return dataclasses.replace(self, **kvzip_template_ids(tokenizer))
 
     def policies(self, info: ModelInfo) -> dict[int, CachePolicy]:
-        outside = [t for t in self.prompt_ids if t >= info.vocab_size]
-        if outside:
-            raise RecipeError(f"prompt_ids {outside} are outside the model's vocabulary of {info.vocab_size} tokens")
+        template = {name: getattr(self, name) for name in self.TEMPLATE}
+        for name, ids in template.items():
+            outside = [t for t in ids if t >= info.vocab_size]
+            if outside:
+                raise RecipeError(f"{name} {outside} are outside the model's vocabulary of {info.vocab_size} tokens")
         return self._policies(info, lambda b: KVzipPolicy(b, chunk=self.chunk, scope=self.scope, sinks=self.sinks,
-                                                          overlap=self.overlap, prompt_ids=self.prompt_ids), 0)
+                                                          overlap=self.overlap, **template), 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -738,6 +776,7 @@ class AdaKVPolicy(CachePolicy):
 
     scorer: CachePolicy = None
     alpha: float = 0.2
+    share: str = "layer"
     decode_evict = False
     method = "adakv"
     kind = "evict"
@@ -751,7 +790,8 @@ class AdaKVPolicy(CachePolicy):
         return self.scorer.max_sentence
 
     def details(self):
-        return [f"head budgets from {self.scorer.describe()}", f"safeguard {self.alpha:g}"]
+        return [f"head budgets from {self.scorer.describe()}", f"safeguard {self.alpha:g}"] + \
+            (["one budget over all its layers"] if self.share == "model" else [])
 
 
 def _adakv_scorers() -> dict:
@@ -769,15 +809,21 @@ class AdaKV(KVRecipe):
     Heads keep different counts and the layer holds exactly its total (stored as head groups, the memory
     released). ``scorer``: a name (``snapkv``, ``tova``, ``knorm``, ``keydiff``, ``expected_attention``,
     ``kvzip``: made with ``budget`` and its defaults) or, in Python, a recipe (then ``budget`` comes from it;
-    it must not evict during decode)."""
+    it must not evict during decode). ``share``: "layer" (each layer's heads share its budget) or "model"
+    (every covered layer's heads share the sum of the layers' budgets: one score threshold over the model,
+    KVzip's own allocation; layers then keep different totals)."""
 
     budget: int | float | None = None
     scorer: object = "snapkv"
     alpha: float = 0.2
+    share: str = "layer"
     layers: tuple[int, ...] | int | None = None
     name = "adakv"
 
     def __post_init__(self):
+        if self.share not in ("layer", "model"):
+            raise RecipeError(f"share must be 'layer' (the heads of each layer share its budget) or 'model' (all "
+                              f"covered layers share one budget), got {self.share!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise RecipeError(f"alpha (the per-head safeguard, a fraction of the budget) must be in [0, 1], "
                               f"got {self.alpha!r}")
@@ -827,7 +873,8 @@ class AdaKV(KVRecipe):
         inner = self.scorer_recipe
         if self.layers is not None:
             inner = dataclasses.replace(inner, layers=self.layers)
-        return {l: AdaKVPolicy(p.budget, scorer=p, alpha=float(self.alpha)) for l, p in inner.policies(info).items()}
+        return {l: AdaKVPolicy(p.budget, scorer=p, alpha=float(self.alpha), share=self.share)
+                for l, p in inner.policies(info).items()}
 
 
 @dataclass(frozen=True)

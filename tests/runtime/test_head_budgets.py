@@ -133,6 +133,32 @@ def test_adakv_over_kvzip_keeps_the_layer_total(llama):
         assert sum(map(len, g.stats.kv_kept[layer][0])) == 48
 
 
+def test_adakv_sharing_one_budget_over_the_model(llama):
+    # share="model": one threshold over every head of every covered layer, layers decided together after the
+    # last one's scores (a prefill scorer: the layers below wait with their full prompt); ragged batch = alone
+    ps = prompts(130, 70, 95)
+    cm = skimfx.compile(llama, AdaKV(budget=25, scorer="knorm", alpha=0.2, share="model"))
+    batch = cm.generate(ps, max_new_tokens=6)
+    alone = [cm.generate([p], max_new_tokens=6) for p in ps]
+    assert batch.tokens == [a.tokens[0] for a in alone]
+    assert batch.stats.kv_kept == {l: [a.stats.kv_kept[l][0] for a in alone] for l in range(3)}
+    ids = ps[0]
+    scores = torch.stack([knorm_scores(llama, ids, l) for l in range(3)])              # [L, Hkv, n]
+    L, H, n = scores.shape
+    s = scores.double().clone()
+    for l in range(L):
+        for h in range(H):
+            s[l, h, s[l, h].topk(int(25 * 0.2)).indices] = 1e300                       # per-head safeguard
+    top = set(s.reshape(-1).topk(25 * H * L).indices.tolist())
+    want = [[sorted(i % n for i in top if i // n == l * H + h) for h in range(H)] for l in range(L)]
+    kept = [alone[0].stats.kv_kept[l][0] for l in range(L)]
+    assert kept == want and len({sum(map(len, k)) for k in kept}) > 1
+    # a prompt within the budget evicts nothing anywhere, and the next prompt is decided afresh
+    short = cm.generate([prompts(20)[0]], max_new_tokens=2)
+    assert short.stats.kv_kept == {} or all(len(h) == 20 for l in short.stats.kv_kept.values() for h in l[0])
+    assert cm.generate([ids], max_new_tokens=6).stats.kv_kept == alone[0].stats.kv_kept
+
+
 def test_self_speculation_over_adakv_is_its_own_greedy_output(llama):
     ps = prompts(60, 45)
     plain = skimfx.compile(llama, AdaKV(budget=20, scorer="knorm")).generate(ps, max_new_tokens=20)
@@ -145,6 +171,7 @@ def test_self_speculation_over_adakv_is_its_own_greedy_output(llama):
     (dict(scorer="knorm"), "adakv needs a budget"),
     (dict(budget=20, scorer="h2o"), "scorer must be one of"),
     (dict(budget=20, alpha=1.5), r"alpha .* must be in \[0, 1\]"),
+    (dict(budget=20, share="global"), "share must be 'layer'"),
     (dict(budget=20, scorer="snapkv"), "window \\(32\\) must be smaller than budget"),
     (dict(scorer=Knorm(budget=20), budget=30), "differs from its scorer's"),
     (dict(scorer=skimfx.TOVA(budget=20)), "must not evict during decode"),
@@ -160,6 +187,9 @@ def test_adakv_recipe_string_and_printout(llama):
     assert r == [AdaKV(budget=0.2, scorer="keydiff", alpha=0.3)]
     assert skimfx.recipe_label(r) == "adakv:budget=0.2,scorer=keydiff,alpha=0.3"
     assert "adakv: keep 20%, head budgets from keydiff: keep 20%" in str(skimfx.compile(llama, r).program)
+    r = skimfx.parse_recipe("adakv:budget=0.1,scorer=kvzip,alpha=0,share=model")
+    assert r == [AdaKV(budget=0.1, scorer="kvzip", alpha=0, share="model")]
+    assert "one budget over all its layers" in str(skimfx.compile(llama, r).program)
 
 
 # -- DuoAttention ------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import skimfx
-from skimfx import GemFilter, KVzip, PromptDistill, RecipeError
+from skimfx import AdaKV, GemFilter, KVzip, PromptDistill, RecipeError
 from skimfx.recipes import KVZIP_PROMPT, kvzip_prompt_ids
 from skimfx.runtime.policies.kvzip import max_attention_received
 from tiny import tiny_model
@@ -58,21 +58,26 @@ def _reconstruction(model, prefilled, n, rec, local_cols=None):
     return [(queries[l], cache.layers[l].keys[0]) for l in range(len(model.model.layers))]
 
 
-def kvzip_reference(model, ids, budget, chunk, scope, sinks=4, overlap=8, prompt_ids=()):
-    """KVzip's rule: for each chunk [s, e) of the prompt, the reconstruction ``prompt_ids + ids[s - overlap:s]
-    + ids[s:e]`` runs after the prompt; every reconstruction query's softmax attention (scaled by 1/sqrt(D),
-    causal over the reconstruction) over the scoring keys: "full": the whole prompt; "chunk" / "local":
-    the sinks and the chunk (and "local" reconstructs reading only those). A pair's score is the max over
-    the queries, the GQA group and the chunks; the sinks are kept; top ``budget`` per KV head."""
+def kvzip_reference(model, ids, budget, chunk, scope, sinks=4, overlap=8, prompt_ids=(), repeat_ids=(),
+                    suffix_ids=(), start=0, scores=False):
+    """KVzip's rule: for each chunk [s, e) of the prompt after its first ``start`` tokens (a template's
+    header), the reconstruction ``instruction + ids[s - overlap:s] + suffix_ids + ids[s:e]`` runs after the
+    prompt (instruction: ``prompt_ids`` for the first chunk, ``repeat_ids`` after; no overlap into the
+    header); every reconstruction query's softmax attention (scaled by 1/sqrt(D), causal over the
+    reconstruction) over the scoring keys: "full": the whole prompt; "chunk" / "local": the sinks and the
+    chunk (and "local" reconstructs reading only those). A pair's score is the max over the queries, the
+    GQA group and the chunks (0 in the header); the sinks are kept; top ``budget`` per KV head (or, with
+    ``scores``, the scores [L, Hkv, n])."""
     cfg = model.config
     L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
     G, D, n = cfg.num_attention_heads // Hkv, cfg.head_dim, len(ids)
     score = torch.zeros(L, Hkv, n)
     with torch.no_grad():
         prefilled = model(torch.tensor([ids]), use_cache=True).cache
-    for s in range(0, n, chunk):
+    for s in range(start, n, chunk):
         e = min(n, s + chunk)
-        rec = list(prompt_ids) + ids[max(0, s - overlap):s] + ids[s:e]
+        instruction = list(repeat_ids) if s > start and repeat_ids else list(prompt_ids)
+        rec = instruction + ids[max(start, s - overlap):s] + list(suffix_ids) + ids[s:e]
         m = len(rec)
         cols = list(range(n)) if scope == "full" else list(range(min(sinks, s))) + list(range(s, e))
         per_layer = _reconstruction(model, prefilled, n, rec, cols if scope == "local" else None)
@@ -86,6 +91,8 @@ def kvzip_reference(model, ids, budget, chunk, scope, sinks=4, overlap=8, prompt
             received = p.amax(1).view(Hkv, G, -1).amax(1)[:, :K]                        # [Hkv, K]
             score[layer][:, cols] = torch.maximum(score[layer][:, cols], received)
     score[:, :, :sinks] = float("inf")
+    if scores:
+        return score
     return [[sorted(score[l, h].topk(budget).indices.tolist()) for h in range(Hkv)] for l in range(L)]
 
 
@@ -99,6 +106,54 @@ def test_kvzip_keeps_what_the_reconstruction_attends_to_most(llama, scope):
         assert g.stats.kv_kept[layer][0] == want[layer], (scope, layer)
     assert len({tuple(h) for h in g.stats.kv_kept[1][0]}) > 1                  # per KV head
     assert all(h[:4] == [0, 1, 2, 3] for layer in range(3) for h in g.stats.kv_kept[layer][0])   # sinks
+
+
+@pytest.mark.parametrize("scope", ["chunk", "local"])
+def test_kvzip_template_header_and_later_chunks(llama, scope):
+    # a prompt that starts with the template's header is reconstructed after it; later chunks get the
+    # repeat instruction, the overlap and the suffix
+    header = (5, 6, 7, 8, 9, 10)
+    ids = list(header) + prompts(104)[0]
+    t = dict(prompt_ids=(11, 12), repeat_ids=(13, 14, 15), suffix_ids=(16, 17))
+    g = skimfx.compile(llama, KVzip(budget=30, chunk=40, scope=scope, header_ids=header, **t)).generate(
+        [ids], max_new_tokens=1)
+    want = kvzip_reference(llama, ids, 30, 40, scope, start=len(header), **t)
+    for layer in range(3):
+        assert g.stats.kv_kept[layer][0] == want[layer], layer
+    # a prompt without the header is reconstructed from its start
+    other = prompts(110)[0]
+    g = skimfx.compile(llama, KVzip(budget=30, chunk=40, scope=scope, header_ids=header, **t)).generate(
+        [other], max_new_tokens=1)
+    assert g.stats.kv_kept[1][0] == kvzip_reference(llama, other, 30, 40, scope, **t)[1]
+
+
+def test_kvzip_with_one_threshold_over_the_model(llama):
+    # KVzip's own allocation: AdaKV without safeguard, the budget shared by every head of every layer
+    ids = prompts(110)[0]
+    g = skimfx.compile(llama, AdaKV(scorer=KVzip(budget=30, chunk=40, prompt_ids=(7, 8)), alpha=0.0,
+                                    share="model")).generate([ids], max_new_tokens=4)
+    score = kvzip_reference(llama, ids, 30, 40, "chunk", prompt_ids=(7, 8), scores=True)     # [L, Hkv, n]
+    L, H, n = score.shape
+    flat = score.reshape(-1).double()
+    top = set(flat.topk(30 * H * L).indices.tolist())
+    want = [[sorted(i % n for i in top if i // n == l * H + h) for h in range(H)] for l in range(L)]
+    kept = [g.stats.kv_kept[l][0] for l in range(L)]
+    assert kept == want
+    assert len({sum(map(len, k)) for k in kept}) > 1                      # layers keep different totals
+    D = llama.config.head_dim
+    assert g.stats.kv_prefill_bytes == (30 + 4) * H * L * 2 * D * 4        # kept + room for 4 new, fp32
+
+
+def test_kvzip_template_from_the_tokenizer(smollm2):
+    model, tok = smollm2
+    t = skimfx.kvzip_template_ids(tok)
+    assert tok.decode(list(t["prompt_ids"])) == KVZIP_PROMPT
+    assert tok.decode(list(t["repeat_ids"])).endswith("starting with")
+    assert tok.decode(list(t["suffix_ids"])) == "<|im_end|>\n<|im_start|>assistant\n"
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                   return_dict=True)["input_ids"]
+    assert list(chat[:len(t["header_ids"])]) == list(t["header_ids"])
+    assert skimfx.KVzip(budget=0.1).with_tokenizer(tok) == skimfx.KVzip(budget=0.1, **t)
 
 
 def test_scopes_differ_and_the_default_has_no_instruction(llama):
@@ -250,7 +305,16 @@ def test_kvzip_on_smollm2_follows_the_rule_with_the_papers_instruction(smollm2):
     for layer in (0, 15, 29):
         assert g.stats.kv_kept[layer][0] == want[layer], layer
     assert g.stats.layer_tokens == [budget] * 30 and len(g.tokens[0]) == 4
-    # given the tokenizer, compile fills in the instruction: the same kept sets without prompt_ids
+    # given the tokenizer, compile fills in KVzip's whole template; a chat prompt is reconstructed after its
+    # header, the second chunk after the repeat instruction and the overlap, each after the template's suffix
+    t = skimfx.kvzip_template_ids(tok)
     filled = skimfx.compile(model, "kvzip:budget=0.3,chunk=128", tokenizer=tok)
-    assert filled.program.policies[0].prompt_ids == prompt_ids
-    assert filled.generate([ids], max_new_tokens=4).stats.kv_kept[15][0] == want[15]
+    assert all(getattr(filled.program.policies[0], k) == v for k, v in t.items())
+    chat = list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        return_dict=True)["input_ids"])
+    assert chat[:len(t["header_ids"])] == list(t["header_ids"]) and len(chat) > len(t["header_ids"]) + 128
+    budget = round(0.3 * len(chat))
+    want = kvzip_reference(model, chat, budget, 128, "chunk", start=len(t["header_ids"]),
+                           prompt_ids=t["prompt_ids"], repeat_ids=t["repeat_ids"], suffix_ids=t["suffix_ids"])
+    kept = filled.generate([chat], max_new_tokens=4).stats.kv_kept
+    assert kept[15][0] == want[15] and kept[29][0] == want[29]

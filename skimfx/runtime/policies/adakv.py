@@ -7,7 +7,10 @@ the scorer's per-head scores ``s [Hkv, n]``, as kvpress's AdaKVPress): the safeg
 head's ``floor(alpha * budget)`` best pairs (their scores raised to the largest finite value), then the
 ``budget * Hkv`` highest scores over all heads of the layer are kept. So heads keep different counts (at
 least the safeguard each), and the layer physically holds exactly ``budget * Hkv`` pairs per sequence:
-it is stored as head groups (``headwise.py``), not masked.
+it is stored as head groups (``headwise.py``), not masked. ``share="model"`` pools the budgets of every layer
+that AdaKV covers: one threshold over all their heads (KVzip's own allocation, kvpress's ``KVzipPress``
+default), decided once the last of those layers has its scores; the layers below keep the full prompt
+until then (prefill attention is causal over the full prompt anyway, so nothing they compute changes).
 
 The scorer is another evicting policy (SnapKV, TOVA, Knorm, KeyDiff, ExpectedAttention, StreamingLLM,
 KVzip, ...) made from ``params.scorer``: it computes its scores as it would alone (KVzip with its probe
@@ -22,23 +25,41 @@ from .evicting import EvictingPolicy
 from .headwise import HeadwisePolicy
 
 
-def adaptive_head_masks(scores: torch.Tensor, n: list[int], budget: list[int], alpha: float) -> torch.Tensor:
-    """AdaKV's kept pairs: ``scores [B, Hkv, S]`` (+inf = always kept, slots past ``n[b]`` ignored) ->
-    bool [B, Hkv, S]. Per sequence b: each head's ``int(alpha * k)`` best are safeguarded, then the
-    ``k * Hkv`` best of the layer are kept, k = min(budget[b], n[b])."""
-    B, H, S = scores.shape
-    out = torch.zeros(B, H, S, dtype=torch.bool, device=scores.device)
+def adaptive_masks(scores: list[torch.Tensor], n: list[list[int]], budget: list[list[int]],
+                   alpha: float) -> list[torch.Tensor]:
+    """AdaKV's kept pairs over the heads of one or more layers that share one budget: ``scores[l] [B, Hkv, S_l]``
+    (+inf = always kept, slots past ``n[l][b]`` ignored) -> bool masks of the same shapes. Per sequence b: each
+    head's ``int(alpha * k_l)`` best are safeguarded, then the ``sum_l k_l * Hkv`` best over all the heads of
+    all the layers are kept, k_l = min(budget[l][b], n[l][b])."""
+    out = [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
     big = torch.finfo(torch.float32).max
-    for b, (m, want) in enumerate(zip(n, budget)):
-        k = min(want, m)
-        s = scores[b, :, :m].float().clone()
-        safe = int(k * alpha)
-        if safe:
-            top = s.topk(safe, dim=-1).indices
-            s.scatter_(-1, top, torch.maximum(s.gather(-1, top), torch.full_like(top, big, dtype=s.dtype)))
-        keep = s.reshape(-1).topk(k * H).indices
-        out[b, keep // m, keep % m] = True
+    for b in range(scores[0].shape[0]):
+        flat, total = [], 0
+        for s_l, n_l, want_l in zip(scores, n, budget):
+            m, H = n_l[b], s_l.shape[1]
+            k = min(want_l[b], m)
+            s = s_l[b, :, :m].float().clone()
+            safe = int(k * alpha)
+            if safe:
+                top = s.topk(safe, dim=-1).indices
+                s.scatter_(-1, top, torch.maximum(s.gather(-1, top), torch.full_like(top, big, dtype=s.dtype)))
+            flat.append(s.reshape(-1))
+            total += k * H
+        keep = torch.zeros(sum(f.numel() for f in flat), dtype=torch.bool, device=scores[0].device)
+        keep[torch.cat(flat).topk(total).indices] = True
+        for mask, part, n_l in zip(out, keep.split([f.numel() for f in flat]), n):
+            m = n_l[b]
+            mask[b, :, :m] = part.view(-1, m)
     return out
+
+
+def adaptive_head_masks(scores: torch.Tensor, n: list[int], budget: list[int], alpha: float) -> torch.Tensor:
+    """AdaKV's kept pairs over the heads of one layer: ``scores [B, Hkv, S]`` -> bool [B, Hkv, S]
+    (``adaptive_masks`` for one layer)."""
+    return adaptive_masks([scores], [n], [budget], alpha)[0]
+
+
+_NOTHING = object()      # a pooled layer's report: it evicts nothing this time
 
 
 @register
@@ -60,15 +81,37 @@ class AdaKV(HeadwisePolicy):
 
     def bind(self, policies) -> None:
         self.scorer.bind(policies)
+        # share="model": the layers that pool their budgets (each reports its scores; the last one decides)
+        self.peers = [p for _, p in sorted(policies.items())
+                      if isinstance(p, AdaKV) and p.params.share == "model"] if self.params.share == "model" else [self]
+        self.reported = None
 
     def keep_adaptive(self, ctx, scores: torch.Tensor, n: list[int], budget: list[int]) -> None:
-        mask = adaptive_head_masks(scores, n, budget, self.params.alpha)
-        counts = mask.sum(-1).tolist()
-        self.keep_per_head(ctx, mask.float(), n, counts)
+        self.reported = (scores, list(n), list(budget))
+        self._decide(ctx)
+
+    def _decide(self, ctx) -> None:
+        """Once every pooled layer has reported (its scores, or that it keeps its prompt), choose the head
+        budgets over all of them and compact each; until then a layer keeps its full prompt."""
+        if any(p.reported is None for p in self.peers):
+            return
+        peers = [p for p in self.peers if p.reported is not _NOTHING]
+        reports = [p.reported for p in peers]
+        for p in self.peers:
+            p.reported = None
+        if not peers:
+            return
+        masks = adaptive_masks(*(list(x) for x in zip(*reports)), self.params.alpha)
+        for peer, mask, (_, n_l, _) in zip(peers, masks, reports):
+            peer.keep_per_head(ctx, mask.float(), n_l, mask.sum(-1).tolist())
 
     # -- the scorer computes the scores ------------------------------------------------------------
     def after_prefill(self, ctx, q, scale: float) -> None:
+        self.reported = None
         self.scorer.after_prefill(ctx, q, scale)
+        if self.reported is None and getattr(self.scorer, "pending", None) is None:
+            self.reported = _NOTHING        # nothing to evict here (nor probes to wait for): out of the pool
+            self._decide(ctx)
 
     def probe_inputs(self, ctx, ids, n):
         return self.scorer.probe_inputs(ctx, ids, n)

@@ -1,10 +1,14 @@
 """KVzip (Kim et al., 2025, "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction").
 
 A cached KV pair is worth what the model needs it for to reproduce the context, whatever the question
-will be. After prefill the model reconstructs the prompt: the prompt is cut into chunks of ``chunk``
-tokens, and for each chunk one forward over the full cache runs, right after the prompt, the
-instruction ``prompt_ids`` (KVzip: "Repeat the previous context exactly."), the last ``overlap`` prompt
-tokens before the chunk, then the chunk itself, teacher-forced. The score of a cached pair is the
+will be. After prefill the model reconstructs the prompt: the prompt (after a chat template's header
+``header_ids``, when it starts with one) is cut into chunks of ``chunk`` tokens, and for each chunk one
+forward over the full cache runs, right after the prompt: the instruction (``prompt_ids`` for the first
+chunk, KVzip's "Repeat the previous context exactly."; ``repeat_ids`` for the others, "Repeat the part
+of the previous context exactly, starting with", then the last ``overlap`` tokens before the chunk),
+the template's ``suffix_ids`` (the end of the user turn and the start of the assistant's), then the
+chunk itself, teacher-forced. The header is not reconstructed: its pairs score 0 (the sinks aside), as
+in KVzip's reference code (and kvpress's KVzipPress). The score of a cached pair is the
 largest softmax attention it receives from those reconstruction queries, over the queries and the query
 heads of its GQA group (per layer and KV head). The first ``sinks`` tokens are always kept; each KV head
 keeps its ``budget`` best pairs. The reconstruction's own k/v are discarded (decoding continues at the
@@ -22,8 +26,9 @@ prompt's end), and decode appends to the compacted cache.
   instead of O(n^2)); the scores are exactly the attention the forward used. The hidden states of later
   layers then follow a chunk-local reconstruction instead of a full-context one.
 
-KVzip allocates its budget over all heads (and layers) by one score threshold; the cache here holds one
-length per layer and sequence, so every KV head of a layer keeps the same number of pairs.
+Alone, every KV head keeps ``budget`` pairs. KVzip's own allocation is one score threshold over all
+heads and layers: ``AdaKV(scorer=KVzip(...), alpha=0, share="model")`` (``share="layer"``: over the heads
+of each layer, kvpress's ``layerwise=True``), stored as head groups.
 """
 from __future__ import annotations
 
@@ -104,13 +109,19 @@ class KVzip(EvictingPolicy):
         p = self.params
         prompts = [row[:m] for row, m in zip(ids.tolist(), n)]
         evicts = [p.tokens(m) < m for m in n]
-        rounds = max(-(-m // p.chunk) for m, e in zip(n, evicts) if e)
+        header = list(p.header_ids)
+        # the reconstruction starts after the template's header (in a prompt that does not start with it: at 0)
+        starts = [len(header) if header and len(header) < m and tokens[:len(header)] == header else 0
+                  for tokens, m in zip(prompts, n)]
+        rounds = max(-(-(m - a) // p.chunk) for m, a, e in zip(n, starts, evicts) if e)
         self.spans, inputs = [], []
         for i in range(rounds):
-            s = i * p.chunk
-            spans = [(s, min(m, s + p.chunk)) if e and s < m else None for m, e in zip(n, evicts)]
-            inputs.append([list(p.prompt_ids) + tokens[max(0, s - p.overlap):s] + tokens[s:span[1]] if span else []
-                           for tokens, span in zip(prompts, spans)])
+            spans = [(a + i * p.chunk, min(m, a + (i + 1) * p.chunk)) if e and a + i * p.chunk < m else None
+                     for m, a, e in zip(n, starts, evicts)]
+            instruction = list(p.repeat_ids) if i and p.repeat_ids else list(p.prompt_ids)
+            inputs.append([instruction + tokens[max(a, span[0] - p.overlap):span[0]] + list(p.suffix_ids)
+                           + tokens[span[0]:span[1]] if span else []
+                           for tokens, a, span in zip(prompts, starts, spans)])
             self.spans.append(spans)
         return inputs
 
