@@ -199,7 +199,15 @@ class KVRecipe(Recipe):
         return {l: make(b) for l, b in zip(layers, budgets)}
 
     def passes(self, info: ModelInfo) -> list:
-        return [bind_pass(kv_policy, "kv_policy", policies=self.policies(info))]
+        # the policies are made now (bad parameters fail at compile) and again at the pass if a recipe
+        # before this one truncated the model (Truncate): "every layer" then means every layer that is left
+        return [bind_pass(_recipe_kv_policy, "kv_policy", recipe=self, policies=self.policies(info), info=info)]
+
+
+def _recipe_kv_policy(program, recipe: KVRecipe, policies: dict, info: ModelInfo):
+    if program.info.num_layers != info.num_layers:
+        policies = recipe.policies(program.info)
+    return kv_policy(program, policies)
 
 
 @dataclass(frozen=True)

@@ -99,11 +99,15 @@ def test_errors(tmp_path):
         skimfx.compile(model, Truncate(layers=2, calibration=str(tmp_path / "missing.safetensors")))
     with pytest.raises(ValueError, match="removes"):
         skimfx.compile(model, [skimfx.SnapKV(budget=16, window=4), Truncate(layers=2)])
-    # a KV policy on the kept layers composes (recipes name their layers against the whole model)
+    # a KV policy on the kept layers composes; after Truncate, "every layer" means every layer that is left
     cm = skimfx.compile(model, [Truncate(layers=2), skimfx.SnapKV(budget=16, window=4, layers=(0, 1))])
     assert sorted(cm.program.policies) == [0, 1] and cm.program.info.num_layers == 2
+    every = skimfx.compile(model, "truncate:layers=2+snapkv:budget=16,window=4")
+    assert every.program.policies == cm.program.policies
+    prompt = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert every.generate(prompt, max_new_tokens=6).tokens == cm.generate(prompt, max_new_tokens=6).tokens
     with pytest.raises(ValueError, match="layer 2 is out of range"):
-        skimfx.compile(model, [Truncate(layers=2), skimfx.SnapKV(budget=16, window=4)])
+        skimfx.compile(model, [Truncate(layers=2), skimfx.SnapKV(budget=16, window=4, layers=(1, 2))])
 
 
 @pytest.mark.slow
