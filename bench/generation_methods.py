@@ -7,8 +7,8 @@
    method: accuracy, tokens sampled over all chains, wall time.
 2. Activation-Steered Compression (Azizi et al. 2025): the steering vector from 100 (quick: 20) pairs of
    verbose / concise answers to such questions (built from templates, drawn with another seed than the evaluation
-   questions), alpha chosen under a KL bound; answer length (tokens to EOS) and accuracy, greedy, steered
-   vs dense.
+   questions), alpha chosen under a KL bound, the layer chosen on validation questions (a third seed); answer
+   length (tokens to EOS) and accuracy, greedy, steered vs dense.
 3. Sorted sub-models (Truncate): the first k layers + the head, raw (the model's own norm and head on layer
    k-1) and through a ridge exit adapter (``calibrate_exits``), vs the full model: perplexity and top-1
    agreement with the full model on held-out text, and decode tokens/s.
@@ -62,7 +62,9 @@ def questions(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 def steering_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
-    """(question, verbose answer, concise answer) over the same kinds of question (other numbers and names)."""
+    """(question, verbose answer, concise answer) over the same kinds of question (other numbers and names): the
+    same content at two lengths, so that their difference is the verbosity (a bare number as the concise side
+    would also carry "a number, not a sentence")."""
     pairs = []
     for kind, q, ans in questions(n, seed):
         if kind == "add":
@@ -70,13 +72,15 @@ def steering_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
             verbose = (f"Let's work this out step by step. We need to add {a} and {b}. Starting from {a} and "
                        f"counting up {b} more, we reach {ans}. We can check it: {ans} minus {b} is {a}, so the sum "
                        f"is right. Therefore, the final answer is {ans}.")
+            concise = f"{a} + {b} = {ans}."
         else:
             who = q.split("What is ")[1].split("'s")[0]
             verbose = (f"To answer this question, I need to look carefully at the information given. The text lists "
                        f"three people and their numbers. Reading through the list, I find {who}, and the number "
                        f"given for {who} is {ans}. The other numbers belong to other people, so they are not "
                        f"relevant here. So, {who}'s number is {ans}.")
-        pairs.append((q, verbose, ans))
+            concise = f"{who}'s number is {ans}."
+        pairs.append((q, verbose, concise))
     return pairs
 
 
@@ -135,44 +139,75 @@ def bench_shortmk(model, tok, args) -> None:
                                        "temperature": args.temperature}, args.out)
 
 
+def _answers(cm, tok, qs, new: int) -> dict:
+    """Greedy answers to ``qs``: mean length in tokens, accuracy, share ended by EOS, lengths."""
+    lengths, ok, stopped = [], 0, 0
+    for _, q, ans in qs:
+        g = cm.generate(chat_ids(tok, q), max_new_tokens=new)
+        lengths.append(len(g.tokens[0]))
+        ok += correct(tok.decode(g.tokens[0], skip_special_tokens=True), ans)
+        stopped += g.finish_reasons[0] == "stop"
+    return dict(mean_tokens=sum(lengths) / len(qs), accuracy=ok / len(qs), stopped=stopped / len(qs),
+                lengths=lengths)
+
+
 def bench_steer(model, tok, args) -> None:
+    """The layer is chosen on validation questions (another seed than both the pairs and the test questions):
+    among the candidate layers, the shortest answers whose validation accuracy is at least dense's (else the
+    most accurate); then dense and the chosen steering answer the test questions."""
     n_pairs = 20 if args.quick else 100
     n = 6 if args.quick else args.questions
+    n_val = 6 if args.quick else 12
     new = 48 if args.quick else 96
-    layer = args.steer_layer
-    t0 = time.perf_counter()
-    cal = skimfx.calibrate_steering(model, steering_pairs(n_pairs, seed=7), tokenizer=tok, layer=layer,
-                                    kl_bound=args.kl_bound, kl_pairs=8 if args.quick else 32)
-    cal_s = time.perf_counter() - t0
-    qs = questions(n, seed=1)
+    L = model.config.num_hidden_layers
+    layers = [args.steer_layer] if args.steer_layer is not None else sorted({L // 6, L // 3, L // 2, 2 * L // 3})
     dense = skimfx.compile(model, tokenizer=tok)
-    modes = {"dense": dense, f"steered (alpha {cal.alpha:.3g})": skimfx.compile(model, Steer(steering=cal), tokenizer=tok)}
-    rows = []
-    for name, cm in modes.items():
-        lengths, ok, stopped = [], 0, 0
-        for _, q, ans in qs:
-            g = cm.generate(chat_ids(tok, q), max_new_tokens=new)
-            lengths.append(len(g.tokens[0]))
-            ok += correct(tok.decode(g.tokens[0], skip_special_tokens=True), ans)
-            stopped += g.finish_reasons[0] == "stop"
-        rows.append(dict(mode=name, mean_tokens=sum(lengths) / n, accuracy=ok / n, stopped=stopped / n,
-                         lengths=lengths))
+    val_qs = questions(n_val, seed=3)
+    val_dense = _answers(dense, tok, val_qs, new)
+    t0 = time.perf_counter()
+    tried = []
+    for layer in layers:
+        cal = skimfx.calibrate_steering(model, steering_pairs(n_pairs, seed=7), tokenizer=tok, layer=layer,
+                                        kl_bound=args.kl_bound, kl_pairs=8 if args.quick else 32)
+        val = _answers(skimfx.compile(model, Steer(steering=cal), tokenizer=tok), tok, val_qs, new)
+        tried.append((cal, val))
+        print(f"layer {layer}: alpha {cal.alpha:.3g}, validation {val['mean_tokens']:.1f} tokens "
+              f"(dense {val_dense['mean_tokens']:.1f}), accuracy {val['accuracy']:.0%} ({val_dense['accuracy']:.0%})",
+              flush=True)
+    cal_s = time.perf_counter() - t0
+    ok = [t for t in tried if t[1]["accuracy"] >= val_dense["accuracy"]]
+    cal, _ = min(ok, key=lambda t: t[1]["mean_tokens"]) if ok else max(tried, key=lambda t: t[1]["accuracy"])
+    qs = questions(n, seed=1)
+    rows = [dict(mode="dense", **_answers(dense, tok, qs, new)),
+            dict(mode=f"steered after layer {cal.layer} (alpha {cal.alpha:.3g})",
+                 **_answers(skimfx.compile(model, Steer(steering=cal), tokenizer=tok), tok, qs, new))]
     lines = [f"# Activation-Steered Compression — SmolLM2-135M-Instruct ({n} questions{', quick run' if args.quick else ''})",
-             "", f"Steering vector after layer {cal.layer} from {cal.pairs} (verbose, concise) answer pairs; alpha "
-             f"{cal.alpha:.3g} chosen for a mean next-token KL of at most {cal.kl_bound} nats to the unsteered model "
-             f"(measured: {cal.kl:.4f} nats{'' if cal.bound_reached else '; the bound was not reached below max_alpha'}); "
-             f"|alpha v| = {cal.alpha * float(cal.vector.norm()):.3g} against a residual norm of {cal.norm:.3g}. "
-             f"Calibration: {cal_s:.0f} s. Greedy answers, up to {new} new tokens.", "",
+             "", f"Steering vectors from {cal.pairs} (verbose, concise) answer pairs (the same answer as one sentence and "
+             f"as a paragraph), one per candidate layer; alpha for each chosen for a mean next-token KL of at most "
+             f"{cal.kl_bound} nats to the unsteered model. The layer is chosen on {n_val} validation questions (a "
+             "third seed): the shortest answers at no loss of validation accuracy. Chosen: layer "
+             f"{cal.layer}, alpha {cal.alpha:.3g} (measured KL {cal.kl:.4f} nats"
+             f"{'' if cal.bound_reached else '; the bound was not reached below max_alpha'}); |alpha v| = "
+             f"{cal.alpha * float(cal.vector.norm()):.3g} against a residual norm of {cal.norm:.3g}. Calibration and "
+             f"layer choice: {cal_s:.0f} s. Greedy answers, up to {new} new tokens, on {n} test questions.", "",
              "| mode | mean answer tokens | answer tokens vs dense | accuracy | ended by EOS |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['mean_tokens']:.1f} | {r['mean_tokens'] / rows[0]['mean_tokens']:.2f} | "
                      f"{r['accuracy']:.0%} | {r['stopped']:.0%} |")
-    lines += ["", "KL by alpha (mean over the calibration positions): "
+    lines += ["", f"Layer choice (validation, dense: {val_dense['mean_tokens']:.1f} tokens, accuracy "
+              f"{val_dense['accuracy']:.0%}):", "",
+              "| layer | alpha | KL (nats) | validation tokens vs dense | validation accuracy |", "|---:|---:|---:|---:|---:|"]
+    for c, v in tried:
+        lines.append(f"| {c.layer} | {c.alpha:.3g} | {c.kl:.4f} | {v['mean_tokens'] / val_dense['mean_tokens']:.2f} | "
+                     f"{v['accuracy']:.0%} |")
+    lines += ["", "KL by alpha at the chosen layer (mean over the calibration positions): "
               + ", ".join(f"{a:.3g}: {k:.4f}" for a, k in cal.curve) + ".",
               "", f"Accuracy over {n} questions of a 135M model is noisy: one question moves it by {1 / n:.0%}."]
     save("generation_steer", lines, {"rows": rows, "layer": cal.layer, "alpha": cal.alpha, "kl": cal.kl,
                                      "kl_bound": cal.kl_bound, "curve": cal.curve, "pairs": cal.pairs,
-                                     "calibration_s": cal_s}, args.out)
+                                     "calibration_s": cal_s, "validation_dense": val_dense,
+                                     "layers": [dict(layer=c.layer, alpha=c.alpha, kl=c.kl, **v) for c, v in tried]},
+         args.out)
 
 
 def _quality(cm, full, docs: list[list[int]]) -> tuple[float, float]:
@@ -284,8 +319,9 @@ def main() -> None:
     ap.add_argument("--only", choices=("shortmk", "steer", "truncate", "hogwild"), action="append")
     ap.add_argument("--questions", type=int, default=40)
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--kl-bound", type=float, default=0.1)
-    ap.add_argument("--steer-layer", type=int, default=15)
+    ap.add_argument("--kl-bound", type=float, default=0.2)
+    ap.add_argument("--steer-layer", type=int, default=None, help="one layer instead of choosing among L/6, L/3, "
+                    "L/2, 2L/3 on validation questions")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
