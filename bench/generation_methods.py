@@ -106,7 +106,7 @@ def bench_shortmk(model, tok, args) -> None:
                 g = cm.generate(p, max_new_tokens=new)
                 tokens = len(g.tokens[0])
             else:       # the same seed per question: every voting rule sees the same 8 chains (as far as it runs them)
-                g = cm.generate(p, max_new_tokens=new, temperature=args.temperature, seed=100 + i)
+                g = cm.generate(p, max_new_tokens=new, temperature=args.temperature, top_p=args.top_p, seed=100 + i)
                 tokens = g.votes[0].tokens_generated
             dt = time.perf_counter() - t0
             ok = correct(tok.decode(g.tokens[0], skip_special_tokens=True), ans)
@@ -119,7 +119,8 @@ def bench_shortmk(model, tok, args) -> None:
             k[1] += 1
     base = rows["majority@8"]
     lines = [f"# short-m@k vs majority voting — SmolLM2-135M-Instruct ({n} questions{', quick run' if args.quick else ''})",
-             "", f"k = 8 chains sampled at temperature {args.temperature}, up to {new} new tokens each, over one shared "
+             "", f"k = 8 chains sampled at temperature {args.temperature} (top-p {args.top_p}), up to {new} new tokens "
+             "each, over one shared "
              "prefill; the first m to finish vote on the last number of their text (ties: the shortest chain). "
              "Half the questions are additions of two numbers up to 12, half recall one of three numbers given in "
              "the prompt. The same seed per question for every voting rule, so short-m@8 runs a prefix of "
@@ -136,7 +137,7 @@ def bench_shortmk(model, tok, args) -> None:
               "Wall time is measured on a shared CPU (load from other processes varies during the run); the "
               "token counts do not depend on it."]
     save("generation_shortmk", lines, {"rows": list(rows.values()), "questions": n, "max_new_tokens": new,
-                                       "temperature": args.temperature}, args.out)
+                                       "temperature": args.temperature, "top_p": args.top_p}, args.out)
 
 
 def _answers(cm, tok, qs, new: int) -> dict:
@@ -319,6 +320,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("shortmk", "steer", "truncate", "hogwild"), action="append")
     ap.add_argument("--questions", type=int, default=40)
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling for short-m@k's chains")
     ap.add_argument("--kl-bound", type=float, default=0.2)
     ap.add_argument("--steer-layer", type=int, default=None, help="one layer instead of choosing among L/6, L/3, "
                     "L/2, 2L/3 on validation questions")
