@@ -254,7 +254,8 @@ def main() -> None:
 
     def recipe_for(method: str, ratio: float, n_kept: int, roll: bool = False):
         kvzip = KVzip(budget=n_kept, sinks=sinks)
-        return {"snapkv": lambda: SnapKV(budget=n_kept, window=args.window),
+        window = min(args.window, n_kept // 2)      # skimfx keeps the window, so it must fit in the budget
+        return {"snapkv": lambda: SnapKV(budget=n_kept, window=window),
                 "streamingllm": lambda: StreamingLLM(recent=n_kept - sinks, sinks=sinks, evict_during_decode=False),
                 "tova": lambda: TOVA(budget=n_kept, evict_during_decode=False),
                 "knorm": lambda: Knorm(budget=n_kept),
@@ -267,7 +268,7 @@ def main() -> None:
                                              chunk=CHUNK, sentence_reduce="mean"),
                 "duo_attention": lambda: duo_cal.recipe(streaming=ratio, evict_during_decode=roll),
                 "sentencekv": lambda: SentenceKV(budget=n_kept),
-                "snapkv_sentence": lambda: SnapKV(budget=n_kept, window=args.window, granularity="sentence"),
+                "snapkv_sentence": lambda: SnapKV(budget=n_kept, window=window, granularity="sentence"),
                 "kvzip_uniform": lambda: kvzip,
                 "kvzip_local_256": lambda: KVzip(budget=n_kept, sinks=sinks, scope="local", chunk=256),
                 "kvzip_local_128": lambda: KVzip(budget=n_kept, sinks=sinks, scope="local", chunk=128)}[method]()
