@@ -571,10 +571,8 @@ class KeyDiff(KeyRuleRecipe):
 # KVzip: scores from a reconstruction of the prompt
 # ----------------------------------------------------------------------------------------------
 KVZIP_PROMPT = "\n\nRepeat the previous context exactly."
-KVZIP_SCOPES = ("chunk", "full", "local")
-
-
 KVZIP_REPEAT = "\n\nRepeat the part of the previous context exactly, starting with"
+KVZIP_SCOPES = ("chunk", "full", "local")
 
 
 def kvzip_prompt_ids(tokenizer, text: str = KVZIP_PROMPT) -> tuple[int, ...]:
@@ -658,6 +656,7 @@ class KVzip(KVRecipe):
     header_ids: tuple[int, ...] | int = ()
     layers: tuple[int, ...] | int | None = None
     name = "kvzip"
+    TEMPLATE = ("prompt_ids", "repeat_ids", "suffix_ids", "header_ids")     # the reconstruction prompts' fields
 
     def __post_init__(self):
         amount_ok("budget", self.budget)
@@ -683,8 +682,6 @@ class KVzip(KVRecipe):
     @property
     def budget_total(self):
         return self.budget
-
-    TEMPLATE = ("prompt_ids", "repeat_ids", "suffix_ids", "header_ids")
 
     def with_tokenizer(self, tokenizer) -> "KVzip":
         """With no reconstruction prompts given, KVzip's (``kvzip_template_ids``) in the tokenizer's vocabulary."""

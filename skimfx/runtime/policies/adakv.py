@@ -53,12 +53,6 @@ def adaptive_masks(scores: list[torch.Tensor], n: list[list[int]], budget: list[
     return out
 
 
-def adaptive_head_masks(scores: torch.Tensor, n: list[int], budget: list[int], alpha: float) -> torch.Tensor:
-    """AdaKV's kept pairs over the heads of one layer: ``scores [B, Hkv, S]`` -> bool [B, Hkv, S]
-    (``adaptive_masks`` for one layer)."""
-    return adaptive_masks([scores], [n], [budget], alpha)[0]
-
-
 _NOTHING = object()      # a pooled layer's report: it evicts nothing this time
 
 
