@@ -158,7 +158,7 @@ def bench_steer(model, tok, args) -> None:
     most accurate); then dense and the chosen steering answer the test questions."""
     n_pairs = 20 if args.quick else 100
     n = 6 if args.quick else args.questions
-    n_val = 6 if args.quick else 12
+    n_val = 6 if args.quick else args.questions       # as many as the test: 12 chose a layer that did not transfer
     new = 48 if args.quick else 96
     L = model.config.num_hidden_layers
     layers = [args.steer_layer] if args.steer_layer is not None else sorted({L // 6, L // 3, L // 2, 2 * L // 3})

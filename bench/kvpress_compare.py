@@ -19,15 +19,17 @@ tensors after prefill (which then grow by concatenation). DuoAttention with the 
 (skimfx's default) is reported for quality and bytes only (kvpress has no such mode).
 
 A second table runs skimfx's own recipes at the same kept fractions (no kvpress counterpart: SentenceKV,
-SnapKV over whole sentences, KVzip with uniform per-head budgets, and the cheaper KVzip reconstruction
-``scope=local`` with short chunks), with the extra prefill time each costs over dense prefill (median over the
-prompts, same process).
+SnapKV over whole sentences, KVzip with uniform per-head budgets, KVzip with its one threshold over the
+model, timed, and the cheaper KVzip reconstruction ``scope=local`` with short chunks under the same
+threshold), with the extra prefill time each costs over dense prefill (median over the prompts, same process).
 
 kvpress needs transformers < 5.3, so it runs in a separate environment; this script drives it:
 
     python3 -m venv /tmp/kvp && /tmp/kvp/bin/pip install torch==2.13.0 "kvpress==0.5.5" "transformers<5.3" accelerate
     python bench/kvpress_compare.py --kvpress-python /tmp/kvp/bin/python           # full run
     python bench/kvpress_compare.py --kvpress-python /tmp/kvp/bin/python --quick   # 1 prompt, 8 tokens, one ratio
+    python bench/kvpress_compare.py --kvpress-python /tmp/kvp/bin/python --methods snapkv --ours "" --update
+                                                       # re-run one method; its rows replace the old ones
 
 The kvpress half (``--side kvpress``) imports only torch, transformers and kvpress.
 Writes bench/results/kvpress_compare.{md,json} (``--quick``: bench/results/quick/).
@@ -46,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METHODS = ("snapkv", "streamingllm", "tova", "knorm", "keydiff", "expected_attention", "adakv", "kvzip",
            "kvzip_layerwise", "chunkkv_tova", "duo_attention")
-OURS = ("sentencekv", "snapkv_sentence", "kvzip_uniform", "kvzip_local_256", "kvzip_local_128")
+OURS = ("sentencekv", "snapkv_sentence", "kvzip_uniform", "kvzip_model", "kvzip_local_256", "kvzip_local_128")
 CHUNK = 20          # ChunkKVPress's default chunk length
 
 
@@ -175,6 +177,8 @@ def main() -> None:
     ap.add_argument("--duo-recent", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1 prompt, 8 new tokens, one ratio (a smoke test)")
+    ap.add_argument("--update", action="store_true", help="merge this run's rows into the existing results "
+                    "(replacing the same method and ratio) instead of starting new tables; e.g. re-run one method")
     ap.add_argument("--reuse-kvpress", action="store_true", help="reuse the kvpress side's output of the last run "
                     "with the same settings (kept next to the results as .kvpress_out.json)")
     args = ap.parse_args()
@@ -246,6 +250,16 @@ def main() -> None:
     kvp = json.loads(kvp_path.read_text())
     print(f"kvpress side: {time.time() - t0:.0f} s" + (" (reused)" if same else ""))
 
+    results = out_dir / "kvpress_compare.json"
+    previous = json.loads(results.read_text()) if args.update and results.exists() else {}
+
+    def merged(rows, own):
+        return _merge(previous.get("pairs", []), rows), _merge(previous.get("skimfx", []), own)
+
+    def save_partial(rows, own):                    # after every row, so that a stopped run keeps what it measured
+        pairs, ours = merged(rows, own)
+        results.write_text(json.dumps({"pairs": pairs, "skimfx": ours}, indent=1))
+
     dense_cm = skimfx.compile(model, tokenizer=tok)
     dense_cm.generate([prompts[0]], max_new_tokens=2, stop_tokens=[])                 # warm-up
     dense = [dense_cm.generate([p], max_new_tokens=args.new_tokens, stop_tokens=[]) for p in prompts]
@@ -254,7 +268,8 @@ def main() -> None:
 
     def recipe_for(method: str, ratio: float, n_kept: int, roll: bool = False):
         kvzip = KVzip(budget=n_kept, sinks=sinks)
-        window = min(args.window, n_kept // 2)      # skimfx keeps the window, so it must fit in the budget
+        # skimfx always keeps the window, so it must fit in the budget (kvpress's window then has no counterpart)
+        window = args.window if args.window < n_kept else n_kept // 2
         return {"snapkv": lambda: SnapKV(budget=n_kept, window=window),
                 "streamingllm": lambda: StreamingLLM(recent=n_kept - sinks, sinks=sinks, evict_during_decode=False),
                 "tova": lambda: TOVA(budget=n_kept, evict_during_decode=False),
@@ -270,8 +285,12 @@ def main() -> None:
                 "sentencekv": lambda: SentenceKV(budget=n_kept),
                 "snapkv_sentence": lambda: SnapKV(budget=n_kept, window=window, granularity="sentence"),
                 "kvzip_uniform": lambda: kvzip,
-                "kvzip_local_256": lambda: KVzip(budget=n_kept, sinks=sinks, scope="local", chunk=256),
-                "kvzip_local_128": lambda: KVzip(budget=n_kept, sinks=sinks, scope="local", chunk=128)}[method]()
+                "kvzip_model": lambda: AdaKV(scorer=kvzip, alpha=0.0, share="model"),
+                # the cheaper reconstruction, under KVzip's own allocation (one threshold over the model)
+                "kvzip_local_256": lambda: AdaKV(scorer=KVzip(budget=n_kept, sinks=sinks, scope="local", chunk=256),
+                                                 alpha=0.0, share="model"),
+                "kvzip_local_128": lambda: AdaKV(scorer=KVzip(budget=n_kept, sinks=sinks, scope="local", chunk=128),
+                                                 alpha=0.0, share="model")}[method]()
 
     def kept_count(r) -> int:
         """kvpress's kept pairs per KV head, on average over the heads and layers (AdaKV, KVzip: uneven)."""
@@ -328,7 +347,7 @@ def main() -> None:
                          "kv_bytes_kvpress": theirs_bytes / n, "kv_bytes_kvpress_dense": kvp_dense / n,
                          "ttft_kvpress_s": sorted(r["ttft_s"] for r in ref)[n // 2]})
             print(rows[-1], flush=True)
-            (out_dir / "kvpress_compare.json").write_text(json.dumps({"pairs": rows}, indent=1))
+            save_partial(rows, [])
 
     # skimfx's own recipes at the same kept fractions, with the prefill time they add over dense
     own = []
@@ -351,8 +370,15 @@ def main() -> None:
                         "kv_bytes": nbytes / n, "kv_bytes_dense": dbytes / n,
                         "ttft_s": sorted(ttft)[n // 2], "ttft_dense_s": dense_ttft})
             print(own[-1], flush=True)
-            (out_dir / "kvpress_compare.json").write_text(json.dumps({"pairs": rows, "skimfx": own}, indent=1))
-    write(rows, own, args, out_dir, duo_seconds)
+            save_partial(rows, own)
+    write(*merged(rows, own), args, out_dir, duo_seconds if duo_cal is not None else previous.get("duo_seconds", 0.0))
+
+
+def _merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each (method, ratio) that ``new`` also has replaced by the new row, in the old order."""
+    fresh = {(r["method"], r["ratio"]): r for r in new}
+    out = [fresh.pop((r["method"], r["ratio"]), r) for r in old]
+    return out + list(fresh.values())
 
 
 def _agree(a: list[int], b: list[int]) -> float:
@@ -364,8 +390,9 @@ def _agree(a: list[int], b: list[int]) -> float:
 LABELS = {"kvzip": "kvzip (one threshold over the model)", "kvzip_layerwise": "kvzip (per-layer budgets)",
           "chunkkv_tova": "chunkkv over tova (chunks of 20)", "adakv": "adakv over expected_attention",
           "sentencekv": "SentenceKV", "snapkv_sentence": "SnapKV, whole sentences",
-          "kvzip_uniform": "KVzip, uniform per head", "kvzip_local_256": "KVzip local, chunks of 256 (cheaper)",
-          "kvzip_local_128": "KVzip local, chunks of 128 (cheaper)"}
+          "kvzip_uniform": "KVzip, uniform per head", "kvzip_model": "KVzip, one threshold over the model (timed)",
+          "kvzip_local_256": "KVzip local, chunks of 256 (cheaper; one threshold)",
+          "kvzip_local_128": "KVzip local, chunks of 128 (cheaper; one threshold)"}
 
 
 def write(rows, own, args, out_dir: Path, duo_seconds: float) -> None:
@@ -427,7 +454,8 @@ def write(rows, own, args, out_dir: Path, duo_seconds: float) -> None:
                          f"{extra:+.0%} |")
     lines += [""] + summary(rows, own)
     (out_dir / "kvpress_compare.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "kvpress_compare.json").write_text(json.dumps({"pairs": rows, "skimfx": own}, indent=1))
+    (out_dir / "kvpress_compare.json").write_text(json.dumps({"pairs": rows, "skimfx": own,
+                                                              "duo_seconds": duo_seconds}, indent=1))
     print("\n".join(lines))
     from _results import finish
 
@@ -446,29 +474,33 @@ def summary(rows, own) -> list[str]:
     if rows or own:
         ratio = max(r["ratio"] for r in rows + own)
         kvzip = [r for r in rows if r["method"] == "kvzip" and r["ratio"] == ratio]
+        # (accuracy, name, allocated share of dense's KV bytes, kept share of the prompt's KV pairs, method)
         cands = [(r["accuracy_skimfx"], LABELS.get(r["method"], r["method"]), r["kv_bytes_skimfx"] /
-                  r["kv_bytes_skimfx_dense"]) for r in rows if r["ratio"] == ratio and "rolling" not in r["method"]]
-        cands += [(r["accuracy"], LABELS.get(r["method"], r["method"]), r["kv_bytes"] / r["kv_bytes_dense"])
-                  for r in own if r["ratio"] == ratio]
+                  r["kv_bytes_skimfx_dense"], r["kept_fraction_skimfx"], r["method"])
+                 for r in rows if r["ratio"] == ratio and "rolling" not in r["method"]]
+        cands += [(r["accuracy"], LABELS.get(r["method"], r["method"]), r["kv_bytes"] / r["kv_bytes_dense"],
+                   r["kept_fraction"], r["method"]) for r in own if r["ratio"] == ratio]
         if cands:
-            acc, name, share = max(cands, key=lambda c: (c[0], -c[2]))
+            acc, name, share, kept, method = max(cands, key=lambda c: (c[0], -c[2]))
             best_kvp = max(((r["accuracy_kvpress"], LABELS.get(r["method"], r["method"])) for r in rows
                             if r["ratio"] == ratio), default=None)
-            text = f"- At {1 - ratio:.0%} kept: skimfx's best is {name}, accuracy {acc:.0%} holding {share:.1%} of " \
-                   "dense KV bytes (allocated, incl. room for the generated tokens)"
+            text = f"- At {1 - ratio:.0%} kept: skimfx's best is {name}, accuracy {acc:.0%}; its cache holds " \
+                   f"{kept:.1%} of the prompt's KV pairs and {share:.1%} of dense's KV bytes as allocated after " \
+                   "prefill (both with room for the generated tokens)" + \
+                   (" (the whole prompt's KV is offloaded to host memory)" if method == "sentencekv" else "")
             if kvzip:
                 text += f"; kvpress's KVzipPress {kvzip[0]['accuracy_kvpress']:.0%}"
             if best_kvp:
                 text += f"; kvpress's best press {best_kvp[1]} {best_kvp[0]:.0%}"
             out.append(text + ".")
-    full = {r["ratio"]: r for r in own if r["method"] == "kvzip_uniform"}
+    full = {r["ratio"]: r for r in own if r["method"] == "kvzip_model"}
     for r in own:
         if r["method"].startswith("kvzip_local") and r["ratio"] in full:
             f = full[r["ratio"]]
             ef, el = f["ttft_s"] / f["ttft_dense_s"] - 1, r["ttft_s"] / r["ttft_dense_s"] - 1
             cost = f"{el / ef:.0%} of the full reconstruction's extra prefill" if ef > 0 else "extra prefill n/a"
             out.append(f"- {LABELS[r['method']]} at ratio {r['ratio']:g}: accuracy {r['accuracy']:.0%} vs full KVzip "
-                       f"{f['accuracy']:.0%} (uniform per head), {cost}.")
+                       f"{f['accuracy']:.0%} (the same allocation), {cost}.")
     return out
 
 

@@ -38,8 +38,12 @@ from ...kernels import attention, gather_kv
 from .base import register
 from .evicting import EvictingPolicy
 
-# logits held at once when scoring (float32): a block of queries at a time against every key
-_BLOCK_ELEMENTS = 1 << 24
+# logits held at once when scoring (float32): a block of queries at a time against every key. A block's
+# logits pass through mask, softmax and max one after another, so on a CPU a block that stays in cache
+# (4 MiB) is ~2.5x faster than a large one (1k-token prompt: 25 vs 67 ms per layer); a GPU wants few, large
+# blocks. The blocking does not change the result (each query's softmax is whole within a block).
+_BLOCK_ELEMENTS = {"cpu": 1 << 20}
+_BLOCK_ELEMENTS_DEFAULT = 1 << 24
 
 
 def max_attention_received(q: torch.Tensor, keys: torch.Tensor, q_start: torch.Tensor, kv_len: torch.Tensor,
@@ -61,7 +65,7 @@ def max_attention_received(q: torch.Tensor, keys: torch.Tensor, q_start: torch.T
     kt = keys.float().transpose(-1, -2)                                            # [B, Hkv, D, S]
     j = torch.arange(S, device=dev)
     out = torch.zeros(B, Hkv, S, dtype=torch.float32, device=dev)
-    step = max(1, _BLOCK_ELEMENTS // max(1, B * Hq * S))
+    step = max(1, _BLOCK_ELEMENTS.get(dev.type, _BLOCK_ELEMENTS_DEFAULT) // max(1, B * Hq * S))
     for t0 in range(0, T, step):
         w = min(step, T - t0)
         # the GQA group's queries share one matmul with their KV head (keys are never repeated)
