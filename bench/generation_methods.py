@@ -1,4 +1,4 @@
-"""Generation-time methods vs their baselines on SmolLM2-135M-Instruct, each baseline in the same process.
+"""Generation-time methods vs their baselines on SmolLM2-135M-Instruct (``--model``: another embedded model), each baseline in the same process.
 
 1. short-m@k (Hassid et al. 2025): k=8 sampled answers sharing one prefill, the first m=3 to finish vote,
    against majority voting over all 8 (majority@8), short-1@8 and one greedy answer. Task with a checkable
@@ -40,6 +40,15 @@ from _results import RESULTS, save
 from skimfx import Hogwild, ShortMK, Steer, Truncate, hogwild_prompt
 from skimfx.eval import chat_ids
 from skimfx.recipes.generation import last_number
+
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct",
+               "gemma3-270m": "Gemma 3 270M"}
+
+
+def stem(args, name: str) -> str:
+    """Result file name: the method's, plus the model's when it is not the default one."""
+    return name if args.model == "smollm2-135m" else f"{name}_{args.model}"
+
 
 NAMES = ["Anna", "Ben", "Carl", "Dora", "Emil", "Fay", "Gus", "Hana", "Ivan", "Jill", "Kurt", "Lena"]
 
@@ -118,7 +127,7 @@ def bench_shortmk(model, tok, args) -> None:
             k[0] += ok
             k[1] += 1
     base = rows["majority@8"]
-    lines = [f"# short-m@k vs majority voting — SmolLM2-135M-Instruct ({n} questions{', quick run' if args.quick else ''})",
+    lines = [f"# short-m@k vs majority voting — {args.model_name} ({n} questions{', quick run' if args.quick else ''})",
              "", f"k = 8 chains sampled at temperature {args.temperature} (top-p {args.top_p}), up to {new} new tokens "
              "each, over one shared "
              "prefill; the first m to finish vote on the last number of their text (ties: the shortest chain). "
@@ -133,10 +142,10 @@ def bench_shortmk(model, tok, args) -> None:
         lines.append(f"| {r['method']} | {r['accuracy']:.0%} | {kinds.get('add', float('nan')):.0%} | "
                      f"{kinds.get('recall', float('nan')):.0%} | {r['tokens']} | {r['tokens'] / base['tokens']:.2f} | "
                      f"{r['seconds']:.1f} | {r['seconds'] / base['seconds']:.2f} |")
-    lines += ["", f"Accuracy over {n} questions of a 135M model is noisy: one question moves it by {1 / n:.0%}. "
+    lines += ["", f"Accuracy over {n} questions of a small model is noisy: one question moves it by {1 / n:.0%}. "
               "Wall time is measured on a shared CPU (load from other processes varies during the run); the "
               "token counts do not depend on it."]
-    save("generation_shortmk", lines, {"rows": list(rows.values()), "questions": n, "max_new_tokens": new,
+    save(stem(args, "generation_shortmk"), lines, {"rows": list(rows.values()), "questions": n, "max_new_tokens": new,
                                        "temperature": args.temperature, "top_p": args.top_p}, args.out)
 
 
@@ -182,7 +191,7 @@ def bench_steer(model, tok, args) -> None:
     rows = [dict(mode="dense", **_answers(dense, tok, qs, new)),
             dict(mode=f"steered after layer {cal.layer} (alpha {cal.alpha:.3g})",
                  **_answers(skimfx.compile(model, Steer(steering=cal), tokenizer=tok), tok, qs, new))]
-    lines = [f"# Activation-Steered Compression — SmolLM2-135M-Instruct ({n} questions{', quick run' if args.quick else ''})",
+    lines = [f"# Activation-Steered Compression — {args.model_name} ({n} questions{', quick run' if args.quick else ''})",
              "", f"Steering vectors from {cal.pairs} (verbose, concise) answer pairs (the same answer as one sentence and "
              f"as a paragraph), one per candidate layer; alpha for each chosen for a mean next-token KL of at most "
              f"{cal.kl_bound} nats to the unsteered model. The layer is chosen on {n_val} validation questions (a "
@@ -203,8 +212,8 @@ def bench_steer(model, tok, args) -> None:
                      f"{v['accuracy']:.0%} |")
     lines += ["", "KL by alpha at the chosen layer (mean over the calibration positions): "
               + ", ".join(f"{a:.3g}: {k:.4f}" for a, k in cal.curve) + ".",
-              "", f"Accuracy over {n} questions of a 135M model is noisy: one question moves it by {1 / n:.0%}."]
-    save("generation_steer", lines, {"rows": rows, "layer": cal.layer, "alpha": cal.alpha, "kl": cal.kl,
+              "", f"Accuracy over {n} questions of a small model is noisy: one question moves it by {1 / n:.0%}."]
+    save(stem(args, "generation_steer"), lines, {"rows": rows, "layer": cal.layer, "alpha": cal.alpha, "kl": cal.kl,
                                      "kl_bound": cal.kl_bound, "curve": cal.curve, "pairs": cal.pairs,
                                      "calibration_s": cal_s, "validation_dense": val_dense,
                                      "layers": [dict(layer=c.layer, alpha=c.alpha, kl=c.kl, **v) for c, v in tried]},
@@ -256,7 +265,7 @@ def bench_truncate(model, tok, args) -> None:
             cm = skimfx.compile(model, Truncate(layers=d, calibration=c), tokenizer=tok)
             ppl, agr = _quality(cm, full, docs)
             rows.append(dict(layers=d, head=head, ppl=ppl, agreement=agr, tok_s=speed(cm) if c is not None else None))
-    lines = [f"# Sorted sub-models (Truncate) — SmolLM2-135M-Instruct{' (quick run)' if args.quick else ''}", "",
+    lines = [f"# Sorted sub-models (Truncate) — {args.model_name}{' (quick run)' if args.quick else ''}", "",
              f"The first k of {L} layers and the model's own final norm and LM head, on layer k-1's state directly "
              f"(raw) or through a ridge exit adapter fitted by calibrate_exits on {cal.tokens[0]} training tokens. "
              f"Perplexity and top-1 agreement with the full model on {total} held-out tokens ({len(docs)} documents "
@@ -266,7 +275,7 @@ def bench_truncate(model, tok, args) -> None:
     for r in rows:
         tps = "" if r["tok_s"] is None else f"{r['tok_s']:.1f}"
         lines.append(f"| {r['layers']} | {r['head']} | {r['ppl']:.1f} | {r['agreement']:.1%} | {tps} |")
-    save("generation_truncate", lines, {"rows": rows, "held_out_tokens": total, "train_tokens": cal.tokens[0]},
+    save(stem(args, "generation_truncate"), lines, {"rows": rows, "held_out_tokens": total, "train_tokens": cal.tokens[0]},
          args.out)
 
 
@@ -298,7 +307,7 @@ def bench_hogwild(model, tok, args) -> None:
             r["parts"] += len(parts)
         rows.append(r)
     base = rows[0]
-    lines = [f"# Hogwild! workers over one shared cache — SmolLM2-135M-Instruct ({n_tasks} task"
+    lines = [f"# Hogwild! workers over one shared cache — {args.model_name} ({n_tasks} task"
              f"{'s' if n_tasks > 1 else ''}{', quick run' if args.quick else ''})", "",
              f"Each task asks four short questions in one prompt, wrapped in the instructions that tell the workers "
              f"about each other; greedy, up to {new} new tokens per worker, stopping at EOS. One worker is dense "
@@ -311,7 +320,7 @@ def bench_hogwild(model, tok, args) -> None:
                      f"{r['tokens']} | {r['answered']}/{r['parts']} |")
     lines += ["", "The paper's workers are reasoning models of 32B parameters and more; whether a 135M model splits "
               "the work shows in the parts answered. Wall time is measured on a shared CPU."]
-    save("generation_hogwild", lines, {"rows": rows, "tasks": n_tasks, "max_new_tokens": new}, args.out)
+    save(stem(args, "generation_hogwild"), lines, {"rows": rows, "tasks": n_tasks, "max_new_tokens": new}, args.out)
 
 
 def main() -> None:
@@ -325,10 +334,13 @@ def main() -> None:
     ap.add_argument("--steer-layer", type=int, default=None, help="one layer instead of choosing among L/6, L/3, "
                     "L/2, 2L/3 on validation questions")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="smollm2-135m", help="an embedded model; another than smollm2-135m writes "
+                    "generation_<method>_<model>.{md,json}")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
+    args.model_name = MODEL_NAMES.get(args.model, args.model)
     torch.set_num_threads(args.threads)
-    model, tok = skimfx.load_model("smollm2-135m")
+    model, tok = skimfx.load_model(args.model)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     run = {"shortmk": bench_shortmk, "steer": bench_steer, "truncate": bench_truncate, "hogwild": bench_hogwild}
     for name in args.only or run:
