@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--kvpress-python", default=os.environ.get("KVPRESS_PYTHON"))
     ap.add_argument("--model", default="smollm2-135m", help="an embedded model (skimfx.load_model's names); "
-                    "another than smollm2-135m writes kvpress_compare_<model>.{md,json}")
+                    "another model or --length writes kvpress_compare_<model>_<length>.{md,json}")
     ap.add_argument("--task", choices=["niah", "passkey"], default="niah",
                     help="niah: RULER's needle in Paul Graham's essays; passkey: skimfx's own generator")
     ap.add_argument("--prompts", type=int, default=8)
@@ -209,7 +209,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model, tok = skimfx.load_model(args.model)
-    stem = "kvpress_compare" if args.model == "smollm2-135m" else f"kvpress_compare_{args.model}"
+    # the default setting keeps the plain name; every other (model, length) gets its own result files
+    default = args.model == "smollm2-135m" and args.length == 1000
+    stem = "kvpress_compare" if default else f"kvpress_compare_{args.model}_{args.length}"
     if args.task == "niah":
         depths = [i / max(1, args.prompts - 1) for i in range(args.prompts)]
         needles = niah_prompts(tok, args.length, depths=depths, per_depth=1, seed=11)
