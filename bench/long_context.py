@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="keep rows already in the results JSON")
-    ap.add_argument("--redo", default="", help="with --resume: comma-separated labels to measure again at --lengths")
+    ap.add_argument("--redo", default="", help="with --resume: comma-separated labels to measure again at --lengths "
+                    "in --stages")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1k tokens, 2 depths, 3 recipes")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
@@ -139,8 +140,10 @@ def main() -> None:
     def key(r):
         return (r["stage"], r["recipe"], r["length"], r["format"], r["budget"])
 
+    stages = a.stages.split(",")
     redo = [x for x in a.redo.split(",") if x]
-    rows = [r for r in rows if not (r["recipe"] in redo and r["length"] in lengths)]
+    # --redo replaces the rows this run measures again: its stages, its lengths
+    rows = [r for r in rows if not (r["recipe"] in redo and r["length"] in lengths and r["stage"] in stages)]
 
     done = {key(r) for r in rows}
 
@@ -162,7 +165,6 @@ def main() -> None:
               f"{len(r['correct'])} ttft={r['ttft_s']:.1f}s {r['answers']}", flush=True)
         store.write_text(json.dumps({"rows": rows}, indent=1))
 
-    stages = a.stages.split(",")
     if "grid" in stages:
         for i, length in enumerate(lengths):
             table = recipes(length, a.budget)
