@@ -50,6 +50,10 @@ def recipes(length: int, budget: float) -> dict[str, str]:
         # two stages: a coarse cut where the needle starts to rank (25% kept), the final one where it ranks well
         "PromptDistill L10/14 sentence": f"promptdistill:layers=10/14,keep={max(keep, int(0.25 * length))}/{keep},"
                                          "granularity=sentence",
+        # the same two stages scored SnapKV's way: the last 32 queries (the question), softmax, max over heads,
+        # the rule under which the needle ranks best at layers 9-11 (bench/selection_layer.py)
+        "PromptDistill L10/14 sentence w32": f"promptdistill:layers=10/14,keep={max(keep, int(0.25 * length))}/{keep},"
+                                             "granularity=sentence,window=32,softmax=true,heads=max",
         "SnapKV": f"snapkv:budget={budget}",
         "SnapKV sentence": f"snapkv:budget={budget},granularity=sentence",
         "PyramidKV": f"snapkv:budget={budget},pyramid=true",

@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--stem", default="ruler", help="result files <out>/<stem>.{md,json} (another stem keeps the "
+                    "default run's table)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import skimfx
@@ -76,9 +78,9 @@ def main() -> None:
         rel_s = f"{sum(rel) / len(rel):.0%}" if rel else "-"
         lines.append(f"| {r['recipe']} | " + " | ".join(f"{r['scores'][t]:.2f}" for t in tasks) +
                      f" | {rel_s} | {dense['ttft_s'] / r['ttft_s']:.2f}x |")
-    (out / "ruler.md").write_text("\n".join(lines) + "\n")
-    (out / "ruler.json").write_text(json.dumps({"rows": rows, "length": a.length, "samples": a.samples}, indent=1))
-    finish("ruler", out)
+    (out / f"{a.stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{a.stem}.json").write_text(json.dumps({"rows": rows, "length": a.length, "samples": a.samples}, indent=1))
+    finish(a.stem, out)
     print("\n".join(lines))
 
 
