@@ -21,6 +21,14 @@ PAGES = (DOC, ROOT / "docs" / "gpu.md", ROOT / "README.md")      # pages with sc
 PROVENANCE = "Provenance:"
 
 
+def warm_up(model, tok, ids: list[int]) -> None:
+    """One dense prefill of ``ids``: the first prefill of a length in a process pays for allocating its
+    buffers, so the row measured first (usually dense) would otherwise be the slower for it."""
+    import skimfx
+
+    skimfx.compile(model, tokenizer=tok).generate([ids], max_new_tokens=1)
+
+
 def provenance() -> dict:
     """What produced a result: commit (``+dirty`` with uncommitted changes), library versions, machine."""
     def git(*a):

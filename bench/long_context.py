@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from _results import RESULTS, finish, pyplot, save_figure
+from _results import RESULTS, finish, pyplot, save_figure, warm_up
 
 MODEL = "qwen2.5-coder-0.5b"
 N_LAYERS = 24
@@ -39,6 +39,8 @@ def recipes(length: int, budget: float) -> dict[str, str]:
     """Label -> recipe string at ``budget`` (a fraction) of a ``length``-token prompt. Pruning recipes take a
     token count; layer choices scale the papers' settings to this model's 24 layers."""
     keep = max(16, int(budget * length))
+    # two stages: a coarse cut where the needle starts to rank (25% kept), the final one where it ranks well
+    two_stage = f"promptdistill:layers=10/14,keep={max(keep, int(0.25 * length))}/{keep},granularity=sentence"
     return {
         "dense": "",
         "GemFilter L12": f"gemfilter:layer=12,keep={keep}",
@@ -47,13 +49,10 @@ def recipes(length: int, budget: float) -> dict[str, str]:
         "PromptDistill L10 token": f"promptdistill:layers=10,keep={keep}",
         "PromptDistill L12 sentence": f"promptdistill:layers=12,keep={keep},granularity=sentence",
         "PromptDistill L14 sentence": f"promptdistill:layers=14,keep={keep},granularity=sentence",
-        # two stages: a coarse cut where the needle starts to rank (25% kept), the final one where it ranks well
-        "PromptDistill L10/14 sentence": f"promptdistill:layers=10/14,keep={max(keep, int(0.25 * length))}/{keep},"
-                                         "granularity=sentence",
+        "PromptDistill L10/14 sentence": two_stage,
         # the same two stages scored SnapKV's way: the last 32 queries (the question), softmax, max over heads,
         # the rule under which the needle ranks best at layers 9-11 (bench/selection_layer.py)
-        "PromptDistill L10/14 sentence w32": f"promptdistill:layers=10/14,keep={max(keep, int(0.25 * length))}/{keep},"
-                                             "granularity=sentence,window=32,softmax=true,heads=max",
+        "PromptDistill L10/14 sentence w32": two_stage + ",window=32,softmax=true,heads=max",
         "SnapKV": f"snapkv:budget={budget}",
         "SnapKV sentence": f"snapkv:budget={budget},granularity=sentence",
         "PyramidKV": f"snapkv:budget={budget},pyramid=true",
@@ -161,9 +160,7 @@ def main() -> None:
         prompts = niah_prompts(tok, length, depths=depths, per_depth=a.per_depth, seed=a.seed,
                                question_first=q_first, answer_prefix=prefix)
         if length not in warm:
-            # the first prefill of a length in a process pays for allocating its buffers: a dense prefill of
-            # one prompt first, so that the row measured first (usually dense) is not the slower for it
-            skimfx.compile(model, tokenizer=tok).generate([prompts[0].ids], max_new_tokens=1)
+            warm_up(model, tok, prompts[0].ids)
             warm.add(length)
         t, load = time.time(), os.getloadavg()[0]
         r = measure(model, tok, label, recipe, prompts, a.new_tokens if prefix else max(48, a.new_tokens))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from _results import RESULTS, finish
+from _results import RESULTS, finish, warm_up
 
 TASKS = ("niah_single_1", "niah_multikey_1", "vt", "cwe")
 
@@ -49,18 +49,16 @@ def main() -> None:
     tasks = [t for t in a.tasks.split(",") if t]
     model, tok = skimfx.load_model(a.model)
     samples = {t: ruler_samples(t, tok, a.length, a.samples) for t in tasks}
-    # the first prefill of this length in the process pays for allocating its buffers: one dense prefill
-    # first, so that dense (measured first) is not the slower for it
-    skimfx.compile(model, tokenizer=tok).generate([samples[tasks[0]][0].ids], max_new_tokens=1)
+    warm_up(model, tok, samples[tasks[0]][0].ids)
     rows = []
     for label, recipe in recipes.items():
         cm = skimfx.compile(model, recipe or None, tokenizer=tok)
-        row = {"recipe": label, "recipe_string": recipe, "scores": {}, "ttft_s": 0.0, "ttft_by_task": {}}
+        row = {"recipe": label, "recipe_string": recipe, "scores": {}, "ttft_by_task": {}}
         for t in tasks:
             g = cm.generate([s.ids for s in samples[t]], max_new_tokens=a.new_tokens)
             row["scores"][t] = sum(s.score(tok, x) for s, x in zip(samples[t], g.tokens)) / len(samples[t])
-            row["ttft_s"] += g.stats.ttft_s
             row["ttft_by_task"][t] = g.stats.ttft_s
+        row["ttft_s"] = sum(row["ttft_by_task"].values())
         rows.append(row)
         print(f"{label}: {row['scores']} ttft {row['ttft_s']:.0f}s", flush=True)
     out = Path(a.out)
