@@ -35,9 +35,15 @@ import skimfx
 from skimfx.eval.haystack import _haystack_ids, niah_prompts
 
 
-def recipes(length: int, budget: float, layers: tuple[int, int]) -> dict[str, str]:
-    keep_final, keep_coarse = max(16, int(budget * length)), max(32, int(0.25 * length))
-    prune = f"promptdistill:layers={layers[0]}/{layers[1]},keep={keep_coarse}/{keep_final},granularity=sentence"
+def recipes(length: int, budget: float, layers: tuple[int, ...], coarse: tuple[float, ...]) -> dict[str, str]:
+    """The recipes at ``budget`` of a ``length``-token prompt. Pruning selects at ``layers``: the earlier cuts keep
+    the ``coarse`` fractions of the prompt, the last one the budget; every cut scores by the question's window
+    (the last 32 queries, softmax, max over heads: the score under which a needle ranks best early,
+    bench/selection_layer.py)."""
+    keep_final = max(16, int(budget * length))
+    keeps = [max(keep_final, int(f * length)) for f in coarse] + [keep_final]
+    prune = (f"promptdistill:layers={'/'.join(map(str, layers))},keep={'/'.join(map(str, keeps))},"
+             "granularity=sentence,window=32,softmax=true,heads=max")
     kv = f"quest:token_budget={keep_final}"
     spec = "selfspeculative:draft=lookahead"
     return {"dense": "", "pruning": prune, "KV (Quest)": kv, "speculation": spec,
@@ -122,13 +128,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        name, length, new_tokens, layers, needles = "smollm2-135m", 1024, 48, (8, 14), (0.25, 0.75)
+        name, length, new_tokens, layers, coarse, needles = "smollm2-135m", 1024, 48, (8, 14), (0.25,), (0.25, 0.75)
     else:
-        name, length, new_tokens, layers, needles = "qwen2.5-coder-0.5b", args.length, args.new_tokens, (10, 14), \
-            (0.1, 0.35, 0.65, 0.9)
+        # three cuts on the 24-layer model: a lenient one at layer 5, where the needle first ranks in the top
+        # half (50% kept), one at layer 10 where it ranks in the top tenth (25%), the final one at layer 14
+        # (bench/selection_layer.py)
+        name, length, new_tokens, layers, coarse, needles = "qwen2.5-coder-0.5b", args.length, args.new_tokens, \
+            (5, 10, 14), (0.5, 0.25), (0.1, 0.35, 0.65, 0.9)
     model, tok = skimfx.load_model(name)
     eos = tok.eos_token_id
-    recs = recipes(length, args.budget, layers)
+    recs = recipes(length, args.budget, layers, coarse)
     compiled = {label: skimfx.compile(model, r or None, tokenizer=tok) for label, r in recs.items()}
     for label in ("speculation", "stacked"):
         compiled[f"{label}, prompt by prompt"] = skimfx.compile(model, recs[label] + ",batched=false", tokenizer=tok)

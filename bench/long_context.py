@@ -53,6 +53,12 @@ def recipes(length: int, budget: float) -> dict[str, str]:
         # the same two stages scored SnapKV's way: the last 32 queries (the question), softmax, max over heads,
         # the rule under which the needle ranks best at layers 9-11 (bench/selection_layer.py)
         "PromptDistill L10/14 sentence w32": two_stage + ",window=32,softmax=true,heads=max",
+        # three cuts, the same score: a lenient one at layer 5, where the needle first ranks in the top half
+        # (50% kept), the two-stage recipe's at layer 10 (25%) and the final one; 6 layers run on the whole
+        # prompt instead of 11
+        "PromptDistill L5/10/14 sentence w32": f"promptdistill:layers=5/10/14,keep={max(keep, int(0.5 * length))}/"
+                                               f"{max(keep, int(0.25 * length))}/{keep},granularity=sentence,"
+                                               "window=32,softmax=true,heads=max",
         "SnapKV": f"snapkv:budget={budget}",
         "SnapKV sentence": f"snapkv:budget={budget},granularity=sentence",
         "PyramidKV": f"snapkv:budget={budget},pyramid=true",
