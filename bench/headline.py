@@ -13,7 +13,8 @@ Rules (quality first, then the saving; every number from one script's run, dense
 - self-speculation: bench/exit.py's lossless mode (greedy tokens equal to dense) with the largest decode
   speedup, on each prompt kind.
 - long context (Qwen2.5-Coder-0.5B, bench/long_context.py): at the longest length its grid measured, among
-  the recipes that keep >= 95% of dense needle accuracy, the largest TTFT speedup.
+  the recipes that keep >= 95% of dense needle accuracy, the largest TTFT speedup; its RULER score next to
+  it where bench/ruler.py measured the same recipe.
 - the three axes stacked (bench/compose.py) and batched self-speculation (bench/batched_speculation.py): shown
   as measured, whatever their quality, with it stated.
 """
@@ -28,6 +29,20 @@ KEEP = 0.95
 
 def load(stem: str):
     return json.loads((RESULTS / f"{stem}.json").read_text())
+
+
+def ruler_score(label: str) -> tuple[float, int] | None:
+    """(mean over RULER tasks of the recipe's score / dense's, prompt length) for a recipe label measured by
+    bench/ruler.py, from the first result file that has it; None when none has."""
+    for f in sorted(RESULTS.glob("ruler*.json")):
+        data = json.loads(f.read_text())
+        row = next((r for r in data["rows"] if r["recipe"] == label), None)
+        dense = next((r for r in data["rows"] if r["recipe"] == "dense"), None)
+        if row and dense:
+            rel = [row["scores"][t] / dense["scores"][t] for t in dense["scores"] if dense["scores"][t] > 0]
+            if rel:
+                return sum(rel) / len(rel), data["length"]
+    return None
 
 
 def main() -> None:
@@ -81,10 +96,13 @@ def main() -> None:
               and "load" in x and "load" in dense_lc]          # TTFT compared only under recorded load
         if ok:
             best = max(ok, key=lambda x: dense_lc["ttft_s"] / x["ttft_s"])
+            ruler = ruler_score(best["recipe"])             # the same recipe on RULER's tasks, where measured
             rows.append((f"long context: {best['recipe']}", f"{best['budget']:.0%} of {longest}-token essay needle "
                          f"prompts kept, Qwen2.5-Coder-0.5B", f"TTFT {dense_lc['ttft_s'] / best['ttft_s']:.2f}x dense",
                          f"needles {sum(best['correct'])}/{len(best['correct'])} (dense "
-                         f"{sum(dense_lc['correct'])}/{len(dense_lc['correct'])})", "long_context"))
+                         f"{sum(dense_lc['correct'])}/{len(dense_lc['correct'])})" + (
+                             f"; RULER at {ruler[1] // 1024}k: {ruler[0]:.0%} of dense" if ruler else ""),
+                         "long_context"))
 
     if (RESULTS / "compose.json").exists():              # the three axes together: shown whatever its quality
         c = load("compose")
