@@ -154,14 +154,21 @@ def main() -> None:
     # --redo replaces the rows this run measures again: its stages, its lengths
     rows = [r for r in rows if not (r["recipe"] in redo and r["length"] in lengths and r["stage"] in stages)]
 
-    done = {key(r) for r in rows}
+    # every invocation re-measures dense at each (length, format) it measures a recipe at, and a recipe's TTFT ratio
+    # is taken against the dense of its own run: rows of several runs can share a table without comparing
+    # prefills timed under different conditions (rows from before run ids were recorded compare with the dense row
+    # that has none)
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
+    done = {key(r) for r in rows if r["recipe"] != "dense"}
 
     warm: set[int] = set()
 
     def run(stage, label, recipe, length, fmt, budget):
-        k = (stage, label, length, fmt, budget)
+        k = (stage, label, length, fmt, budget) if label != "dense" else ("dense", length, fmt, run_id)
         if k in done:
             return
+        if label != "dense":                       # its run's dense first, on the same prompts
+            run("grid" if fmt == "after+prefix" else "formats", "dense", "", length, fmt, a.budget)
         q_first, prefix = FORMATS[fmt]
         prompts = niah_prompts(tok, length, depths=depths, per_depth=a.per_depth, seed=a.seed,
                                question_first=q_first, answer_prefix=prefix)
@@ -172,7 +179,7 @@ def main() -> None:
         r = measure(model, tok, label, recipe, prompts, a.new_tokens if prefix else max(48, a.new_tokens))
         # the machine's load while this row ran: TTFT ratios compare rows measured under similar load
         r.update(stage=stage, length=length, format=fmt, budget=budget, prompts=len(prompts),
-                 load=round((load + os.getloadavg()[0]) / 2, 1))
+                 load=round((load + os.getloadavg()[0]) / 2, 1), run=run_id)
         rows.append(r)
         done.add(k)
         print(f"[{time.time() - t:6.0f}s] {stage} {label} L={length} {fmt} b={budget}: {sum(r['correct'])}/"
@@ -202,23 +209,34 @@ def main() -> None:
     report(rows, out, stem, a, model_name, depths)
 
 
-def _dense(rows, length, fmt):
-    return next((r for r in rows if r["recipe"] == "dense" and r["length"] == length and r["format"] == fmt), None)
+def _dense(rows, length, fmt, run=None):
+    """The dense row of ``run`` at (length, format); for rows measured before run ids, the dense row without one."""
+    return next((r for r in rows if r["recipe"] == "dense" and r["length"] == length and r["format"] == fmt
+                 and r.get("run") == run), None)
+
+
+def _shown(rows, r) -> bool:
+    """Dense appears once per (length, format) in a table: its latest run's row."""
+    if r["recipe"] != "dense":
+        return True
+    same = [x for x in rows if x["recipe"] == "dense" and x["length"] == r["length"] and x["format"] == r["format"]]
+    return r is max(same, key=lambda x: x.get("run", ""))
 
 
 def report(rows, out: Path, stem: str, a, model_name: str, depths) -> None:
     lines = [f"# Long-context needle in a haystack: {model_name}, Paul Graham's essays", "",
              f"{len(depths)} depths x {a.per_depth} prompt(s) per (length, depth) cell; greedy, {a.new_tokens} new "
              "tokens after an answer prefix, 48 without one; a prompt is correct when the answer contains the needle's 7-digit number. "
-             "TTFT and decode ratios are dense's time over the recipe's (>1 = faster), measured in the same "
-             "process on the same prompts. KV MiB: the cache after prefill, summed over the batch. load: the "
+             "TTFT ratios are dense's time over the recipe's (>1 = faster) on the same prompts, dense measured in "
+             "the same run (each run of the script re-measures dense; the table shows dense's latest row; rows from "
+             "before runs were recorded compare with the dense row of that time). KV MiB: the cache after prefill, summed over the batch. load: the "
              "machine's 1-minute load average while the row ran (2 cores); TTFT ratios between rows of "
              "different load are not comparable, and rows measured before the load was recorded ('-') "
              "get no TTFT ratio.", ""]
     for stage, title in (("grid", f"All recipes at {a.budget:.0%} kept, question after the context, answer prefix"),
                          ("formats", "Prompt formats (first length)"), ("budgets", "Other budgets (first length)")):
         order = list(recipes(4096, a.budget))
-        sel = sorted((r for r in rows if r["stage"] == stage),
+        sel = sorted((r for r in rows if r["stage"] == stage and _shown(rows, r)),
                      key=lambda r: (r["length"], r["format"], r["budget"], order.index(r["recipe"])
                                     if r["recipe"] in order else len(order)))
         if not sel:
@@ -226,7 +244,7 @@ def report(rows, out: Path, stem: str, a, model_name: str, depths) -> None:
         lines += [f"## {title}", "", "| recipe | length | format | kept | accuracy | vs dense | TTFT ratio | "
                   "KV MiB | load | per depth |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sel:
-            d = _dense(rows, r["length"], r["format"])
+            d = _dense(rows, r["length"], r["format"], r.get("run"))
             rel = f"{r['accuracy'] / d['accuracy']:.0%}" if d and d["accuracy"] else "-"
             # rows without a recorded load ran while other jobs shared the machine: no TTFT comparison
             ttft = f"{d['ttft_s'] / r['ttft_s']:.2f}x" if d and "load" in r and "load" in d else "-"
@@ -275,10 +293,12 @@ def plots(rows, stem: str, depths) -> None:
     save_figure(plt, fig, f"{stem}_niah")
     longest = max(lengths)
     pts = [r for r in grid if r["length"] == longest]
-    d = _dense(rows, longest, "after+prefix")
-    if d:
+    if any(_dense(rows, longest, "after+prefix", r.get("run")) for r in pts):
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for r in pts:
+            d = _dense(rows, longest, "after+prefix", r.get("run"))
+            if d is None or not _shown(rows, r):
+                continue
             x = d["ttft_s"] / r["ttft_s"]
             ax.scatter(x, r["accuracy"], color="black" if r["recipe"] == "dense" else None)
             ax.annotate(r["recipe"], (x, r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
