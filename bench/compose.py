@@ -30,6 +30,7 @@ import random
 import torch
 
 from _results import agreement, save
+from long_context import WINDOW_SCORE, promptdistill_stages
 
 import skimfx
 from skimfx.eval.haystack import _haystack_ids, niah_prompts
@@ -41,9 +42,7 @@ def recipes(length: int, budget: float, layers: tuple[int, ...], coarse: tuple[f
     (the last 32 queries, softmax, max over heads: the score under which a needle ranks best early,
     bench/selection_layer.py)."""
     keep_final = max(16, int(budget * length))
-    keeps = [max(keep_final, int(f * length)) for f in coarse] + [keep_final]
-    prune = (f"promptdistill:layers={'/'.join(map(str, layers))},keep={'/'.join(map(str, keeps))},"
-             "granularity=sentence,window=32,softmax=true,heads=max")
+    prune = promptdistill_stages(length, budget, layers, coarse, WINDOW_SCORE)
     kv = f"quest:token_budget={keep_final}"
     spec = "selfspeculative:draft=lookahead"
     return {"dense": "", "pruning": prune, "KV (Quest)": kv, "speculation": spec,

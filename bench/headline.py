@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 
 from _results import RESULTS, save
+from ruler import vs_dense
 
 KEEP = 0.95
 
@@ -38,10 +39,9 @@ def ruler_score(label: str) -> tuple[float, int] | None:
         data = json.loads(f.read_text())
         row = next((r for r in data["rows"] if r["recipe"] == label), None)
         dense = next((r for r in data["rows"] if r["recipe"] == "dense"), None)
-        if row and dense:
-            rel = [row["scores"][t] / dense["scores"][t] for t in dense["scores"] if dense["scores"][t] > 0]
-            if rel:
-                return sum(rel) / len(rel), data["length"]
+        rel = vs_dense(row, dense) if row and dense else None
+        if rel is not None:
+            return rel, data["length"]
     return None
 
 
@@ -92,15 +92,14 @@ def main() -> None:
         longest = max((x["length"] for x in grid), default=None)
         at = [x for x in grid if x["length"] == longest]
 
-        def dense_of(x):                                    # the dense row of x's run (bench/long_context.py)
-            return next((d for d in at if d["recipe"] == "dense" and d.get("run") == x.get("run")), None)
-
-        ok = [x for x in at if x["recipe"] != "dense" and dense_of(x) and x["accuracy"] >= KEEP * dense_of(x)["accuracy"]
-              and "load" in x and "load" in dense_of(x)    # TTFT compared only under recorded load
-              and (ruler_score(x["recipe"]) or (1.0,))[0] >= KEEP]   # and on RULER's tasks, where measured
+        # per recipe row: the dense row of its run (bench/long_context.py) and its RULER score, where measured
+        cands = [(x, next((d for d in at if d["recipe"] == "dense" and d.get("run") == x.get("run")), None),
+                  ruler_score(x["recipe"])) for x in at if x["recipe"] != "dense"]
+        ok = [(x, d, ruler) for x, d, ruler in cands if d and x["accuracy"] >= KEEP * d["accuracy"]
+              and "load" in x and "load" in d              # TTFT compared only under recorded load
+              and (ruler is None or ruler[0] >= KEEP)]
         if ok:
-            best = max(ok, key=lambda x: dense_of(x)["ttft_s"] / x["ttft_s"])
-            dense_lc, ruler = dense_of(best), ruler_score(best["recipe"])
+            best, dense_lc, ruler = max(ok, key=lambda c: c[1]["ttft_s"] / c[0]["ttft_s"])
             rows.append((f"long context: {best['recipe']}", f"{best['budget']:.0%} of {longest}-token essay needle "
                          f"prompts kept, Qwen2.5-Coder-0.5B", f"TTFT {dense_lc['ttft_s'] / best['ttft_s']:.2f}x dense",
                          f"needles {sum(best['correct'])}/{len(best['correct'])} (dense "

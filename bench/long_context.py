@@ -35,12 +35,23 @@ MODEL = "qwen2.5-coder-0.5b"
 N_LAYERS = 24
 
 
+WINDOW_SCORE = "window=32,softmax=true,heads=max"   # the question's window: SnapKV's observation-window score
+
+
+def promptdistill_stages(length: int, budget: float, layers: tuple[int, ...], coarse: tuple[float, ...],
+                         score: str = "") -> str:
+    """PromptDistill selecting whole sentences at ``layers``: the earlier cuts keep the ``coarse`` fractions of a
+    ``length``-token prompt (never fewer than the final cut), the last one ``budget``; ``score`` adds scoring options."""
+    keep = max(16, int(budget * length))
+    keeps = [max(keep, int(f * length)) for f in coarse] + [keep]
+    return (f"promptdistill:layers={'/'.join(map(str, layers))},keep={'/'.join(map(str, keeps))},granularity=sentence"
+            + (f",{score}" if score else ""))
+
+
 def recipes(length: int, budget: float) -> dict[str, str]:
     """Label -> recipe string at ``budget`` (a fraction) of a ``length``-token prompt. Pruning recipes take a
     token count; layer choices scale the papers' settings to this model's 24 layers."""
     keep = max(16, int(budget * length))
-    # two stages: a coarse cut where the needle starts to rank (25% kept), the final one where it ranks well
-    two_stage = f"promptdistill:layers=10/14,keep={max(keep, int(0.25 * length))}/{keep},granularity=sentence"
     return {
         "dense": "",
         "GemFilter L12": f"gemfilter:layer=12,keep={keep}",
@@ -49,16 +60,16 @@ def recipes(length: int, budget: float) -> dict[str, str]:
         "PromptDistill L10 token": f"promptdistill:layers=10,keep={keep}",
         "PromptDistill L12 sentence": f"promptdistill:layers=12,keep={keep},granularity=sentence",
         "PromptDistill L14 sentence": f"promptdistill:layers=14,keep={keep},granularity=sentence",
-        "PromptDistill L10/14 sentence": two_stage,
+        # two stages: a coarse cut where the needle starts to rank (25% kept), the final one where it ranks well
+        "PromptDistill L10/14 sentence": promptdistill_stages(length, budget, (10, 14), (0.25,)),
         # the same two stages scored SnapKV's way: the last 32 queries (the question), softmax, max over heads,
         # the rule under which the needle ranks best at layers 9-11 (bench/selection_layer.py)
-        "PromptDistill L10/14 sentence w32": two_stage + ",window=32,softmax=true,heads=max",
+        "PromptDistill L10/14 sentence w32": promptdistill_stages(length, budget, (10, 14), (0.25,), WINDOW_SCORE),
         # three cuts, the same score: a lenient one at layer 5, where the needle first ranks in the top half
         # (50% kept), the two-stage recipe's at layer 10 (25%) and the final one; 6 layers run on the whole
         # prompt instead of 11
-        "PromptDistill L5/10/14 sentence w32": f"promptdistill:layers=5/10/14,keep={max(keep, int(0.5 * length))}/"
-                                               f"{max(keep, int(0.25 * length))}/{keep},granularity=sentence,"
-                                               "window=32,softmax=true,heads=max",
+        "PromptDistill L5/10/14 sentence w32": promptdistill_stages(length, budget, (5, 10, 14), (0.5, 0.25),
+                                                                    WINDOW_SCORE),
         "SnapKV": f"snapkv:budget={budget}",
         "SnapKV sentence": f"snapkv:budget={budget},granularity=sentence",
         "PyramidKV": f"snapkv:budget={budget},pyramid=true",

@@ -19,6 +19,12 @@ from _results import RESULTS, finish, warm_up
 TASKS = ("niah_single_1", "niah_multikey_1", "vt", "cwe")
 
 
+def vs_dense(row: dict, dense: dict) -> float | None:
+    """Mean over tasks of the recipe's score / dense's (tasks where dense scores 0 left out); None when none is left."""
+    rel = [row["scores"][t] / dense["scores"][t] for t in dense["scores"] if dense["scores"][t] > 0]
+    return sum(rel) / len(rel) if rel else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -73,8 +79,8 @@ def main() -> None:
              "scores 0 left out). TTFT ratio: dense's summed batch TTFT over the recipe's, same process.", "",
              "| recipe | " + " | ".join(tasks) + " | vs dense | TTFT ratio |", "|---|" + "---|" * (len(tasks) + 2)]
     for r in rows:
-        rel = [r["scores"][t] / dense["scores"][t] for t in tasks if dense["scores"][t] > 0]
-        rel_s = f"{sum(rel) / len(rel):.0%}" if rel else "-"
+        rel = vs_dense(r, dense)
+        rel_s = f"{rel:.0%}" if rel is not None else "-"
         lines.append(f"| {r['recipe']} | " + " | ".join(f"{r['scores'][t]:.2f}" for t in tasks) +
                      f" | {rel_s} | {dense['ttft_s'] / r['ttft_s']:.2f}x |")
     (out / f"{a.stem}.md").write_text("\n".join(lines) + "\n")
