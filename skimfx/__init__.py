@@ -29,18 +29,23 @@ __version__ = "0.1.0"
 
 
 def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None = None, *, tokenizer=None,
-            max_cache_len: int | None = None, fuse: bool = True, passes=None, decode: str = "auto") -> CompiledModel:
+            max_cache_len: int | None = None, fuse: bool = True, passes=None, decode: str = "auto",
+            pack_weights: bool = True) -> CompiledModel:
     """Capture ``model`` (a HF ``…ForCausalLM``), run the passes, return a ``CompiledModel``.
 
     ``recipe`` (e.g. ``PromptDistill(layers=8, keep=256)``, a list of recipes, or a string such as
     ``"promptdistill:layers=8,keep=256"``) adds the passes that skip work; None is dense. ``fuse=False`` skips the fusion pass (RMSNorm, RoPE, GLU, merged q/k/v and gate/up projections).
     ``passes`` replaces the whole pass list (advanced). The model's weights keep their values and the
-    compiled model reads them without copies (fusion makes the model's q/k/v and gate/up parameters
-    views of one merged buffer per layer, so they are not duplicated). ``max_cache_len`` bounds prompt
+    compiled model reads them in place (fusion makes the model's q/k/v and gate/up parameters
+    views of one merged buffer per layer, so they are not duplicated; ``pack_weights`` below is the one
+    opt-out). ``max_cache_len`` bounds prompt
     + generated tokens (default: the model's context). ``decode``: how ``generate`` runs decode steps:
     "eager" (the interpreted Program), "compiled" (one captured step under torch.compile), "graph" (that
     step replayed as a CUDA graph); "auto" = "graph" on a GPU where every KV policy has a captured step,
-    else "eager".
+    else "eager". ``pack_weights``: on CPU, a weight read by passes over 2-24 rows (verifying drafted
+    tokens, decoding a batch) may get a second copy in oneDNN's blocked layout, made on first use where it
+    measures faster (about 2x on such passes on 2 Xeon cores); False keeps one copy of every weight
+    (``skimfx.kernels.linear.packed_bytes()`` reports the copies).
     """
     if passes is None:
         recipes = parse_recipe(recipe) if isinstance(recipe, str) else \
@@ -50,7 +55,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | list[Recipe] | str | None =
     if passes is None:
         # recipes read what lowering found (e.g. which layers are sliding-window layers)
         program = PassManager(default_passes(fuse))(program)
-        passes = [p for r in recipes for p in r.passes(program.info)] + final_passes()
+        passes = [p for r in recipes for p in r.passes(program.info)] + final_passes(pack_weights)
     program = PassManager(passes)(program)
     if any(s.granularity == "sentence" for s in program.selections.values()) or \
             any(p.sentence_granular for p in program.policies.values()):

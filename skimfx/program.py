@@ -303,6 +303,7 @@ class Program:
     exits: dict[int, Stage] = field(default_factory=dict)    # by layer, from early_exit: hidden -> (top1, p, margin)
     kv_fill: dict[int, Stage] = field(default_factory=dict)  # by layer, from early_exit: hidden -> (k, v)
     decoding: DecodeConfig | None = None   # how generate decodes (early exit, self-speculation); None = one token per step
+    pack_weights: bool = False     # lower_linear(pack=True): multi-row CPU linears may keep re-laid-out weight copies
 
     @property
     def lowered(self) -> bool:

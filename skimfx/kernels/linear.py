@@ -12,12 +12,18 @@ an AMD EPYC the streaming order took M=2 from 43 to 15 ms for SmolLM2's MLP weig
 current machine's table). No fixed rule holds across machines, so the path is chosen per shape by
 measurement: the first call of each (rows, N, K, bias) times every candidate (best of a few runs) and
 keeps the fastest, ``F.linear`` unless another is at least ``MARGIN`` faster (so a near-tie keeps HF's
-own summation order). ``SKIMFX_CPU_LINEAR=torch|stream|onednn`` fixes the path instead (``auto``:
-measure, the default).
+own summation order). ``SKIMFX_CPU_LINEAR=torch|stream|onednn|packed`` fixes the path instead
+(``auto``: measure, the default; a path that does not apply to a call falls back to ``F.linear``).
 
-Options not taken: oneDNN with the weight re-laid out into its blocked format is faster still at
-M = 9..17 on the AMD machine but keeps a second copy of every weight; the compiled model reads the user's
-weights in place, so it is not a candidate.
+Re-laid-out weights (``linear_packable``): oneDNN's inner product over a copy of the weight in its
+blocked layout does not re-pack the weight on every call the way a plain GEMM does, so a pass over 2 to
+24 rows reads the weight about once: measured on 2 Xeon cores, Qwen2.5-0.5B's linears over 9 rows took
+67 ms against 142 ms for ``F.linear`` (1 row: 47 ms), its LM head over 4 rows 24 ms against 62 ms.
+That is the cost of verifying drafted tokens and of decoding a batch. The copy doubles the bytes of
+every weight it is made for, so it is made lazily (the first multi-row call of a weight whose graph
+was lowered to ``linear_packable``, ``skimfx.compile(..., pack_weights=True)``, the default), kept only
+where it measured faster, and made again when the weight changes in place; ``packed_bytes()`` reports
+the copies held. One-row calls keep the user's weight (the copy is slower at one row).
 
 On CUDA (and for other dtypes, for inputs that need gradients, and for non-contiguous weights) this
 is ``F.linear``: cuBLAS already streams the weight at small M.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +41,9 @@ import torch.nn.functional as F
 SMALL_M = 24
 MARGIN = 0.10            # a candidate replaces F.linear only when at least this much faster
 PATH_ENV = "SKIMFX_CPU_LINEAR"
-PATHS = ("torch", "stream", "onednn")
-_CHOICE: dict[tuple, str] = {}       # (rows, N, K, bias, threads) -> path; a few dozen keys per model
+PATHS = ("torch", "stream", "onednn", "packed")
+_CHOICE: dict[tuple, str] = {}       # (rows, N, K, bias, threads, packable) -> path; a few dozen keys per model
+_PACKED: dict[int, tuple] = {}       # id(weight) -> (weakref to it, its version when packed, blocked copy)
 
 
 def _onednn_available() -> bool:
@@ -61,7 +69,27 @@ def _small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return x.numel() // x.shape[-1] <= SMALL_M
 
 
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """The weight re-laid out in oneDNN's blocked format, made once per weight and again after an
+    in-place change (its version counter moved); dropped with the weight."""
+    key = id(weight)
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+        return entry[2]
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    _PACKED[key] = (weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None)), weight._version, packed)
+    return packed
+
+
+def packed_bytes() -> int:
+    """Bytes of the re-laid-out weight copies held now (0 unless a ``linear_packable`` call made one)."""
+    return sum(e[2].numel() * e[2].element_size() for e in list(_PACKED.values()) if e[0]() is not None)
+
+
 def _run(path: str, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if path == "packed":
+        return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), _packed(weight), bias, "none", [], "")
     if path == "onednn":
         return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), weight, bias, "none", [], "")
     if path == "stream":
@@ -71,13 +99,21 @@ def _run(path: str, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(rows, weight, bias)
 
 
-def _candidates(m: int) -> list[str]:
+def _applies(path: str, m: int, packable: bool) -> bool:
+    if path == "onednn":
+        return m == 1 and _ONEDNN
+    if path == "packed":
+        return m > 1 and packable and _ONEDNN
+    return True
+
+
+def _candidates(m: int, packable: bool = False) -> list[str]:
     forced = os.environ.get(PATH_ENV, "auto")
     if forced != "auto":
         if forced not in PATHS:
             raise ValueError(f"{PATH_ENV}={forced!r}: expected auto or one of {', '.join(PATHS)}")
-        return [forced if forced != "onednn" or (m == 1 and _ONEDNN) else "torch"]
-    return ["torch", "stream"] + (["onednn"] if m == 1 and _ONEDNN else [])
+        return [forced if _applies(forced, m, packable) else "torch"]
+    return [p for p in ("torch", "stream", "onednn", "packed") if _applies(p, m, packable)]
 
 
 def _time(path: str, rows, weight, bias) -> float:
@@ -91,12 +127,12 @@ def _time(path: str, rows, weight, bias) -> float:
     return best
 
 
-def choose_path(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-    """The path for this shape on this machine: measured once per (rows, N, K, bias, threads)."""
-    key = (rows.shape[0], weight.shape[0], weight.shape[1], bias is not None, torch.get_num_threads())
+def choose_path(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packable: bool = False) -> str:
+    """The path for this shape on this machine: measured once per (rows, N, K, bias, threads, packable)."""
+    key = (rows.shape[0], weight.shape[0], weight.shape[1], bias is not None, torch.get_num_threads(), packable)
     path = _CHOICE.get(key)
     if path is None:
-        cands = _candidates(rows.shape[0])
+        cands = _candidates(rows.shape[0], packable)
         if len(cands) == 1:
             path = cands[0]
         else:
@@ -105,18 +141,30 @@ def choose_path(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             best = min(times, key=times.get)
             path = best if times[best] < (1 - MARGIN) * times["torch"] else "torch"
         _CHOICE[key] = path
+        if path != "packed" and not any(v == "packed" and k[1:4] == key[1:4] for k, v in _CHOICE.items()):
+            _PACKED.pop(id(weight), None)          # measured, not used by any row count: free the copy
     return path
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; on CPU, inputs of at most ``SMALL_M`` rows take the GEMM path measured
-    fastest for their shape (see the module docstring)."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packable: bool) -> torch.Tensor:
     if torch.compiler.is_compiling() or not _small_m(x, weight, bias):
         return F.linear(x, weight, bias)           # a compiler picks its own GEMM (and packs the weight)
     K, N = weight.shape[1], weight.shape[0]
     rows = x.reshape(-1, K)
-    y = _run(choose_path(rows, weight, bias), rows, weight, bias)
+    y = _run(choose_path(rows, weight, bias, packable), rows, weight, bias)
     return y.view(*x.shape[:-1], N)
 
 
-__all__ = ["linear", "choose_path", "SMALL_M", "MARGIN", "PATH_ENV"]
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; on CPU, inputs of at most ``SMALL_M`` rows take the GEMM path measured
+    fastest for their shape among those that read the weight as it is (see the module docstring)."""
+    return _linear(x, weight, bias, packable=False)
+
+
+def linear_packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear``, and for 2..``SMALL_M`` rows on CPU also the re-laid-out copy of the weight as a
+    candidate path (made on first use, kept only where it measures faster; see the module docstring)."""
+    return _linear(x, weight, bias, packable=True)
+
+
+__all__ = ["linear", "linear_packable", "packed_bytes", "choose_path", "SMALL_M", "MARGIN", "PATH_ENV"]

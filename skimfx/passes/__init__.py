@@ -56,9 +56,17 @@ def default_passes(fused: bool = True) -> list[PassFn]:
     return [lower_attention, split_layers] + ([fuse] if fused else [])
 
 
-def final_passes() -> list[PassFn]:
-    """Run after every rewrite (they match ``aten.linear`` as a pattern): the remaining linears are lowered."""
-    return [lower_linear]
+def final_passes(pack_weights: bool = False) -> list[PassFn]:
+    """Run after every rewrite (they match ``aten.linear`` as a pattern): the remaining linears are lowered
+    (``pack_weights``: to the kernel that may keep re-laid-out weight copies for multi-row CPU calls)."""
+    return [_lower_linear_packable if pack_weights else lower_linear]
+
+
+def _lower_linear_packable(program: Program) -> Program:
+    return lower_linear(program, pack=True)
+
+
+_lower_linear_packable.__name__ = "lower_linear"
 
 
 __all__ = ["PassManager", "PassError", "default_passes", "final_passes", "lower_attention", "lower_linear",

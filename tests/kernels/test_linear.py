@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skimfx.kernels.linear import SMALL_M, _small_m, linear
+from skimfx.kernels.linear import SMALL_M, _small_m, linear, linear_packable, packed_bytes
 
 
 @pytest.mark.parametrize("shape", [(1, 96), (2, 96), (1, 1, 96), (3, 5, 96), (SMALL_M, 96), (SMALL_M + 1, 96),
@@ -62,7 +62,7 @@ def test_shape_mismatch_raises_like_f_linear():
         linear(torch.randn(2, 31), torch.randn(8, 32))
 
 
-@pytest.mark.parametrize("path", ["torch", "stream", "onednn"])
+@pytest.mark.parametrize("path", ["torch", "stream", "onednn", "packed"])
 def test_every_cpu_path_computes_f_linear(path, monkeypatch):
     lin = sys.modules["skimfx.kernels.linear"]
 
@@ -71,9 +71,77 @@ def test_every_cpu_path_computes_f_linear(path, monkeypatch):
     w, b = torch.randn(40, 24), torch.randn(40)
     for m in (1, 3):
         x = torch.randn(m, 24)
-        expect = path if path != "onednn" or (m == 1 and lin._ONEDNN) else "torch"
-        assert lin.choose_path(x, w, b) == expect
-        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        for packable, fn in ((False, linear), (True, linear_packable)):
+            applies = {"onednn": m == 1 and lin._ONEDNN, "packed": m > 1 and packable and lin._ONEDNN}
+            expect = path if applies.get(path, True) else "torch"
+            assert lin.choose_path(x, w, b, packable) == expect
+            with torch.inference_mode():
+                torch.testing.assert_close(fn(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.modules["skimfx.kernels.linear"]._ONEDNN, reason="this torch build has no oneDNN")
+def test_packed_copy_is_lazy_follows_in_place_changes_and_dies_with_the_weight(monkeypatch):
+    import gc
+
+    lin = sys.modules["skimfx.kernels.linear"]
+    monkeypatch.setenv(lin.PATH_ENV, "packed")
+    monkeypatch.setattr(lin, "_CHOICE", {})
+    monkeypatch.setattr(lin, "_PACKED", {})
+    w, x = torch.randn(48, 32), torch.randn(4, 32)
+    with torch.inference_mode():
+        linear(x, w)                                        # not lowered as packable: no copy
+        linear_packable(x[:1], w)                           # one row: the weight as it is
+        assert packed_bytes() == 0
+        torch.testing.assert_close(linear_packable(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert packed_bytes() == w.numel() * 4
+        first = lin._PACKED[id(w)][2]
+        linear_packable(x, w)
+        assert lin._PACKED[id(w)][2] is first               # made once
+    with torch.no_grad():
+        w.mul_(-2.0)                                        # the user changes the weight in place
+    with torch.inference_mode():
+        torch.testing.assert_close(linear_packable(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert lin._PACKED[id(w)][2] is not first
+    del w, first
+    gc.collect()
+    assert packed_bytes() == 0 and not lin._PACKED        # the copy goes with the weight
+
+
+def test_a_copy_that_measured_slower_is_freed(monkeypatch):
+    lin = sys.modules["skimfx.kernels.linear"]
+    monkeypatch.delenv(lin.PATH_ENV, raising=False)
+    monkeypatch.setattr(lin, "_CHOICE", {})
+    monkeypatch.setattr(lin, "_PACKED", {})
+    speeds = {"torch": 1.0, "stream": 1.0, "onednn": 1.0, "packed": 2.0}
+
+    def fake_time(path, rows, weight, bias):
+        lin._run(path, rows, weight, bias)                  # makes the copy, as the real timing does
+        return speeds[path]
+
+    monkeypatch.setattr(lin, "_time", fake_time)
+    w = torch.randn(16, 8)
+    with torch.inference_mode():
+        assert lin.choose_path(torch.randn(3, 8), w, None, packable=True) == "torch"
+        assert packed_bytes() == 0
+        if lin._ONEDNN:
+            speeds["packed"] = 0.2
+            assert lin.choose_path(torch.randn(5, 8), w, None, packable=True) == "packed"
+            assert packed_bytes() == w.numel() * 4
+
+
+def test_compile_lowers_to_the_packable_kernel_unless_told_not_to():
+    import skimfx
+    from skimfx.kernels.linear import linear as plain
+    from tiny import tiny_model
+
+    model = tiny_model("qwen2")
+    targets = {}
+    for pack in (True, False):
+        cm = skimfx.compile(model, pack_weights=pack)
+        targets[pack] = {n.target for s in cm.program.stages for n in s.module.graph.nodes
+                         if n.op == "call_function" and n.target in (plain, linear_packable)}
+        assert cm.program.pack_weights is pack
+    assert targets == {True: {linear_packable}, False: {plain}}
 
 
 def test_auto_measures_once_per_shape_and_keeps_f_linear_on_a_near_tie(monkeypatch):

@@ -7,7 +7,7 @@ import transformers as tf
 import skimfx
 from skimfx.capture import UnsupportedModelError, capture
 from skimfx.passes import PassError, PassManager, lower_attention, split_layers
-from skimfx.kernels.linear import linear
+from skimfx.kernels.linear import linear_packable as linear  # compile lowers to the packable kernel by default
 from skimfx.program import cached_attention
 from tiny import tiny_configs, tiny_model
 

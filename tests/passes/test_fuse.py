@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import skimfx
 from skimfx.kernels.activation import glu
-from skimfx.kernels.linear import linear
+from skimfx.kernels.linear import linear_packable as linear  # compile lowers to the packable kernel by default
 from skimfx.kernels.norm import add_rms_norm, rms_norm
 from skimfx.kernels.rope import rope
 from skimfx.passes import fuse_graph

@@ -11,7 +11,7 @@ import torch
 import skimfx
 from skimfx import EarlyExit, SelfSpeculative
 from skimfx.eval import chat_ids
-from skimfx.kernels.linear import linear
+from skimfx.kernels.linear import linear_packable as linear  # compile lowers to the packable kernel by default
 from skimfx.passes import EarlyExitError, early_exit
 from skimfx.program import DecodeConfig, EarlyExitConfig, SpeculativeConfig
 from skimfx.runtime import Ctx, Executor, KVCache
