@@ -9,6 +9,10 @@ Stages (each row is cached in the results JSON as it is measured, so an interrup
   formats  dense and the --focus recipes at the first length in the other prompt formats: no answer
            prefix; question before the context (with and without the prefix).
   budgets  the --focus recipes at the other --budgets (25%, 5%) at the first length.
+  perplexity  dense and the --ppl recipes at --budget, every length: perplexity of the essays' next 128 tokens
+           after a prefill of the length before them (``skimfx.eval.perplexity``, text="essays"), over
+           --ppl-windows windows spread over the essays; no question, so query-aware selection scores
+           against the text's own last tokens (the query-agnostic case).
 
 Writes bench/results/long_context.{md,json}, a depth x length heat map per recipe
 (long_context_niah.png) and the accuracy-vs-TTFT frontier at the longest length (long_context_frontier.png).
@@ -121,7 +125,10 @@ def main() -> None:
                     help="recipes measured at lengths after the first (the rest: first only)")
     ap.add_argument("--focus", default="PromptDistill L10/14 sentence,SnapKV",
                     help="recipes for the formats and budgets stages")
-    ap.add_argument("--stages", default="grid,formats,budgets")
+    ap.add_argument("--stages", default="grid,formats,budgets", help="grid, formats, budgets, perplexity")
+    ap.add_argument("--ppl", default="PromptDistill L10/14 sentence w32,PromptDistill L5/10/14 sentence w32,SnapKV,"
+                    "StreamingLLM", help="recipes for the perplexity stage")
+    ap.add_argument("--ppl-windows", type=int, default=2, help="perplexity windows per length")
     ap.add_argument("--formats", default="after,before+prefix,before", help="the formats stage's formats")
     ap.add_argument("--new-tokens", type=int, default=16, help="with an answer prefix; without one, 48 (the "
                     "model restates the question before the number)")
@@ -141,13 +148,14 @@ def main() -> None:
     depths = tuple(float(x) for x in a.depths.split(","))
     only = [x for x in a.only.split(",") if x]
     focus = [x for x in a.focus.split(",") if x]
+    ppl = [x for x in a.ppl.split(",") if x]
     long_only = [x for x in a.long_only.split(",") if x]
     model_name = MODEL
     if a.quick:
         lengths, depths, only, focus = [1024], (0.3, 0.8), ["dense", "PromptDistill L10 sentence", "SnapKV"], ["SnapKV"]
         long_only = only
     known = recipes(lengths[0], a.budget)
-    unknown = [l for l in only + focus + long_only if l not in known]
+    unknown = [l for l in only + focus + long_only + ppl if l not in known]
     if unknown:
         raise SystemExit(f"unknown recipe label(s) {unknown}; labels: {', '.join(known)}")
     out = Path(a.out)
@@ -217,6 +225,25 @@ def main() -> None:
             table = recipes(lengths[0], b)
             for label in focus:
                 run("budgets", label, table[label], lengths[0], "after+prefix", b)
+    if "perplexity" in stages:
+        from skimfx.eval.perplexity import perplexity
+
+        for length in lengths:
+            table = recipes(length, a.budget)
+            for label in ["dense"] + ppl:
+                k = ("perplexity", label, length, "essays", a.budget) if label != "dense" else \
+                    ("perplexity", "dense", length, "essays", run_id)
+                if k in done:
+                    continue
+                cm = skimfx.compile(model, table[label] or None, tokenizer=tok)
+                t = time.time()
+                value = perplexity(cm.program, tok, context_tokens=length, text="essays", windows=a.ppl_windows)
+                rows.append({"stage": "perplexity", "recipe": label, "recipe_string": table[label], "length": length,
+                             "format": "essays", "budget": a.budget, "perplexity": value, "windows": a.ppl_windows,
+                             "continuation_tokens": 128, "seconds": time.time() - t, "run": run_id})
+                done.add(k)
+                print(f"[{time.time() - t:6.0f}s] perplexity {label} L={length}: {value:.3f}", flush=True)
+                store.write_text(json.dumps({"rows": rows}, indent=1))
     report(rows, out, stem, a, model_name, depths)
 
 
@@ -263,6 +290,21 @@ def report(rows, out: Path, stem: str, a, model_name: str, depths) -> None:
             kept = "100%" if r["recipe"] == "dense" else f"{r['budget']:.0%}"
             lines.append(f"| {r['recipe']} | {r['length']} | {r['format']} | {kept} | {sum(r['correct'])}/"
                          f"{len(r['correct'])} | {rel} | {ttft} | {r['kv_prefill_mib']:.0f} | {r.get('load', '-')} | {per} |")
+        lines.append("")
+    ppl = [r for r in rows if r["stage"] == "perplexity" and _shown(rows, r)]
+    if ppl:
+        order = list(recipes(4096, a.budget))
+        lines += ["## Perplexity of the essays after each recipe's prefill", "",
+                  "Perplexity of the next 128 tokens of Paul Graham's essays (teacher-forced) after a prefill of the "
+                  f"`length` tokens before them, over {ppl[0]['windows']} windows spread over the essays; recipes at "
+                  f"{a.budget:.0%} kept. No question follows the text, so the selection scores against the text's own "
+                  "last tokens. vs dense: the recipe's perplexity over dense's of the same run (1.00 = no loss).", "",
+                  "| recipe | length | kept | perplexity | vs dense |", "|---|---|---|---|---|"]
+        for r in sorted(ppl, key=lambda r: (r["length"], order.index(r["recipe"]) if r["recipe"] in order else 99)):
+            d = _dense(rows, r["length"], "essays", r.get("run"))
+            rel = f"{r['perplexity'] / d['perplexity']:.3f}" if d else "-"
+            kept = "100%" if r["recipe"] == "dense" else f"{r['budget']:.0%}"
+            lines.append(f"| {r['recipe']} | {r['length']} | {kept} | {r['perplexity']:.3f} | {rel} |")
         lines.append("")
     (out / f"{stem}.md").write_text("\n".join(lines).rstrip() + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"rows": rows, "depths": list(depths), "per_depth": a.per_depth},

@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="score dense and recipes on a task; table + plot")
     e.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
     e.add_argument("--task", required=True, help="passkey | multikey | vartrack | cwe | niah (essays) | "
-                   "ruler_niah_single_1, ruler_vt, ... (RULER's generators) | perplexity | agreement")
+                   "ruler_niah_single_1, ruler_vt, ... (RULER's generators) | perplexity (the Python license) | "
+                   "perplexity_essays (Paul Graham's essays, --prompts windows; long contexts) | agreement")
     e.add_argument("--recipe", action="append", help="recipe string (repeatable); dense is always included")
     e.add_argument("--length", type=int, default=1000, help="prompt tokens")
     e.add_argument("--prompts", type=int, default=10)

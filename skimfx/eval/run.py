@@ -17,8 +17,11 @@ from .synthetic import SYNTHETIC, score
 
 # passkey and SYNTHETIC: this package's generators; niah: needles in Paul Graham's essays (haystack.py);
 # ruler_*: RULER's own generators from lm-eval (ruler.py)
-TASKS = ("passkey", *SYNTHETIC, "niah", *(f"ruler_{t}" for t in RULER_TASKS), "perplexity", "agreement")
-METRIC = {"perplexity": "perplexity", "agreement": "top1"}   # the rest: accuracy
+# perplexity: the Python license's continuation (short contexts); perplexity_essays: the essays', over
+# n_prompts windows (long contexts)
+TASKS = ("passkey", *SYNTHETIC, "niah", *(f"ruler_{t}" for t in RULER_TASKS), "perplexity", "perplexity_essays",
+         "agreement")
+METRIC = {"perplexity": "perplexity", "perplexity_essays": "perplexity", "agreement": "top1"}   # the rest: accuracy
 
 
 def evaluate(model, tok, recipes: list[str], task: str, length: int = 1000, n_prompts: int = 10,
@@ -42,6 +45,10 @@ def evaluate(model, tok, recipes: list[str], task: str, length: int = 1000, n_pr
     elif task.startswith("ruler_"):
         samples = ruler_samples(task[len("ruler_"):], tok, length, n_prompts, seed=seed)
         ids = [s.ids for s in samples]
+    elif task == "perplexity_essays":
+        from .perplexity import text_ids
+
+        ids = [text_ids(tok, "essays")[:length]]          # the timed prefill: the first window's context
     else:
         depths = tuple(i / 4 for i in range(5))
         prompts = passkey_prompts(tok, length, depths=depths, keys_per_depth=max(1, n_prompts // len(depths)),
@@ -65,6 +72,8 @@ def evaluate(model, tok, recipes: list[str], task: str, length: int = 1000, n_pr
             row["accuracy"] = sum(s.score(tok, t) for s, t in zip(samples, g.tokens)) / len(samples)
         elif task == "perplexity":
             row["perplexity"] = perplexity(cm.program, tok, context_tokens=length)
+        elif task == "perplexity_essays":
+            row["perplexity"] = perplexity(cm.program, tok, context_tokens=length, text="essays", windows=n_prompts)
         else:
             row.update(agreement(dense.program, cm.program, ids, n_tokens=16))
         rows.append(row)

@@ -49,3 +49,39 @@ def test_perplexity_and_agreement_separate_dense_from_heavy_pruning(smollm2, smo
     assert same["top1"] == 1.0 and abs(same["kl"]) < 1e-6
     diff = agreement(smollm2_compiled.program, heavy.program, ids, n_tokens=8)
     assert diff["top1"] < 1.0 and diff["kl"] > 0.01
+
+
+def test_essay_perplexity_windows_and_errors(smollm2, smollm2_compiled):
+    """The long text: windows spread over the essays; one window equals the single-window call; a context
+    longer than the license says to use the essays; bad arguments are clear errors."""
+    import math
+
+    from skimfx.eval.perplexity import text_ids
+
+    model, tok = smollm2
+    p = smollm2_compiled.program
+    one = perplexity(p, tok, context_tokens=400, continuation_tokens=16, text="essays")
+    three = perplexity(p, tok, context_tokens=400, continuation_tokens=16, text="essays", windows=3)
+    assert 1.0 < one < 100 and 1.0 < three < 100 and one != three        # other windows, other tokens
+    heavy = skimfx.compile(model, "promptdistill:layers=1,keep=16", tokenizer=tok)
+    assert perplexity(heavy.program, tok, context_tokens=400, continuation_tokens=16, text="essays", windows=3) > three
+    assert len(text_ids(tok, "essays")) > 50_000
+    too_long = len(text_ids(tok, "license")) + 1
+    with pytest.raises(ValueError, match="text='essays' is longer"):
+        perplexity(p, tok, context_tokens=too_long)
+    with pytest.raises(ValueError, match="unknown text 'novel'"):
+        perplexity(p, tok, context_tokens=100, text="novel")
+    with pytest.raises(ValueError, match="windows=0"):
+        perplexity(p, tok, context_tokens=100, windows=0)
+    assert not math.isnan(one)
+
+
+def test_eval_task_perplexity_essays(smollm2, tmp_path):
+    from skimfx.eval import evaluate
+
+    model, tok = smollm2
+    rows = evaluate(model, tok, ["streamingllm:recent=64"], "perplexity_essays", length=600, n_prompts=2,
+                    out_dir=tmp_path)
+    assert [r["recipe"] for r in rows][0] == "dense" and len(rows) == 2
+    assert rows[0]["prompt_tokens"] == 600 and rows[1]["perplexity"] > rows[0]["perplexity"] > 1.0
+    assert (tmp_path / "eval_perplexity_essays.md").exists()
