@@ -87,7 +87,7 @@ def test_cli_eval_writes_table_and_plot(tmp_path, capsys, cli_model):
 
 @pytest.mark.parametrize("argv,match", [
     (["eval", "--task", "nope"], "unknown task .nope.; valid tasks: passkey, multikey, vartrack, cwe, niah, "
-                                 "ruler_niah_single_1, .*, ruler_cwe, perplexity, agreement"),
+                                 "ruler_niah_single_1, .*, ruler_cwe, perplexity, perplexity_essays, agreement"),
     (["generate", "--prompt", "hi", "--recipe", "promptdistill:layers=1"], "missing parameter"),
     (["demo", "--recipe", "nosuchpress:budget=3"], "unknown recipe 'nosuchpress'"),
     (["demo", "--recipe", "h2o:heavy=3"], "missing parameter.*recent"),
