@@ -52,13 +52,16 @@ def test_long_context_bench_quick(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "bench" / "long_context.py"
-    cmd = [sys.executable, str(script), "--quick", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--stages", "grid,formats,budgets,perplexity"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "long_context_quick.json").read_text())["rows"]
+    ppl = [r for r in rows if r["stage"] == "perplexity"]
+    rows = [r for r in rows if r["stage"] != "perplexity"]
     assert {r["recipe"] for r in rows} == {"dense", "PromptDistill L10 sentence", "SnapKV"}
     assert all(len(r["correct"]) == 2 and r["ttft_s"] > 0 for r in rows)
+    assert sorted(r["recipe"] for r in ppl) == ["SnapKV", "dense"] and all(r["perplexity"] > 1.0 for r in ppl)
     md = (tmp_path / "long_context_quick.md").read_text()
-    assert "| dense | 1024 |" in md and "Provenance:" in md
+    assert "| dense | 1024 |" in md and "Provenance:" in md and "## Perplexity of the essays" in md
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "] grid" not in again.stdout
+    assert again.returncode == 0 and "] grid" not in again.stdout and "] perplexity" not in again.stdout
