@@ -10,7 +10,7 @@ which streams W, or (one row) oneDNN's inner product on the weight as it is. Mea
 an AMD EPYC the streaming order took M=2 from 43 to 15 ms for SmolLM2's MLP weights; on an Intel Xeon
 ``F.linear`` wins at M=2..4 and oneDNN at M=1 for large weights only (bench/kernels.py writes the
 current machine's table). No fixed rule holds across machines, so the path is chosen per shape by
-measurement: the first call of each (rows, N, K, bias) times every candidate (best of a few runs) and
+measurement: the first call of each (row bucket, N, K, bias) times every candidate (best of a few runs) and
 keeps the fastest, ``F.linear`` unless another is at least ``MARGIN`` faster (so a near-tie keeps HF's
 own summation order). ``SKIMFX_CPU_LINEAR=torch|stream|onednn|packed`` fixes the path instead
 (``auto``: measure, the default; a path that does not apply to a call falls back to ``F.linear``).
@@ -127,9 +127,18 @@ def _time(path: str, rows, weight, bias) -> float:
     return best
 
 
+def measure_bucket(m: int) -> int:
+    """Row counts that share one measured choice: 1, 2, then powers of two (3-4, 5-8, 9-16, 17-32). A batch
+    verifying ragged drafts passes a different row count almost every step; measuring each one (a few dozen
+    timed calls of every weight shape) would cost more than the choice saves."""
+    return m if m <= 2 else 1 << (m - 1).bit_length()
+
+
 def choose_path(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packable: bool = False) -> str:
-    """The path for this shape on this machine: measured once per (rows, N, K, bias, threads, packable)."""
-    key = (rows.shape[0], weight.shape[0], weight.shape[1], bias is not None, torch.get_num_threads(), packable)
+    """The path for this shape on this machine: measured once per (row bucket, N, K, bias, threads, packable),
+    on the first call that falls in it."""
+    key = (measure_bucket(rows.shape[0]), weight.shape[0], weight.shape[1], bias is not None, torch.get_num_threads(),
+           packable)
     path = _CHOICE.get(key)
     if path is None:
         cands = _candidates(rows.shape[0], packable)
@@ -167,4 +176,4 @@ def linear_packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _linear(x, weight, bias, packable=True)
 
 
-__all__ = ["linear", "linear_packable", "packed_bytes", "choose_path", "SMALL_M", "MARGIN", "PATH_ENV"]
+__all__ = ["linear", "linear_packable", "packed_bytes", "choose_path", "measure_bucket", "SMALL_M", "MARGIN", "PATH_ENV"]

@@ -161,7 +161,10 @@ def test_auto_measures_once_per_shape_and_keeps_f_linear_on_a_near_tie(monkeypat
     assert lin.choose_path(torch.randn(3, 8), w, None) == "torch"
     assert lin.choose_path(torch.randn(3, 8), w, None) == "torch" and timed == ["torch", "stream"]
     speeds["stream"] = 0.5
-    assert lin.choose_path(torch.randn(4, 8), w, None) == "stream"          # a new shape is measured
+    assert lin.choose_path(torch.randn(4, 8), w, None) == "torch"           # 3 and 4 rows share a bucket
+    assert len(timed) == 2
+    assert lin.choose_path(torch.randn(5, 8), w, None) == "stream"          # a new bucket is measured
+    assert [lin.measure_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 24)] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 32]
     if lin._ONEDNN:
         speeds["onednn"] = 0.3
         assert lin.choose_path(torch.randn(1, 8), w, None) == "onednn"
