@@ -237,15 +237,13 @@ def main() -> None:
             if todo or not _dense_rows(rows, length, "essays"):
                 todo = ["dense"] + todo                  # the run's dense next to its recipes (the text is fixed)
             for label in todo:
-                k = ("perplexity", label, length, "essays", a.budget) if label != "dense" else \
-                    ("perplexity", "dense", length, "essays", run_id)
                 cm = skimfx.compile(model, table[label] or None, tokenizer=tok)
                 t = time.time()
                 value = perplexity(cm.program, tok, context_tokens=length, text="essays", windows=a.ppl_windows)
                 rows.append({"stage": "perplexity", "recipe": label, "recipe_string": table[label], "length": length,
                              "format": "essays", "budget": a.budget, "perplexity": value, "windows": a.ppl_windows,
                              "continuation_tokens": 128, "seconds": time.time() - t, "run": run_id})
-                done.add(k)
+                done.add(("perplexity", label, length, "essays", a.budget))
                 print(f"[{time.time() - t:6.0f}s] perplexity {label} L={length}: {value:.3f}", flush=True)
                 store.write_text(json.dumps({"rows": rows}, indent=1))
     report(rows, out, stem, a, model_name, depths)
@@ -257,8 +255,7 @@ def _dense_rows(rows, length, fmt):
 
 def _dense(rows, length, fmt, run=None):
     """The dense row of ``run`` at (length, format); for rows measured before run ids, the dense row without one."""
-    return next((r for r in rows if r["recipe"] == "dense" and r["length"] == length and r["format"] == fmt
-                 and r.get("run") == run), None)
+    return next((r for r in _dense_rows(rows, length, fmt) if r.get("run") == run), None)
 
 
 def _shown(rows, r) -> bool:

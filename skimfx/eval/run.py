@@ -10,7 +10,7 @@ from tqdm import tqdm
 from .agreement import agreement
 from .haystack import niah_prompts
 from .passkey import passkey_correct, passkey_prompts
-from .perplexity import perplexity
+from .perplexity import perplexity, text_ids
 from .ruler import TASKS as RULER_TASKS
 from .ruler import ruler_samples
 from .synthetic import SYNTHETIC, score
@@ -46,8 +46,6 @@ def evaluate(model, tok, recipes: list[str], task: str, length: int = 1000, n_pr
         samples = ruler_samples(task[len("ruler_"):], tok, length, n_prompts, seed=seed)
         ids = [s.ids for s in samples]
     elif task == "perplexity_essays":
-        from .perplexity import text_ids
-
         ids = [text_ids(tok, "essays")[:length]]          # the timed prefill: the first window's context
     else:
         depths = tuple(i / 4 for i in range(5))

@@ -113,7 +113,7 @@ def _candidates(m: int, packable: bool = False) -> list[str]:
         if forced not in PATHS:
             raise ValueError(f"{PATH_ENV}={forced!r}: expected auto or one of {', '.join(PATHS)}")
         return [forced if _applies(forced, m, packable) else "torch"]
-    return [p for p in ("torch", "stream", "onednn", "packed") if _applies(p, m, packable)]
+    return [p for p in PATHS if _applies(p, m, packable)]
 
 
 def _time(path: str, rows, weight, bias) -> float:

@@ -16,7 +16,7 @@ from .early_exit import EarlyExitError, early_exit
 from .fuse import FuseError, fuse, fuse_graph
 from .kv_policy import PolicyError, kv_policy
 from .lower_attention import lower_attention
-from .lower_linear import lower_linear
+from .lower_linear import lower_linear, lower_linear_packable
 from .prune_tokens import prune_tokens
 from .split_layers import split_layers
 from .steer import SteerError, steer
@@ -59,16 +59,9 @@ def default_passes(fused: bool = True) -> list[PassFn]:
 def final_passes(pack_weights: bool = False) -> list[PassFn]:
     """Run after every rewrite (they match ``aten.linear`` as a pattern): the remaining linears are lowered
     (``pack_weights``: to the kernel that may keep re-laid-out weight copies for multi-row CPU calls)."""
-    return [_lower_linear_packable if pack_weights else lower_linear]
+    return [lower_linear_packable if pack_weights else lower_linear]
 
 
-def _lower_linear_packable(program: Program) -> Program:
-    return lower_linear(program, pack=True)
-
-
-_lower_linear_packable.__name__ = "lower_linear"
-
-
-__all__ = ["PassManager", "PassError", "default_passes", "final_passes", "lower_attention", "lower_linear",
+__all__ = ["PassManager", "PassError", "default_passes", "final_passes", "lower_attention", "lower_linear", "lower_linear_packable",
            "split_layers", "prune_tokens", "kv_policy", "PolicyError", "fuse", "fuse_graph", "FuseError", "early_exit",
            "EarlyExitError", "decode_with", "steer", "SteerError", "truncate_layers", "TruncateError"]

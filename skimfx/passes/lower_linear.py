@@ -36,3 +36,8 @@ def lower_linear(program: Program, pack: bool = False) -> Program:
         count += len(hits)
     program.history.append(("lower_linear", count))
     return program
+
+
+def lower_linear_packable(program: Program) -> Program:
+    """``lower_linear(program, pack=True)``: what ``skimfx.compile`` runs unless ``pack_weights=False``."""
+    return lower_linear(program, pack=True)
