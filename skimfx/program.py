@@ -38,6 +38,23 @@ def cached_attention(ctx: Any, layer: int, q: torch.Tensor, k: torch.Tensor, v: 
     return ctx.attend(layer, q, k, v, scale=scale, window=window, softcap=softcap)
 
 
+def gather_tokens(x: torch.Tensor, axis: int | None, index: torch.Tensor) -> torch.Tensor:
+    """Select tokens ``index [B, K]`` along ``axis`` of ``x`` (batch on dim 0); no-op without an axis.
+
+    The runtime applies it to every token-axis value after a selection; ``fold_selection`` inserts it
+    into a layer's graph (the values its attention's output meets after the selection)."""
+    if axis is None:
+        return x
+    B, K = index.shape
+    if x.shape[0] != B:
+        x = x.expand(B, *x.shape[1:])
+    view = [B] + [1] * (x.dim() - 1)
+    view[axis] = K
+    shape = list(x.shape)
+    shape[axis] = K
+    return torch.gather(x, axis, index.view(view).expand(shape))
+
+
 def select_tokens(ctx: Any, layer: int, q: torch.Tensor) -> torch.Tensor:
     """Token selection after layer ``layer`` (inserted by ``prune_tokens``).
 
@@ -283,6 +300,12 @@ class Stage:
     module: fx.GraphModule
     inputs: list[str]              # boundary value names, in placeholder order (after ctx)
     outputs: list[str]
+    # select stages only (``fold_selection``): the selection layer's graph with this selection run right
+    # after the layer's attention, so the rest of the layer (output projection, MLP) runs on the kept
+    # tokens; it reads the layer stage's inputs and returns the layer's outputs + the index (GemFilter:
+    # the index alone). ``folded_gathered``: those outputs that it already returns gathered.
+    folded: fx.GraphModule | None = None
+    folded_gathered: tuple[str, ...] = ()
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Callable
 from ..program import Program
 from .decode_with import decode_with
 from .early_exit import EarlyExitError, early_exit
+from .fold_selection import fold_selection
 from .fuse import FuseError, fuse, fuse_graph
 from .kv_policy import PolicyError, kv_policy
 from .lower_attention import lower_attention
@@ -58,10 +59,11 @@ def default_passes(fused: bool = True) -> list[PassFn]:
 
 def final_passes(pack_weights: bool = False) -> list[PassFn]:
     """Run after every rewrite (they match ``aten.linear`` as a pattern): the remaining linears are lowered
-    (``pack_weights``: to the kernel that may keep re-laid-out weight copies for multi-row CPU calls)."""
-    return [lower_linear_packable if pack_weights else lower_linear]
+    (``pack_weights``: to the kernel that may keep re-laid-out weight copies for multi-row CPU calls), then
+    each token selection is folded into its layer (it copies the layer's final graph)."""
+    return [lower_linear_packable if pack_weights else lower_linear, fold_selection]
 
 
 __all__ = ["PassManager", "PassError", "default_passes", "final_passes", "lower_attention", "lower_linear", "lower_linear_packable",
-           "split_layers", "prune_tokens", "kv_policy", "PolicyError", "fuse", "fuse_graph", "FuseError", "early_exit",
+           "split_layers", "prune_tokens", "fold_selection", "kv_policy", "PolicyError", "fuse", "fuse_graph", "FuseError", "early_exit",
            "EarlyExitError", "decode_with", "steer", "SteerError", "truncate_layers", "TruncateError"]

@@ -10,23 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..kernels import attention, token_scores
-from ..program import Program
+from ..program import Program, gather_tokens
 from .cache import KVCache
 from .selection import topk_sentences, topk_tokens
-
-
-def gather_tokens(x: torch.Tensor, axis: int | None, index: torch.Tensor) -> torch.Tensor:
-    """Select tokens ``index [B, K]`` along ``axis`` of ``x`` (batch on dim 0); no-op without an axis."""
-    if axis is None:
-        return x
-    B, K = index.shape
-    if x.shape[0] != B:
-        x = x.expand(B, *x.shape[1:])
-    view = [B] + [1] * (x.dim() - 1)
-    view[axis] = K
-    shape = list(x.shape)
-    shape[axis] = K
-    return torch.gather(x, axis, index.view(view).expand(shape))
 
 
 class Ctx:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..program import Program, Stage
-from .context import Ctx, gather_tokens
+from ..program import Program, Stage, gather_tokens
+from .context import Ctx
 from .sentences import segment_batch
 
 
@@ -119,30 +119,28 @@ class Executor:
                 raise ValueError("sentence-granular selection needs the tokenizer's sentence endings: compile with "
                                  "skimfx.compile(model, recipe, tokenizer=tok)")
             ctx.sentence_ids = segment_batch(input_ids, ctx.n_valid, program.sentence_ends, min(sentence_rules))
+        handled = False                 # the select stage ahead ran inside its layer, or prunes nothing
         for i, st in enumerate(stages):
             if st.kind == "select":
-                if not ctx.prune:
-                    continue
-                sel = program.selections[st.layer]
-                if all(n <= sel.tokens(p) for n, p in zip(ctx.n_valid, ctx.prompt_lens)):
-                    warnings.warn(f"{sel.method or 'selection'} at layer {sel.layer}: keep={sel.describe_keep()} of "
-                                  f"{max(ctx.prompt_lens)} prompt tokens leaves {max(ctx.n_valid)} in place, so no "
-                                  "tokens are pruned", stacklevel=4)
+                if handled or not ctx.prune or not self._prunes(ctx, program.selections[st.layer]):
+                    handled = False
                     continue
                 (index,) = st.module(ctx, *[env[n] for n in st.inputs])
-                ctx.selected[sel.layer] = [row[:k] for row, k in zip(index.tolist(), ctx.kept)]
-                if sel.mode == "rerun":
-                    return Rerun(index, ctx.kept)
-                later = {n for s in stages[i + 1:] for n in s.inputs}
-                for name in later & env.keys():
-                    env[name] = gather_tokens(env[name], program.values[name].token_axis, index)
-                if ctx.sentence_ids is not None:
-                    ctx.sentence_ids = torch.gather(ctx.sentence_ids, 1, index)
-                if sel.truncate_earlier_kv:
-                    for layer in range(sel.layer + 1):
-                        ctx.cache.compact(layer, index, ctx.kept)
-                ctx.n_valid = ctx.kept
+                rerun = self._select(ctx, env, i, index, ())
+                if rerun is not None:
+                    return rerun
                 continue
+            nxt = stages[i + 1] if i + 1 < len(stages) else None
+            if st.kind == "layer" and ctx.prune and nxt is not None and nxt.kind == "select" and nxt.folded is not None:
+                handled = True
+                if self._prunes(ctx, program.selections[nxt.layer]):
+                    # the selection runs right after this layer's attention, the rest of the layer on the kept tokens
+                    *outs, index = nxt.folded(ctx, *[env[n] for n in st.inputs])
+                    env.update(zip(st.outputs, outs))
+                    rerun = self._select(ctx, env, i + 1, index, nxt.folded_gathered)
+                    if rerun is not None:
+                        return rerun
+                    continue
             if st.kind == "epilogue" and last_only:
                 # only each sequence's last real token goes through the final norm and LM head
                 last = torch.tensor(ctx.n_valid, device=input_ids.device)[:, None] - 1
@@ -152,6 +150,35 @@ class Executor:
             self.run(st, ctx, env)
         out = env[stages[-1].outputs[0]]
         return out[:, 0] if last_only else out
+
+    def _prunes(self, ctx: Ctx, sel) -> bool:
+        """Whether ``sel`` drops tokens of this prefill (a warning says so when it does not)."""
+        if all(n <= sel.tokens(p) for n, p in zip(ctx.n_valid, ctx.prompt_lens)):
+            warnings.warn(f"{sel.method or 'selection'} at layer {sel.layer}: keep={sel.describe_keep()} of "
+                          f"{max(ctx.prompt_lens)} prompt tokens leaves {max(ctx.n_valid)} in place, so no "
+                          "tokens are pruned", stacklevel=5)
+            return False
+        return True
+
+    def _select(self, ctx: Ctx, env: dict, i: int, index: torch.Tensor, gathered: tuple[str, ...]) -> Rerun | None:
+        """Apply the selection of stage ``i`` (index [B, K]): gather every token-axis value that a later
+        stage reads (except ``gathered``, already gathered), compact earlier layers' KV where asked. A
+        GemFilter selection returns ``Rerun`` instead."""
+        program = self.program
+        sel = program.selections[program.stages[i].layer]
+        ctx.selected[sel.layer] = [row[:k] for row, k in zip(index.tolist(), ctx.kept)]
+        if sel.mode == "rerun":
+            return Rerun(index, ctx.kept)
+        later = {n for s in program.stages[i + 1:] for n in s.inputs}
+        for name in (later & env.keys()) - set(gathered):
+            env[name] = gather_tokens(env[name], program.values[name].token_axis, index)
+        if ctx.sentence_ids is not None:
+            ctx.sentence_ids = torch.gather(ctx.sentence_ids, 1, index)
+        if sel.truncate_earlier_kv:
+            for layer in range(sel.layer + 1):
+                ctx.cache.compact(layer, index, ctx.kept)
+        ctx.n_valid = ctx.kept
+        return None
 
 
 __all__ = ["Executor", "Rerun"]
