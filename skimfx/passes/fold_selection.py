@@ -92,7 +92,7 @@ def _fold(program: Program, layer: int) -> tuple[fx.GraphModule, tuple[str, ...]
 
 def _module(src: fx.GraphModule, g: fx.Graph, layer: int) -> fx.GraphModule:
     # the attention call writes the cache that the selection reads: never dead code
-    g.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (n.op == "call_function" and n.target is cached_attention))
+    g.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.target is cached_attention)
     g.lint()
     return fx.GraphModule(src, g, class_name=f"layer_{layer}_select")
 
