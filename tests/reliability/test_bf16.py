@@ -61,4 +61,12 @@ def test_smollm2_bf16_logits_and_greedy_tokens(smollm2):
     hf = model16.generate(ids[:, :120], max_new_tokens=32, do_sample=False)[0, 120:].tolist()
     for fuse in (True, False):
         got = skimfx.compile(model16, fuse=fuse).generate(prompt, max_new_tokens=32, stop_tokens=[]).tokens[0]
-        assert got == hf, fuse
+        if got == hf:
+            continue
+        # bf16 rounding differs between CPUs (skimfx's attention sums in fp32, HF's SDPA in bf16): the greedy
+        # paths may part, but only where HF's own logits are a near-tie (within 2 bf16 ulps at |logit| ~32)
+        i = next(k for k, (a, b) in enumerate(zip(got, hf)) if a != b)
+        with torch.no_grad():
+            logits = model16(torch.tensor([prompt + hf[:i]])).logits[0, -1].float()
+        gap = (logits[hf[i]] - logits[got[i]]).item()
+        assert 0 <= gap <= 0.5, (fuse, i, gap)
