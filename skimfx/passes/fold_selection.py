@@ -68,10 +68,11 @@ def _fold(program: Program, layer: int) -> tuple[fx.GraphModule, tuple[str, ...]
             elif sym in getattr(_expr(val), "free_symbols", ()):
                 return None              # e.g. B*T: not re-derived here, keep the unfolded selection
             continue
-        if not any(sym in getattr(_expr(d), "free_symbols", ()) for d in val.shape):
+        token_dims = sum(sym in getattr(_expr(d), "free_symbols", ()) for d in val.shape)
+        if not token_dims:
             continue                     # weights, per-sequence values
         axis = _token_axis(n, sym)
-        if axis is None or sum(sym in getattr(_expr(d), "free_symbols", ()) for d in val.shape) != 1:
+        if axis is None or token_dims != 1:
             return None                  # a flattened or square token axis: keep the unfolded selection
         with g.inserting_after(last):
             last = g.call_function(gather_tokens, (n, axis, index))
@@ -103,11 +104,7 @@ def fold_selection(program: Program) -> Program:
     folded = 0
     for layer in sorted(program.selections):
         select = program.stage(f"select.{layer}")
-        result = _fold(program, layer)
-        if result is None:
-            select.folded, select.folded_gathered = None, ()
-            continue
-        select.folded, select.folded_gathered = result
-        folded += 1
+        select.folded, select.folded_gathered = _fold(program, layer) or (None, ())
+        folded += select.folded is not None
     program.history.append(("fold_selection", folded))
     return program

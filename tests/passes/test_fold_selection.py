@@ -10,6 +10,7 @@ from skimfx.program import cached_attention, select_tokens
 from skimfx.runtime import Ctx
 from skimfx.runtime.cache import KVCache
 from skimfx.runtime.executor import Executor
+from skimfx.runtime.steps import plan_capacity, prefill
 from tests.runtime.test_speculation_over_policies import TOKENIZER
 from tiny import tiny_model
 
@@ -39,7 +40,6 @@ def test_folded_selection_equals_selection_after_the_layer(arch, recipe):
     assert a.stats.selected == b.stats.selected
     assert a.stats.layer_tokens == b.stats.layer_tokens
     # the first token's logits: the same values to float rounding (a matmul over fewer rows may sum differently)
-    from skimfx.runtime.steps import plan_capacity, prefill
     logits = []
     for cm in (folded, after):
         cache = KVCache.for_program(cm.program, 2, plan_capacity(cm.program, 90, 1))
