@@ -235,7 +235,9 @@ class SpeculativeConfig(DecodeConfig):
     and retried after ``retry_after`` idle steps. ``ngram``: (min n, max n) of the n-gram drafts;
     ``skip_layers``: the layers a "skip" draft leaves out; ``prior``: the starting acceptance per source.
     ``batched``: several prompts with n-gram drafts only are verified together, one pass per step for the
-    whole batch (ragged drafts, per-sequence rollback); otherwise prompt by prompt."""
+    whole batch (ragged drafts, per-sequence rollback); otherwise prompt by prompt. ``reflow_with``: a tokenizer
+    that re-tokenizes the prompt's text with its hard-wrapped lines joined, a second source of n-gram drafts
+    (``runtime.decoding.drafts.join_wrapped_lines``); None: drafts from the prompt and the text so far only."""
 
     sources: tuple[str, ...]
     draft_tokens: int = 8
@@ -247,6 +249,7 @@ class SpeculativeConfig(DecodeConfig):
     skip_layers: tuple[int, ...] = ()
     prior: tuple[tuple[str, float], ...] = (("lookahead", 0.7), ("exit", 0.5), ("skip", 0.5))
     batched: bool = True
+    reflow_with: Any = field(default=None, compare=False)
     mode: ClassVar[str] = "speculative"
 
     def __str__(self) -> str:

@@ -37,6 +37,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from . import one_time
+
 # rows up to which another path can beat F.linear on CPU (from 32 rows on they measured equal)
 SMALL_M = 24
 MARGIN = 0.10            # a candidate replaces F.linear only when at least this much faster
@@ -78,6 +80,7 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
         return entry[2]
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    one_time.note()
     _PACKED[key] = (weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None)), weight._version, packed)
     return packed
 
@@ -147,6 +150,7 @@ def choose_path(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         else:
             with torch.no_grad():
                 times = {c: _time(c, rows, weight, bias) for c in cands}
+            one_time.note()
             best = min(times, key=times.get)
             path = best if times[best] < (1 - MARGIN) * times["torch"] else "torch"
         _CHOICE[key] = path

@@ -8,6 +8,7 @@ calibration has ``layers``, ``adapters`` and ``threshold(layer, agreement)``; a 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,9 @@ class SelfSpeculative(Recipe):
     ``adaptive``: the draft length follows acceptance (n-gram drafts start at ``draft_tokens``, model drafts at 2), and exit and
     skip drafting are switched off for a while when they measure slower than plain decoding.
     ``calibration``: adapters for the exit branch. ``skip_layers``: layer indices, or a
-    ``SkipCalibration`` (or its saved path) whose chosen set is used."""
+    ``SkipCalibration`` (or its saved path) whose chosen set is used. ``reflow`` (with the tokenizer given to
+    ``skimfx.compile``): lookahead also drafts from the prompt's text with its hard-wrapped lines joined, as a
+    quoting answer writes it (``runtime.decoding.drafts.join_wrapped_lines``); a draft source only, the output does not change."""
 
     draft: str | tuple[str, ...] = "lookahead"
     draft_tokens: int = 8
@@ -134,6 +137,7 @@ class SelfSpeculative(Recipe):
     adaptive: bool = True
     skip_layers: object = None
     batched: bool = True
+    reflow: bool = True
     name = "selfspeculative"
 
     def __post_init__(self):
@@ -143,7 +147,7 @@ class SelfSpeculative(Recipe):
                               f"{self.draft!r}")
         object.__setattr__(self, "draft", src)
         positive("draft_tokens", self.draft_tokens)
-        for flag in ("adaptive", "batched"):
+        for flag in ("adaptive", "batched", "reflow"):
             if not isinstance(getattr(self, flag), bool):
                 raise RecipeError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if ("exit" in src) != (self.exit_layer is not None):
@@ -158,6 +162,13 @@ class SelfSpeculative(Recipe):
         if self.skip_layers is not None:
             object.__setattr__(self, "skip_layers", _skip_set(self.skip_layers))
 
+    def with_tokenizer(self, tokenizer) -> "SelfSpeculative":
+        if not self.reflow or "lookahead" not in self.draft or not _can_retokenize(tokenizer):
+            return self
+        done = dataclasses.replace(self)
+        object.__setattr__(done, "_tokenizer", tokenizer)
+        return done
+
     def passes(self, info: ModelInfo) -> list:
         if isinstance(self.skip_layers, (str, Path)):
             raise RecipeError(f"skip_layers={str(self.skip_layers)!r} is a path: skimfx.compile loads it; to build the "
@@ -169,7 +180,7 @@ class SelfSpeculative(Recipe):
                                   "model (indices 0..L-1, at least one layer kept)")
         config = SpeculativeConfig(self.draft, self.draft_tokens, self.exit_layer, self.adaptive,
                                    min_gain=1.0 if self.adaptive else 0.0, skip_layers=self.skip_layers or (),
-                                   batched=self.batched)
+                                   batched=self.batched, reflow_with=getattr(self, "_tokenizer", None))
         out = []
         if self.exit_layer is not None:
             _exit_layers(info, (self.exit_layer,))
@@ -178,3 +189,8 @@ class SelfSpeculative(Recipe):
             out.append(bind_pass(early_exit, "early_exit", layers=(self.exit_layer,),
                               adapters={self.exit_layer: adapter} if adapter is not None else {}))
         return out + [bind_pass(decode_with, "decode_with", config=config)]
+
+
+def _can_retokenize(tokenizer) -> bool:
+    """Does ``tokenizer`` turn ids into text and back (``decode``, and called on text)?"""
+    return tokenizer is not None and callable(tokenizer) and callable(getattr(tokenizer, "decode", None))

@@ -29,17 +29,17 @@ from ..executor import Executor
 from ..sampling import SamplingConfig
 from ..stats import DecodeStats, Generation, Stats
 from ..steps import pad_right, plan_capacity, prefill
-from .drafts import NGramDrafts, accepted_count
+from .drafts import NGramDrafts, accepted_count, side_corpus
 from .loop import check_cache_room
-from .schedule import Acceptance, StepCosts
+from .schedule import Acceptance, StepCosts, StepTimer, average
 
 
 class _Row:
     """One sequence of the batch: its history, its n-gram index and acceptance by n-gram order."""
 
-    def __init__(self, history: list[int], ngram: tuple[int, int], prior: float):
+    def __init__(self, history: list[int], ngram: tuple[int, int], prior: float, corpus: list[int] | None):
         self.history = history
-        self.ngram = NGramDrafts(*ngram)
+        self.ngram = NGramDrafts(*ngram, corpus=corpus)
         self.acceptance = {n: Acceptance(prior) for n in range(ngram[0], ngram[1] + 1)}
         self.proposal: list[int] = []
         self.order = 0
@@ -86,7 +86,7 @@ def generate_batched(config, program: Program, prompts: list[list[int]], max_new
         stats.ttft_s = time.perf_counter() - t0
         stats.kv_prefill_bytes = cache.nbytes()
         t1 = time.perf_counter()
-        rows = [_Row(list(p) + [t], config.ngram, prior) for p, t in zip(prompts, first)]
+        rows = [_Row(list(p) + [t], config.ngram, prior, side_corpus(config, p)) for p, t in zip(prompts, first)]
         out = [[t] for t in first]
         for b, t in enumerate(first):
             if callback is not None:
@@ -106,15 +106,14 @@ def generate_batched(config, program: Program, prompts: list[list[int]], max_new
             drafts = [[] if r.done else r.proposal[:K] for r in rows]
             ids = [[] if r.done else [r.history[-1]] + d for r, d in zip(rows, drafts)]
             n_valid = [len(i) for i in ids]
-            ts = time.perf_counter()
+            timer = StepTimer()
             preds = _verify(ex, program, cache, ids, n_valid, dev)
             width = max(len(d) for d in drafts)
             if width == 0:
-                dt = time.perf_counter() - ts
-                plain = dt if plain is None else 0.7 * plain + 0.3 * dt
+                plain = average(plain, timer.seconds())
                 ds.plain_steps += 1
             else:
-                costs.add(width, time.perf_counter() - ts)
+                costs.add(width, timer.seconds())
                 ds.verify_steps["lookahead"] = ds.verify_steps.get("lookahead", 0) + 1
             keep = []
             for b, (r, d) in enumerate(zip(rows, drafts)):
@@ -125,6 +124,7 @@ def generate_batched(config, program: Program, prompts: list[list[int]], max_new
                 keep.append(n + 1)
                 if d:
                     r.acceptance[r.order].observe(len(d), n)
+                    r.ngram.observe(n)
                     ds.drafted["lookahead"] = ds.drafted.get("lookahead", 0) + len(d)
                     ds.accepted["lookahead"] = ds.accepted.get("lookahead", 0) + n
                 for t in d[:n] + [preds[b][n]]:

@@ -3,6 +3,24 @@ acceptance model (``Acceptance``), which together pick the number of drafts with
 tokens per second."""
 from __future__ import annotations
 
+import time
+
+from ...kernels import one_time
+
+
+class StepTimer:
+    """Times one step. ``seconds()`` is None when a kernel did one-time work during it (``kernels.one_time``:
+    a GEMM path measured for a new row count, a weight re-laid out): such a time is mostly that work, and the
+    schedule would otherwise take it for the cost of the width and pass that width over from then on."""
+
+    def __init__(self):
+        self.work = one_time.count()
+        self.t0 = time.perf_counter()
+
+    def seconds(self) -> float | None:
+        dt = time.perf_counter() - self.t0
+        return None if one_time.count() != self.work else dt
+
 
 class StepCosts:
     """Measured time of a whole draft-and-verify step by the number of drafts k (exponentially averaged).
@@ -16,7 +34,9 @@ class StepCosts:
     def __init__(self):
         self.seconds: dict[int, float] = {}
 
-    def add(self, k: int, seconds: float) -> None:
+    def add(self, k: int, seconds: float | None) -> None:
+        if seconds is None:                                  # a step that did one-time work (StepTimer)
+            return
         old = self.seconds.get(k)
         self.seconds[k] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
@@ -64,4 +84,11 @@ class Acceptance:
         return k, rate
 
 
-__all__ = ["StepCosts", "Acceptance"]
+def average(old: float | None, new: float | None) -> float | None:
+    """A plain step's time, exponentially averaged; a step that did one-time work (None) leaves it."""
+    if new is None:
+        return old
+    return new if old is None else 0.7 * old + 0.3 * new
+
+
+__all__ = ["StepCosts", "Acceptance", "StepTimer", "average"]

@@ -3,7 +3,6 @@ cache policies, whose verification reads per token what decoding reads, and whos
 state)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -13,9 +12,9 @@ from ..cache import KVCache
 from ..executor import Executor
 from ..stats import DecodeStats
 from .batched import generate_batched
-from .drafts import NGramDrafts, accepted_count
+from .drafts import NGramDrafts, accepted_count, side_corpus
 from .loop import DecodeState, decode_loop, next_token, register, step_env
-from .schedule import Acceptance, StepCosts
+from .schedule import Acceptance, StepCosts, StepTimer, average
 
 
 @dataclass
@@ -71,7 +70,7 @@ class SpeculativeDecoder:
     def start(self, ex: Executor, cache: KVCache, history: list[int]) -> SpeculativeState:
         prior = self.prior
         return SpeculativeState(
-            history, ngram=NGramDrafts(*self.ngram),
+            history, ngram=NGramDrafts(*self.ngram, corpus=side_corpus(self.config, history[:-1])),
             acceptance={s: Acceptance(prior[s]) for s in self.sources if s != "lookahead"},
             ngram_acceptance={n: Acceptance(prior["lookahead"]) for n in range(self.ngram[0], self.ngram[1] + 1)},
             costs={s: StepCosts() for s in self.sources})
@@ -81,7 +80,7 @@ class SpeculativeDecoder:
         for src in self.sources:
             if self.adaptive and state.plain is None:
                 break                                            # time one plain step first
-            t0 = time.perf_counter()
+            timer = StepTimer()
             drafts = state.ngram.propose(state.history, self.draft_tokens) if src == "lookahead" else None
             if drafts == []:
                 continue                                         # no earlier occurrence of the suffix
@@ -107,15 +106,16 @@ class SpeculativeDecoder:
             else:
                 new, n, drafts = self._skip_draft_and_verify(ex, cache, tok, k)
             acc.observe(len(drafts), n)
-            state.costs[src].add(len(drafts), time.perf_counter() - t0)
+            if src == "lookahead":
+                state.ngram.observe(n)
+            state.costs[src].add(len(drafts), timer.seconds())
             ds.drafted[src] = ds.drafted.get(src, 0) + len(drafts)
             ds.accepted[src] = ds.accepted.get(src, 0) + n
             ds.verify_steps[src] = ds.verify_steps.get(src, 0) + 1
             return new
-        t0 = time.perf_counter()
+        timer = StepTimer()
         new = self._plain(ex, cache, tok)
-        dt = time.perf_counter() - t0
-        state.plain = dt if state.plain is None else 0.7 * state.plain + 0.3 * dt
+        state.plain = average(state.plain, timer.seconds())
         ds.plain_steps += 1
         return new
 
