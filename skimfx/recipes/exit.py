@@ -128,7 +128,8 @@ class SelfSpeculative(Recipe):
     ``calibration``: adapters for the exit branch. ``skip_layers``: layer indices, or a
     ``SkipCalibration`` (or its saved path) whose chosen set is used. ``reflow`` (with the tokenizer given to
     ``skimfx.compile``): lookahead also drafts from the prompt's text with its hard-wrapped lines joined, as a
-    quoting answer writes it (``runtime.decoding.drafts.join_wrapped_lines``); a draft source only, the output does not change."""
+    quoting answer writes it (``runtime.decoding.drafts.join_wrapped_lines``); a draft source only, the output
+    does not change."""
 
     draft: str | tuple[str, ...] = "lookahead"
     draft_tokens: int = 8
