@@ -67,7 +67,6 @@ def test_step_timer_drops_steps_that_did_one_time_work():
     assert average(None, None) is None and average(1.0, None) == 1.0 and average(1.0, 2.0) == pytest.approx(1.3)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the packed path needs oneDNN")
 def test_linear_notes_its_one_time_work():
     w = torch.randn(64, 32)
     rows = torch.randn(5, 32)

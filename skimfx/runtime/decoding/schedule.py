@@ -35,10 +35,8 @@ class StepCosts:
         self.seconds: dict[int, float] = {}
 
     def add(self, k: int, seconds: float | None) -> None:
-        if seconds is None:                                  # a step that did one-time work (StepTimer)
-            return
-        old = self.seconds.get(k)
-        self.seconds[k] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if seconds is not None:                              # None: a step that did one-time work (StepTimer)
+            self.seconds[k] = average(self.seconds.get(k), seconds)
 
     def __call__(self, k: int, plain: float) -> float:
         if k in self.seconds:
@@ -85,7 +83,7 @@ class Acceptance:
 
 
 def average(old: float | None, new: float | None) -> float | None:
-    """A plain step's time, exponentially averaged; a step that did one-time work (None) leaves it."""
+    """A step time, exponentially averaged; a step that did one-time work (None) leaves it."""
     if new is None:
         return old
     return new if old is None else 0.7 * old + 0.3 * new
