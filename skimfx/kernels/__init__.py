@@ -10,7 +10,8 @@ from ._triton import HAS_TRITON, use_triton
 from .attention import attention, attention_flops, attention_mask, attention_ref, attention_triton
 from .compact import gather_kv, gather_kv_ref, gather_kv_triton
 from .kv_pages import page_minmax, page_minmax_ref, page_minmax_triton, page_scores, page_scores_ref, page_scores_triton
-from .sparse_attention import sparse_attention, sparse_attention_ref, sparse_attention_triton
+from .sparse_attention import (sparse_attention, sparse_attention_queries, sparse_attention_queries_ref, sparse_attention_ref,
+                               sparse_attention_triton)
 from .token_scores import decode_attention_scores, decode_attention_scores_ref, token_scores, token_scores_ref, token_scores_triton
 from .norm import add_rms_norm, add_rms_norm_ref, add_rms_norm_triton, rms_norm, rms_norm_ref, rms_norm_triton
 from .activation import glu, glu_ref, glu_triton
@@ -21,7 +22,8 @@ from . import library  # noqa: E402  registers torch.ops.skimfx.* (after the mod
 
 __all__ = ["HAS_TRITON", "use_triton", "attention", "attention_ref", "attention_triton", "attention_mask",
            "attention_flops", "decode_attention_scores", "decode_attention_scores_ref", "token_scores", "token_scores_ref", "token_scores_triton",
-           "sparse_attention", "sparse_attention_ref", "sparse_attention_triton", "gather_kv", "gather_kv_ref",
+           "sparse_attention", "sparse_attention_ref", "sparse_attention_triton", "sparse_attention_queries",
+           "sparse_attention_queries_ref", "gather_kv", "gather_kv_ref",
            "gather_kv_triton", "page_minmax", "page_minmax_ref", "page_minmax_triton", "page_scores",
            "page_scores_ref", "page_scores_triton", "rms_norm", "rms_norm_ref", "rms_norm_triton", "add_rms_norm",
            "add_rms_norm_ref", "add_rms_norm_triton", "glu", "glu_ref", "glu_triton", "rope", "rope_ref",

@@ -12,7 +12,9 @@ KV head is chosen (so k/v stay un-repeated): the page score of a KV head is the 
 heads of its GQA group.
 
 Shapes: k [B, Hkv, S, D]; kv_len [B]; kmin, kmax [B, Hkv, P, D] with P = ceil(S / page_size);
-q [B, Hq, D]; scores [B, Hkv, P] (pages at or past ceil(kv_len[b] / page_size) are -inf).
+q [B, Hq, D]; scores [B, Hkv, P] (pages at or past ceil(kv_len[b] / page_size) are -inf). The reference
+also scores T queries per sequence at once (a verification of drafted tokens): q [B, Hq, T, D], kv_len
+[B, T] -> [B, Hkv, T, P].
 
 Kernels: ``_page_minmax_kernel`` (one program per (batch*kv head, page block); the slots of each page
 past kv_len are ignored), ``_page_scores_kernel`` (one program per (batch*kv head, page block), all
@@ -57,14 +59,22 @@ def page_minmax_ref(k, kv_len, page_size: int, first_page: int = 0, last_page: i
 
 
 def page_scores_ref(q, kmin, kmax, kv_len, page_size: int):
-    """Quest's per-page upper bound of q·k, max over each GQA group -> [B, Hkv, P] fp32."""
-    B, Hq, D = q.shape
+    """Quest's per-page upper bound of q·k, max over each GQA group -> [B, Hkv, P] fp32. Also T queries per
+    sequence at once: q [B, Hq, T, D] with kv_len [B, T] (query t's cache length) -> [B, Hkv, T, P].
+
+    Computed as relu(q)·kmax + min(q, 0)·kmin, which is the bound's sum (kmin <= kmax channel by channel)
+    as two matmuls, instead of materialising the [.., P, D] products."""
+    multi = q.dim() == 4
+    B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
+    T = q.shape[2] if multi else 1
     Hkv, P = kmin.shape[1], kmin.shape[2]
-    qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)
-    s = torch.maximum(qg * kmin[:, :, None], qg * kmax[:, :, None]).sum(-1)       # [B, Hkv, G, P]
-    s = s.amax(2)
-    n_pages = (kv_len + page_size - 1) // page_size
-    return s.masked_fill(torch.arange(P, device=q.device)[None, None] >= n_pages[:, None, None], float("-inf"))
+    G = Hq // Hkv
+    qg = q.float().reshape(B, Hkv, G * T, D)                                        # (g, t) rows per KV head
+    s = qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)
+    s = s.view(B, Hkv, G, T, P).amax(2)                                              # [B, Hkv, T, P]
+    n_pages = ((kv_len + page_size - 1) // page_size).reshape(B, 1, T, 1)
+    s = s.masked_fill(torch.arange(P, device=q.device) >= n_pages, float("-inf"))
+    return s if multi else s[:, :, 0]
 
 
 if HAS_TRITON:
@@ -186,6 +196,8 @@ def page_minmax(k, kv_len, page_size: int, first_page: int = 0, last_page: int |
 
 
 def page_scores(q, kmin, kmax, kv_len, page_size: int):
+    if q.dim() == 4:                  # T queries per sequence: the reference (the Triton kernel scores one)
+        return page_scores_ref(q, kmin, kmax, kv_len, page_size)
     if use_triton(q):
         return launch("page_scores", page_scores_triton, q, kmin, kmax, kv_len, page_size)
     return page_scores_ref(q, kmin, kmax, kv_len, page_size)

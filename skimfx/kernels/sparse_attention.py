@@ -64,6 +64,33 @@ def sparse_attention_ref(q, k, v, index, kv_len, scale: float, softcap: float | 
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
+def sparse_attention_queries_ref(q, k, v, index, kv_len, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """T queries per sequence, each with its own slot sets: q [B, Hq, T, D], index [B, Hkv, T, K], kv_len
+    [B, T] -> [B, Hq, T, D]. Query t attends as ``sparse_attention_ref(q[:, :, t], k, v, index[:, :, t],
+    kv_len[:, t])`` does (the same gather and masked SDPA, the T queries as more heads of one call)."""
+    if q.dim() != 4 or index.dim() != 4 or kv_len.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"sparse_attention_queries: q must be [B, Hq, T, D], index [B, Hkv, T, K] and kv_len "
+                         f"[B, T]; got {tuple(q.shape)}, {tuple(index.shape)}, {tuple(kv_len.shape)}")
+    B, Hq, T, D = q.shape
+    Hkv, K = index.shape[1], index.shape[3]
+    _check(q[:, :, 0], k, v, index[:, :, 0], kv_len[:, 0])
+    ok = (index >= 0) & (index < kv_len[:, None, :, None])                          # [B, Hkv, T, K]
+    safe = index.clamp(min=0, max=k.shape[2] - 1).reshape(B, Hkv, T * K)
+    kg = gather_kv_ref(k, safe).float().view(B, Hkv * T, K, D)
+    vg = gather_kv_ref(v, safe).float().view(B, Hkv * T, K, D)
+    qg = q.float().view(B, Hkv, Hq // Hkv, T, D).transpose(2, 3).reshape(B, Hkv * T, Hq // Hkv, D)
+    ok = ok.reshape(B, Hkv * T, 1, K)
+    if softcap is not None:
+        s = torch.einsum("bkgd,bknd->bkgn", qg, kg) * scale
+        s = softcap * torch.tanh(s / softcap)
+        p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+        out = torch.einsum("bkgn,bknd->bkgd", p, vg)
+    else:
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=ok, scale=scale)
+        out = out.masked_fill(~ok.any(-1)[..., None], 0.0)                          # rows with no key at all
+    return out.view(B, Hkv, T, Hq // Hkv, D).transpose(2, 3).reshape(B, Hq, T, D).to(q.dtype)
+
+
 if HAS_TRITON:
 
     @triton.autotune(configs=_decode_configs(), key=["D", "GROUP", "BLOCK_N"])
@@ -157,4 +184,14 @@ def sparse_attention(q, k, v, index, kv_len, scale: float, softcap: float | None
     return sparse_attention_ref(q, k, v, index, kv_len, scale, softcap)
 
 
-__all__ = ["sparse_attention", "sparse_attention_ref", "sparse_attention_triton"]
+def sparse_attention_queries(q, k, v, index, kv_len, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """T queries per sequence with their own slot sets (``sparse_attention_queries_ref``): on CUDA the Triton
+    kernel once per query, on CPU the reference in one call."""
+    if use_triton(q):
+        return torch.stack([sparse_attention(q[:, :, t], k, v, index[:, :, t], kv_len[:, t], scale, softcap)
+                            for t in range(q.shape[2])], dim=2)
+    return sparse_attention_queries_ref(q, k, v, index, kv_len, scale, softcap)
+
+
+__all__ = ["sparse_attention", "sparse_attention_ref", "sparse_attention_triton", "sparse_attention_queries",
+           "sparse_attention_queries_ref"]

@@ -12,6 +12,7 @@ import torch
 from ..kernels import attention, token_scores
 from ..program import Program, gather_tokens
 from .cache import KVCache
+from .packing import PackedRows
 from .selection import topk_sentences, topk_tokens
 
 
@@ -19,12 +20,18 @@ class Ctx:
     """Per-call state of the lowered graph: the cache, how many of the T new tokens of each
     sequence are real (the rest is right padding), whether selection stages run (``prune``: a
     prefill of a fresh prompt) and whether evicting policies compress the prompt after it is written
-    (``compress``), plus what the call measured (``reads``, ``kv_kept``, ``selected``, ``moved``)."""
+    (``compress``), plus what the call measured (``reads``, ``kv_kept``, ``selected``, ``moved``).
+
+    ``packed``: the graph runs on the batch's real tokens packed into one row ``[1, N]`` (``PackedRows``);
+    attention pads them to ``[B, H, T, D]`` for the cache and the policy and packs its output back."""
 
     def __init__(self, cache: KVCache, n_valid: list[int], program: Program | None = None, prune: bool = False,
-                 compress: bool = False):
+                 compress: bool = False, packed: PackedRows | None = None):
+        if packed is not None and (prune or compress or packed.counts != list(n_valid)):
+            raise ValueError("a packed call neither prunes nor compresses, and its counts are n_valid")
         self.cache = cache
         self.n_valid = n_valid
+        self.packed = packed
         self.program = program
         self.prune = prune
         self.compress = compress
@@ -70,6 +77,12 @@ class Ctx:
     @torch.compiler.disable
     def attend(self, layer: int, q, k, v, *, scale: float, window: int | None, softcap: float | None):
         """The lowered attention op: the layer's KV policy runs it, or the dense path when it has none."""
+        if self.packed is not None:
+            p = self.packed
+            return p.pack(self._attend(layer, p.pad(q), p.pad(k), p.pad(v), scale, window, softcap))
+        return self._attend(layer, q, k, v, scale, window, softcap)
+
+    def _attend(self, layer: int, q, k, v, scale: float, window: int | None, softcap: float | None):
         policy = self.cache.policies.get(layer)
         if policy is None:
             return self.attend_dense(layer, q, k, v, scale, window, softcap)
@@ -81,6 +94,8 @@ class Ctx:
     def fill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Cache the k/v [B, Hkv, T, D] of tokens that exited below ``layer`` (no query reads them here):
         through the layer's KV policy (``KVPolicy.fill``), or appended when it has none."""
+        if self.packed is not None:
+            k, v = self.packed.pad(k), self.packed.pad(v)
         policy = self.cache.policies.get(layer)
         if policy is not None:
             policy.fill(self, k, v)

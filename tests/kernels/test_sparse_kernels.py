@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from skimfx.kernels import (HAS_TRITON, attention_ref, gather_kv_ref, gather_kv_triton, page_minmax_ref,
-                            page_minmax_triton, page_scores_ref, page_scores_triton, sparse_attention_ref,
-                            sparse_attention_triton)
+                            page_minmax_triton, page_scores_ref, page_scores_triton, sparse_attention_queries,
+                            sparse_attention_queries_ref, sparse_attention_ref, sparse_attention_triton)
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
@@ -151,6 +151,51 @@ def test_page_score_bounds_every_key_of_the_page():
             hi = min(int(kv_len[b]), (p + 1) * ps)
             assert (qk[b, :, p * ps:hi].amax(-1) <= sc[b, :, p] + 1e-5).all()
     assert torch.isinf(sc[1, :, 3]).all() and (sc[1, :, 3] < 0).all()           # page past kv_len
+
+
+def literal_page_scores(q, kmin, kmax, kv_len, ps):
+    """Quest's bound as written: sum_d max(q_d kmin_d, q_d kmax_d), max over the GQA group."""
+    B, Hq, D = q.shape
+    Hkv, P = kmin.shape[1], kmin.shape[2]
+    qg = q.view(B, Hkv, Hq // Hkv, 1, D)
+    s = torch.maximum(qg * kmin[:, :, None], qg * kmax[:, :, None]).sum(-1).amax(2)
+    n_pages = (kv_len + ps - 1) // ps
+    return s.masked_fill(torch.arange(P)[None, None] >= n_pages[:, None, None], float("-inf"))
+
+
+def test_page_scores_reference_matches_literal_for_one_and_many_queries():
+    """The reference's two matmuls (relu(q)·kmax + min(q, 0)·kmin) are the bound's sum; T queries per
+    sequence (each with its own cache length) score as T single-query calls."""
+    B, Hq, Hkv, P, D, ps, T = 2, 6, 2, 9, 16, 4, 5
+    kmin = torch.randn(B, Hkv, P, D)
+    kmax = kmin + torch.rand(B, Hkv, P, D)
+    q = torch.randn(B, Hq, T, D)
+    kv_len = torch.tensor([[30 + t for t in range(T)], [9 + 2 * t for t in range(T)]])
+    many = page_scores_ref(q, kmin, kmax, kv_len, ps)
+    assert many.shape == (B, Hkv, T, P)
+    for t in range(T):
+        one = page_scores_ref(q[:, :, t], kmin, kmax, kv_len[:, t], ps)
+        torch.testing.assert_close(one, literal_page_scores(q[:, :, t], kmin, kmax, kv_len[:, t], ps),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(many[:, :, t], one, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_sparse_attention_for_many_queries_equals_one_call_per_query(softcap):
+    """T queries per sequence, each with its own slot set and cache length (a verification of drafts), give
+    what T single-query reads give, padding entries and a query with no slot at all included."""
+    B, Hq, Hkv, S, D, K, T = 3, 6, 2, 40, 8, 9, 4
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    kv_len = torch.tensor([[37, 38, 39, 40], [20, 21, 21, 21], [5, 6, 7, 8]])
+    index = torch.stack([make_index(B, Hkv, S, K, kv_len[:, t], False, pad=2, seed=t) for t in range(T)], dim=2)
+    index[2, 1, 3] = -1                                                               # one (b, head, t) reads nothing
+    got = sparse_attention_queries_ref(q, k, v, index, kv_len, 0.3, softcap)
+    assert torch.equal(got, sparse_attention_queries(q, k, v, index, kv_len, 0.3, softcap))   # CPU: the reference
+    for t in range(T):
+        want = sparse_attention_ref(q[:, :, t], k, v, index[:, :, t], kv_len[:, t], 0.3, softcap)
+        torch.testing.assert_close(got[:, :, t], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"kv_len \[B, T\]"):
+        sparse_attention_queries_ref(q, k, v, index, kv_len[:, 0], 0.3)
 
 
 @needs_triton

@@ -3,18 +3,17 @@
 Decoding a batch prompt by prompt pays the per-step overhead (the host work of a forward, the weights read
 once per pass) B times per token. Here every sequence proposes its own drafts (Lookahead-style: the tokens
 that followed the latest earlier occurrence of its last n tokens), and one forward verifies the batch:
-sequence b feeds its last token plus its k_b drafts, right-padded to the longest row, so draft lengths are
-ragged (``Ctx.n_valid``). Each row keeps the drafts up to its first mismatch plus the model's own next token,
+sequence b feeds its last token plus its k_b drafts, so draft lengths are ragged (``Ctx.n_valid``); the
+rows are packed side by side (``runtime/packing.py``), so the pass computes no padding. Each row keeps the drafts up to its first mismatch plus the model's own next token,
 and ``KVCache.rollback`` forgets each row's rejected drafts on its own (the KV policies restore their state
 per row). A finished sequence stays in the batch with no tokens (``n_valid = 0``) until all finish.
 
 Lossless: row b's tokens are the greedy tokens that ``b`` alone produces (up to the floating-point
 differences of a batched matmul; the tests compare tokens).
 
-Draft length: every row drafts up to a common width K (the pass is as wide as its longest row). Adaptive,
-K maximises the batch's expected tokens per second: the sum over rows of the expected emitted tokens
-(each row's acceptance by n-gram order, ``Acceptance``) over the measured time of a pass of width K
-(``StepCosts``, a plain batched step standing for K = 0)."""
+Draft length: every row drafts up to a common width K. Adaptive, K maximises the batch's expected tokens per second: the sum over rows of the expected emitted tokens
+(each row's acceptance by n-gram order, ``Acceptance``) over the measured time of a pass over as many
+packed tokens as width K feeds (``StepCosts`` by token count, plain batched steps included)."""
 from __future__ import annotations
 
 import time
@@ -26,12 +25,13 @@ from ...program import Program
 from ..cache import KVCache
 from ..context import Ctx
 from ..executor import Executor
+from ..packing import PackedRows
 from ..sampling import SamplingConfig
 from ..stats import DecodeStats, Generation, Stats
-from ..steps import pad_right, plan_capacity, prefill
+from ..steps import plan_capacity, prefill
 from .drafts import NGramDrafts, accepted_count, side_corpus
 from .loop import check_cache_room
-from .schedule import Acceptance, StepCosts, StepTimer, average
+from .schedule import Acceptance, StepCosts, StepTimer
 
 
 class _Row:
@@ -46,16 +46,18 @@ class _Row:
         self.done = False
 
 
-def choose_width(rows: list[_Row], costs: StepCosts, plain: float, k_max: int) -> int:
-    """The common draft width K with the best expected tokens per second for the batch."""
+def choose_width(rows: list[_Row], costs: StepCosts, k_max: int) -> int:
+    """The common draft width K with the best expected tokens per second for the batch. A pass costs what
+    its packed token count costs (``costs``: measured by token count, plain steps included), so a row
+    with a short proposal or none adds only the tokens it feeds."""
     live = [r for r in rows if not r.done]
-    longest = max((len(r.proposal) for r in live), default=0)
-    k_max = min(k_max, longest, 2 * max(costs.seconds, default=k_max // 2) or k_max)
-    best, width = len(live) / plain, 0
-    for K in range(1, k_max + 1):
-        # a row without a proposal (order 0) emits the model's own token only
-        tokens = sum(r.acceptance[r.order].expected(min(K, len(r.proposal))) if r.proposal else 1.0 for r in live)
-        rate = tokens / costs(K, plain)
+    k_max = min(k_max, max((len(r.proposal) for r in live), default=0))
+    best, width = 0.0, 0
+    for K in range(k_max + 1):
+        fed = [min(K, len(r.proposal)) for r in live]
+        # a row emits its accepted drafts plus the model's own token (1 for a row without drafts)
+        tokens = sum(r.acceptance[r.order].expected(k) if k else 1.0 for r, k in zip(live, fed))
+        rate = tokens / costs(sum(fed) + len(live))
         if rate > best:
             best, width = rate, K
     return width
@@ -76,7 +78,7 @@ def generate_batched(config, program: Program, prompts: list[list[int]], max_new
     ex = Executor(program)
     dev = program.info.device
     prior = dict(config.prior)["lookahead"]
-    costs, plain = StepCosts(), None
+    costs, widest = StepCosts(), 0                      # step time by packed token count; widest K verified
     with torch.inference_mode():
         capacity = plan_capacity(program, max(lens), max_new_tokens + config.draft_tokens + 1)
         cache = KVCache.for_program(program, B, capacity)
@@ -99,21 +101,21 @@ def generate_batched(config, program: Program, prompts: list[list[int]], max_new
                 r.order = r.ngram.order if r.proposal else 0
             if not config.adaptive:
                 K = config.draft_tokens
-            elif plain is None:
+            elif not costs.seconds:
                 K = 0                                           # time one plain batched step first
-            else:
-                K = choose_width(rows, costs, plain, config.draft_tokens)
+            else:                                               # widths grow by doubling, as in speculative.py
+                K = choose_width(rows, costs, min(config.draft_tokens, 2 * widest or config.draft_tokens))
             drafts = [[] if r.done else r.proposal[:K] for r in rows]
             ids = [[] if r.done else [r.history[-1]] + d for r, d in zip(rows, drafts)]
             n_valid = [len(i) for i in ids]
             timer = StepTimer()
             preds = _verify(ex, program, cache, ids, n_valid, dev)
             width = max(len(d) for d in drafts)
+            costs.add(sum(n_valid), timer.seconds())
+            widest = max(widest, width)
             if width == 0:
-                plain = average(plain, timer.seconds())
                 ds.plain_steps += 1
             else:
-                costs.add(width, timer.seconds())
                 ds.verify_steps["lookahead"] = ds.verify_steps.get("lookahead", 0) + 1
             keep = []
             for b, (r, d) in enumerate(zip(rows, drafts)):
@@ -151,16 +153,17 @@ def generate_batched(config, program: Program, prompts: list[list[int]], max_new
 
 
 def _verify(ex: Executor, program: Program, cache: KVCache, ids: list[list[int]], n_valid: list[int], dev):
-    """One pass over each row's last token and drafts (right-padded; a finished row feeds nothing) under
-    ``begin_speculation``; returns each row's greedy predictions after each of its tokens."""
+    """One pass over each row's last token and drafts under ``begin_speculation``; returns each row's greedy
+    predictions after each of its tokens (an empty list for a finished row, which feeds nothing).
+
+    The rows are packed (``PackedRows``): the linears see only the batch's real tokens, not the rows padded
+    to the longest draft (on a CPU a pass costs about its token count once past a few rows)."""
     cache.begin_speculation()
-    T = max(n_valid)
-    tokens = pad_right([i or [0] for i in ids], dev)[:, :T]
-    ctx = Ctx(cache, n_valid, program)
-    pos = torch.tensor(cache.positions, device=dev)[:, None] + torch.arange(T, device=dev)[None]
-    env = ex.embed(ctx, tokens, pos)
+    packed = PackedRows(n_valid, dev)
+    ctx = Ctx(cache, n_valid, program, packed=packed)
+    env = ex.embed(ctx, packed.pack_ids(ids), packed.positions(cache.positions))
     ex.run_layers(ctx, env, 0, ex.num_layers)
-    return ex.logits(ctx, env).argmax(-1).tolist()                                  # [B][T]
+    return [p.tolist() for p in packed.split(ex.logits(ctx, env).argmax(-1))]
 
 
 __all__ = ["generate_batched", "choose_width"]

@@ -38,15 +38,21 @@ class StepCosts:
         if seconds is not None:                              # None: a step that did one-time work (StepTimer)
             self.seconds[k] = average(self.seconds.get(k), seconds)
 
-    def __call__(self, k: int, plain: float) -> float:
+    def __call__(self, k: int, plain: float | None = None) -> float:
+        """The estimated time at ``k``; ``plain`` stands for k = 0 (None: below the smallest measured k the
+        cost is taken as that k's, as a pass over fewer rows costs no more)."""
         if k in self.seconds:
             return self.seconds[k]
         lo = max((j for j in self.seconds if j < k), default=0)
         hi = min((j for j in self.seconds if j > k), default=None)
+        if lo == 0 and plain is None:
+            return self.seconds[hi]
         c_lo = self.seconds.get(lo, plain)
         if hi is None:                                       # above every measured k
             lo2 = max((j for j in self.seconds if j < lo), default=0)
             c_lo2 = self.seconds.get(lo2, plain)
+            if c_lo2 is None:                                # one measured k and no plain step: flat
+                return c_lo
             return c_lo + max(0.0, c_lo - c_lo2) * (k - lo) / (lo - lo2) if lo > 0 else c_lo
         return c_lo + (self.seconds[hi] - c_lo) * (k - lo) / (hi - lo)
 

@@ -97,19 +97,19 @@ class Delta(SparseReadPolicy):
         """The set of the last token that stays becomes current again (a reuse layer keeps nothing)."""
         if self.params.role != "select" or old == new:
             return
-        key = tuple(new)
-        if key in self.sets:
-            self.index = self.sets[key]
-        else:       # a batch whose rows keep different numbers of drafts: each row's set from its own token
-            self.index = self._rows_of([self._kept_key(b, n, new) for b, n in enumerate(new)])
+        # each row's set from its own last kept token (in a batch whose rows keep different numbers of drafts,
+        # the set recorded at the lengths ``new`` holds padding queries' choices for the shorter rows)
+        self.index = self._rows_of([self._kept_key(b, n, new) for b, n in enumerate(new)])
         self.sets = {k: s for k, s in self.sets.items() if all(a <= b for a, b in zip(k, new))}
 
     def _kept_key(self, b: int, n: int, new: list[int]) -> tuple[int, ...]:
+        # the first set recorded at row b's length n: its own last token's (in a ragged batch the queries
+        # after it are padding, recorded at the same length with whatever the padding slot held)
         found = [k for k in self.sets if k[b] == n]
         if not found:
             raise ValueError(f"delta (select layer {self.layer}): the token set at lengths {new} was not kept; only "
                              "tokens written after KVCache.begin_speculation can be rolled back")
-        return found[-1]
+        return found[0]
 
     def _rows_of(self, keys: list[tuple[int, ...]]) -> torch.Tensor | None:
         """Row b of the set recorded under ``keys[b]``, stacked ([B, K], -1 padded in front, as ``delta_index``

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import gather_kv, page_minmax, page_scores, sparse_attention
+from ...kernels import gather_kv, page_minmax, page_scores, sparse_attention, sparse_attention_queries, use_triton
 from .base import register
 from .sparse import SparseReadPolicy
 
@@ -78,6 +78,30 @@ class Quest(SparseReadPolicy):
             return None, None
         return self.page_index(q, kv_len, max(lengths), budget), None
 
+    def read_queries(self, ctx, q, lengths: list[list[int]], scale: float, softcap) -> torch.Tensor:
+        """A verification's T queries in one call (on CPU): each query's page scores and top pages, then one
+        sparse read with a slot set per query, the same choice and the same keys as T decode steps. One
+        read per query (the base class) where a query reads densely, the queries would choose different
+        page counts, or on CUDA (the Triton kernels score and read one query)."""
+        ps = self.params.page_size
+        choice = set()
+        for n in lengths:
+            budget = self.params.tokens(max(n))
+            if max(n) <= budget:
+                return super().read_queries(ctx, q, lengths, scale, softcap)
+            last = -(-max(n) // ps)
+            choice.add(min(last, max(1, budget // ps)))
+        if len(choice) > 1 or len(lengths) == 1 or use_triton(q):
+            return super().read_queries(ctx, q, lengths, scale, softcap)
+        cache, layer = ctx.cache, self.layer
+        longest = max(max(n) for n in lengths)
+        kv_len = torch.tensor(lengths, device=q.device).T                           # [B, T]
+        slots = self.top_pages(q, kv_len, -(-longest // ps), choice.pop())        # [B, Hkv, T, K]
+        for n in lengths:
+            ctx.count(layer, [min(m, slots.shape[-1]) for m in n], n)
+        keys, values = cache.view(layer, longest)
+        return sparse_attention_queries(q, keys, values, slots, kv_len, scale, softcap)
+
     def page_index(self, q, kv_len: torch.Tensor, longest: int, budget: int) -> torch.Tensor:
         """Token slots of the top pages per KV head (the newest page always) -> [B, Hkv, n_pages * page_size]."""
         last = -(-longest // self.params.page_size)
@@ -85,14 +109,16 @@ class Quest(SparseReadPolicy):
 
     def top_pages(self, q, kv_len: torch.Tensor, pages: int, n_sel: int) -> torch.Tensor:
         """The slots of the ``n_sel`` best of the first ``pages`` pages per KV head (the newest page always)
-        -> [B, Hkv, n_sel * page_size]; a page past a sequence's length scores -inf and its slots are -1."""
+        -> [B, Hkv, n_sel * page_size]; a page past a sequence's length scores -inf and its slots are -1.
+        With T queries per sequence (q [B, Hq, T, D], kv_len [B, T]): a choice per query, [B, Hkv, T, K]."""
         ps = self.params.page_size
-        scores = page_scores(q[:, :, 0], self.kmin[:, :, :pages], self.kmax[:, :, :pages], kv_len, ps)
-        newest = ((kv_len - 1) // ps)[:, None, None].expand(-1, scores.shape[1], 1)
-        scores = scores.scatter(2, newest, float("inf"))
-        top = scores.topk(n_sel, dim=-1)                                            # [B, Hkv, n]
+        multi = kv_len.dim() == 2
+        scores = page_scores(q if multi else q[:, :, 0], self.kmin[:, :, :pages], self.kmax[:, :, :pages], kv_len, ps)
+        newest = ((kv_len - 1) // ps)[:, None, ..., None].expand(*scores.shape[:-1], 1)
+        scores = scores.scatter(-1, newest, float("inf"))
+        top = scores.topk(n_sel, dim=-1)                                            # [B, Hkv, (T,) n]
         slots = top.indices[..., None] * ps + torch.arange(ps, device=q.device)
-        return torch.where((top.values > float("-inf"))[..., None], slots, -1).flatten(2)
+        return torch.where((top.values > float("-inf"))[..., None], slots, -1).flatten(-2)
 
     # -- the captured decode step -------------------------------------------------------------------
     supports_static = True

@@ -28,10 +28,15 @@ class SparseReadPolicy(KVPolicy):
     def verify(self, ctx, q, k, v, scale: float, softcap) -> torch.Tensor:
         old = list(ctx.cache.lengths(self.layer))
         self.write(ctx, k, v)
-        # query t of sequence b (padding past n_valid[b] reads as the last real token does)
-        outs = [self.read(ctx, q[:, :, t:t + 1], [o + min(t + 1, n) for o, n in zip(old, ctx.n_valid)], scale,
-                          softcap) for t in range(q.shape[2])]
-        return torch.cat(outs, dim=2)
+        # query t of sequence b reads the layer as it stood after token t (padding past n_valid[b] reads as
+        # the last real token does)
+        lengths = [[o + min(t + 1, n) for o, n in zip(old, ctx.n_valid)] for t in range(q.shape[2])]
+        return self.read_queries(ctx, q, lengths, scale, softcap)
+
+    def read_queries(self, ctx, q, lengths: list[list[int]], scale: float, softcap) -> torch.Tensor:
+        """The reads of T queries per sequence (``q [B, Hq, T, D]``), query t over the first ``lengths[t][b]``
+        slots with its own selection: one ``read`` per query (a policy may read them all in one call)."""
+        return torch.cat([self.read(ctx, q[:, :, t:t + 1], n, scale, softcap) for t, n in enumerate(lengths)], dim=2)
 
     def write(self, ctx, k, v) -> None:
         """Write the new tokens' k/v after each sequence's cached ones and update the state."""
