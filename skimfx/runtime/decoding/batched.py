@@ -3,17 +3,19 @@
 Decoding a batch prompt by prompt pays the per-step overhead (the host work of a forward, the weights read
 once per pass) B times per token. Here every sequence proposes its own drafts (Lookahead-style: the tokens
 that followed the latest earlier occurrence of its last n tokens), and one forward verifies the batch:
-sequence b feeds its last token plus its k_b drafts, so draft lengths are ragged (``Ctx.n_valid``); the
-rows are packed side by side (``runtime/packing.py``), so the pass computes no padding. Each row keeps the drafts up to its first mismatch plus the model's own next token,
-and ``KVCache.rollback`` forgets each row's rejected drafts on its own (the KV policies restore their state
-per row). A finished sequence stays in the batch with no tokens (``n_valid = 0``) until all finish.
+sequence b feeds its last token plus its k_b drafts, so draft lengths are ragged (``Ctx.n_valid``), and the
+rows are packed side by side (``runtime/packing.py``), so the pass computes no padding. Each row keeps the
+drafts up to its first mismatch plus the model's own next token, and ``KVCache.rollback`` forgets each row's
+rejected drafts on its own (the KV policies restore their state per row). A finished sequence stays in the
+batch with no tokens (``n_valid = 0``) until all finish.
 
 Lossless: row b's tokens are the greedy tokens that ``b`` alone produces (up to the floating-point
 differences of a batched matmul; the tests compare tokens).
 
-Draft length: every row drafts up to a common width K. Adaptive, K maximises the batch's expected tokens per second: the sum over rows of the expected emitted tokens
-(each row's acceptance by n-gram order, ``Acceptance``) over the measured time of a pass over as many
-packed tokens as width K feeds (``StepCosts`` by token count, plain batched steps included)."""
+Draft length: every row drafts up to a common width K. Adaptive, K maximises the batch's expected tokens
+per second: the sum over rows of the expected emitted tokens (each row's acceptance by n-gram order,
+``Acceptance``) over the measured time of a pass over as many packed tokens as width K feeds (``StepCosts``
+by token count, plain batched steps included)."""
 from __future__ import annotations
 
 import time
