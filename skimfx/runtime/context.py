@@ -115,7 +115,19 @@ class Ctx:
             bounds = self._bounds[starts] = (q_start, q_start + T)
         cache.write(layer, k, v)
         keys, values = cache.view(layer, max(starts) + T)
-        out = attention(q, keys, values, bounds[0], bounds[1], scale, window, softcap)
+        if self.packed is not None and T > 1 and len(set(self.n_valid)) > 1:
+            # ragged rows (a batch verifying drafts of different lengths): each row attends with its own
+            # queries over its own keys, so a short or empty row costs what it feeds, not the longest row's
+            # width (attention over a long cache is a large part of such a pass); padding slots stay zero
+            out = q.new_zeros(q.shape)
+            for b, n in enumerate(self.n_valid):
+                if n:
+                    start, end = bounds[0][b:b + 1], bounds[0][b:b + 1] + n
+                    out[b:b + 1, :, :n] = attention(q[b:b + 1, :, :n], keys[b:b + 1, :, :starts[b] + n],
+                                                    values[b:b + 1, :, :starts[b] + n], start, end, scale, window,
+                                                    softcap)
+        else:
+            out = attention(q, keys, values, bounds[0], bounds[1], scale, window, softcap)
         cache.advance(layer, self.n_valid)
         if T == 1:
             self.count(layer, cache.lengths(layer))
