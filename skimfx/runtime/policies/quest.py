@@ -73,39 +73,39 @@ class Quest(SparseReadPolicy):
         # the pages before t's page are complete either way, its own page is always read, and pages past
         # it lie beyond kv_len, so the page choice is the one a decode step at t makes
         lengths = ctx.cache.lengths(self.layer) if lengths is None else lengths
-        budget = self.params.tokens(max(lengths))
-        if max(lengths) <= budget:
-            return None, None
-        return self.page_index(q, kv_len, max(lengths), budget), None
+        pages = self.pages(max(lengths))
+        return (None if pages is None else self.top_pages(q, kv_len, *pages)), None
+
+    def pages(self, longest: int) -> tuple[int, int] | None:
+        """(pages scored, pages read) for a query after which the layer holds up to ``longest`` slots; None when
+        the budget covers them all (a dense read)."""
+        budget = self.params.tokens(longest)
+        return None if longest <= budget else self.page_counts(longest, budget)
+
+    def page_counts(self, longest: int, budget: int) -> tuple[int, int]:
+        last = -(-longest // self.params.page_size)
+        return last, min(last, max(1, budget // self.params.page_size))
+
+    def page_index(self, q, kv_len: torch.Tensor, longest: int, budget: int) -> torch.Tensor:
+        """Token slots of the top pages per KV head (the newest page always) -> [B, Hkv, n_pages * page_size]."""
+        return self.top_pages(q, kv_len, *self.page_counts(longest, budget))
 
     def read_queries(self, ctx, q, lengths: list[list[int]], scale: float, softcap) -> torch.Tensor:
         """A verification's T queries in one call (on CPU): each query's page scores and top pages, then one
         sparse read with a slot set per query, the same choice and the same keys as T decode steps. One
         read per query (the base class) where a query reads densely, the queries would choose different
         page counts, or on CUDA (the Triton kernels score and read one query)."""
-        ps = self.params.page_size
-        choice = set()
-        for n in lengths:
-            budget = self.params.tokens(max(n))
-            if max(n) <= budget:
-                return super().read_queries(ctx, q, lengths, scale, softcap)
-            last = -(-max(n) // ps)
-            choice.add(min(last, max(1, budget // ps)))
-        if len(choice) > 1 or len(lengths) == 1 or use_triton(q):
+        pages = [self.pages(max(n)) for n in lengths]
+        if None in pages or len({p[1] for p in pages}) > 1 or len(lengths) == 1 or use_triton(q):
             return super().read_queries(ctx, q, lengths, scale, softcap)
         cache, layer = ctx.cache, self.layer
         longest = max(max(n) for n in lengths)
         kv_len = torch.tensor(lengths, device=q.device).T                           # [B, T]
-        slots = self.top_pages(q, kv_len, -(-longest // ps), choice.pop())        # [B, Hkv, T, K]
+        slots = self.top_pages(q, kv_len, max(p[0] for p in pages), pages[0][1])  # [B, Hkv, T, K]
         for n in lengths:
             ctx.count(layer, [min(m, slots.shape[-1]) for m in n], n)
         keys, values = cache.view(layer, longest)
         return sparse_attention_queries(q, keys, values, slots, kv_len, scale, softcap)
-
-    def page_index(self, q, kv_len: torch.Tensor, longest: int, budget: int) -> torch.Tensor:
-        """Token slots of the top pages per KV head (the newest page always) -> [B, Hkv, n_pages * page_size]."""
-        last = -(-longest // self.params.page_size)
-        return self.top_pages(q, kv_len, last, min(last, max(1, budget // self.params.page_size)))
 
     def top_pages(self, q, kv_len: torch.Tensor, pages: int, n_sel: int) -> torch.Tensor:
         """The slots of the ``n_sel`` best of the first ``pages`` pages per KV head (the newest page always)
